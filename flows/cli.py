@@ -1,0 +1,131 @@
+"""The `lvd` command: run, stage, manifest, serve, demo-data.
+
+User errors (bad config, missing inputs, unknown manifests) print one line and exit with status 2;
+only real bugs print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from flows.dag import UnknownStageError, UpstreamMissingError, run_single_stage
+from flows.summary import print_runs
+from pipelines.config import ConfigError, resolve_config
+from pipelines.manifest import ManifestError
+
+USER_ERROR_EXIT = 2
+DEFAULT_HEAD_ROWS = 10
+DEFAULT_DEMO_DATA_DIR = "build/demo-data"
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="demo", help="named preset from configs/ (default: demo)")
+    parser.add_argument("--config", dest="config_file", help="YAML or JSON file merged over the preset")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one value, e.g. --set ingest.max_pixels=1000000 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lvd", description="Curate an image crawl, pretrain and distill ViTs."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run curate-and-train in this process (Prefect flow, no server)")
+    _add_config_options(run)
+
+    stage = commands.add_parser("stage", help="run one stage against committed upstream outputs")
+    stage.add_argument("name")
+    _add_config_options(stage)
+
+    manifest = commands.add_parser("manifest", help="inspect a manifest")
+    actions = manifest.add_subparsers(dest="action", required=True)
+    for action, text in (
+        ("show", "schema, rows, per-column summary"),
+        ("head", "first rows"),
+        ("stats", "stage stats"),
+    ):
+        sub = actions.add_parser(action, help=text)
+        sub.add_argument(
+            "target", help="manifest/stage folder, or a stage name like ingest or ingest/rejected"
+        )
+        sub.add_argument("--store", help="store root for stage names (default: the preset's store)")
+        if action == "head":
+            sub.add_argument("-n", "--rows", type=int, default=DEFAULT_HEAD_ROWS)
+
+    serve = commands.add_parser("serve", help="serve the Prefect deployments (needs PREFECT_API_URL)")
+    _add_config_options(serve)
+
+    demo = commands.add_parser("demo-data", help="build the demo scenario from real offline images")
+    demo.add_argument("--out", default=DEFAULT_DEMO_DATA_DIR)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Why: Prefect's telemetry calls home at server start; offline machines only get errors from it.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        return _dispatch(args, console)
+    except (ConfigError, ManifestError, FileNotFoundError, UpstreamMissingError, UnknownStageError) as err:
+        print(f"lvd: error: {err}", file=sys.stderr)
+        return USER_ERROR_EXIT
+
+
+def _dispatch(args: argparse.Namespace, console: Console) -> int:
+    if args.command == "manifest":
+        return _manifest(args, console)
+    if args.command == "demo-data":
+        from curation.demo import DemoDataConfig, build_demo_data
+
+        out = build_demo_data(Path(args.out), DemoDataConfig())
+        console.print(f"demo data in {out}")
+        return 0
+    # Why: validate the whole config before importing Prefect or touching any data.
+    cfg = resolve_config(args.preset, args.config_file, args.overrides)
+    if args.command == "run":
+        from flows.prefect_flows import curate_and_train
+
+        print_runs(curate_and_train(args.preset, args.config_file, args.overrides), console)
+        return 0
+    if args.command == "stage":
+        print_runs({args.name: run_single_stage(args.name, cfg)}, console)
+        return 0
+    if args.command == "serve":
+        from flows.prefect_flows import serve_deployments
+
+        serve_deployments(args.preset, args.config_file, args.overrides)
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def _manifest(args: argparse.Namespace, console: Console) -> int:
+    from flows import inspect
+    from pipelines.store import Store
+
+    store_root = args.store or resolve_config("demo").store
+    target = inspect.resolve_target(args.target, Store(store_root))
+    if args.action == "show":
+        inspect.show(target, console)
+    elif args.action == "head":
+        inspect.head(target, args.rows, console)
+    else:
+        inspect.stats(target, console)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

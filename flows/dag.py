@@ -1,0 +1,99 @@
+"""The curate-and-train DAG as plain data, and a plain-Python runner for it (no Prefect here).
+
+    ingest
+
+Each node names its stage, the section of PipelineConfig that configures it, and which upstream
+outputs feed which of its inputs. The Prefect flows walk the same nodes, one task per node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import curation  # noqa: F401  (registers the curation stages)
+from pipelines.config import PipelineConfig
+from pipelines.executor import Executor, build_executor
+from pipelines.stage import Manifest, StageRun, get_stage, load_committed, run_stage, stage_key
+from pipelines.store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class DagNode:
+    stage: str
+    config: Callable[[PipelineConfig], Any]
+    inputs: Mapping[str, tuple[str, str]]  # input name -> (upstream stage, upstream output)
+
+
+CURATE_AND_TRAIN: tuple[DagNode, ...] = (DagNode("ingest", lambda cfg: cfg.ingest, {}),)
+NODES = {node.stage: node for node in CURATE_AND_TRAIN}
+
+
+class UpstreamMissingError(RuntimeError):
+    """A stage was asked to run alone before the stages it reads from were committed."""
+
+
+class UnknownStageError(ValueError):
+    """A stage name that is not a node of the DAG."""
+
+
+def _check_stage_name(stage: str) -> None:
+    if stage not in NODES:
+        raise UnknownStageError(f"unknown stage {stage!r}; stages: {', '.join(NODES)}")
+
+
+def stage_inputs(node: DagNode, runs: Mapping[str, StageRun]) -> dict[str, Manifest]:
+    return {name: runs[stage].outputs[output] for name, (stage, output) in node.inputs.items()}
+
+
+def run_node(
+    node: DagNode, cfg: PipelineConfig, runs: Mapping[str, StageRun], store: Store, executor: Executor
+) -> StageRun:
+    return run_stage(
+        get_stage(node.stage),
+        node.config(cfg),
+        stage_inputs(node, runs),
+        store=store,
+        executor=executor,
+        show_progress=cfg.runtime.show_progress,
+    )
+
+
+def executor_for(cfg: PipelineConfig) -> Executor:
+    return build_executor(cfg.runtime.executor, cfg.runtime.num_workers, cfg.runtime.ray_address)
+
+
+def run_pipeline(cfg: PipelineConfig, executor: Executor | None = None) -> dict[str, StageRun]:
+    """Runs every node in order; committed stages are reused, so a rerun only costs the key checks."""
+    store = Store(cfg.store)
+    executor = executor or executor_for(cfg)
+    runs: dict[str, StageRun] = {}
+    for node in CURATE_AND_TRAIN:
+        runs[node.stage] = run_node(node, cfg, runs, store, executor)
+    return runs
+
+
+def committed_upstream(stage: str, cfg: PipelineConfig, store: Store) -> dict[str, StageRun]:
+    """The committed runs of every stage that `stage` reads from, for this config; never computes."""
+    _check_stage_name(stage)
+    runs: dict[str, StageRun] = {}
+    for node in CURATE_AND_TRAIN:
+        if node.stage == stage:
+            return runs
+        spec = get_stage(node.stage)
+        key = stage_key(spec, node.config(cfg), stage_inputs(node, runs))
+        committed = load_committed(spec, key, store)
+        if committed is None:
+            raise UpstreamMissingError(
+                f"stage {stage!r} needs {node.stage!r}, which has no committed run for this config; "
+                f"run `lvd run` (or `lvd stage {node.stage}`) first"
+            )
+        runs[node.stage] = committed
+    raise AssertionError(f"{stage} is in NODES but not in CURATE_AND_TRAIN")
+
+
+def run_single_stage(stage: str, cfg: PipelineConfig, executor: Executor | None = None) -> StageRun:
+    store = Store(cfg.store)
+    upstream = committed_upstream(stage, cfg, store)
+    return run_node(NODES[stage], cfg, upstream, store, executor or executor_for(cfg))

@@ -1,0 +1,284 @@
+"""One typed, validated configuration for the whole pipeline, built once at the boundary.
+
+    preset (configs/<name>.yaml) -> file (--config x.yaml|json) -> overrides (--set a.b=v, flow params)
+      -> plain dict -> build_config() -> PipelineConfig (frozen dataclasses, every value checked)
+
+Anything wrong raises `ConfigError` with one line that names the key and what is allowed. Stage packages
+add their sections to `PipelineConfig` as they land; the spine's own sections are `store`, `runtime` and
+`ingest`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipelines.images import DEFAULT_BYTES_COLUMN, IMAGE_EXTENSIONS
+
+# Pillow's own decompression-bomb limit: about a quarter of a GiB of 24-bit pixels.
+DEFAULT_MAX_PIXELS = 89_478_485
+# Images smaller than this on either side carry too little signal for a 14-pixel patch grid.
+DEFAULT_MIN_SIDE = 16
+PRESETS_PACKAGE = "configs"
+PRESET_SUFFIX = ".yaml"
+
+Role = Literal["curated", "uncurated", "eval"]
+SourceKind = Literal["folder", "tar", "parquet"]
+ExecutorKind = Literal["serial", "ray"]
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; its message is one line naming the key."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SourceConfig:
+    """One image source. `path` is a folder, a tar file or folder of tars, or a Parquet file or folder."""
+
+    name: str
+    role: Role
+    kind: SourceKind
+    path: str
+    bytes_column: str = DEFAULT_BYTES_COLUMN
+    """Parquet sources only: the binary column holding encoded image bytes."""
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    """Folder and tar sources: file name endings that count as images (case-insensitive)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
+            f"must be letters, digits, '_' or '-', got {self.name!r}",
+        )
+        _require(bool(self.path), "path must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IngestConfig:
+    sources: tuple[SourceConfig, ...] = ()
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Decompression-bomb guard: images with more pixels are rejected before decoding."""
+    min_side: int = DEFAULT_MIN_SIDE
+    """Images whose shorter side is smaller are rejected as too small."""
+    files_per_shard: int = 512
+    """Folder sources: files per unit of parallel work and resume."""
+    row_groups_per_shard: int = 4
+    """Parquet sources: row groups per unit of parallel work and resume."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_pixels > 0, f"max_pixels must be > 0, got {self.max_pixels}")
+        _require(self.min_side >= 1, f"min_side must be >= 1, got {self.min_side}")
+        _require(self.files_per_shard >= 1, f"files_per_shard must be >= 1, got {self.files_per_shard}")
+        _require(
+            self.row_groups_per_shard >= 1,
+            f"row_groups_per_shard must be >= 1, got {self.row_groups_per_shard}",
+        )
+        names = [source.name for source in self.sources]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        _require(not duplicates, f"source names must be unique, repeated: {duplicates}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RuntimeConfig:
+    executor: ExecutorKind = "serial"
+    num_workers: int = 2
+    """Ray: tasks run at once (and CPUs of a local Ray instance)."""
+    ray_address: str | None = None
+    """Ray cluster to join; unset means $RAY_ADDRESS, or a local instance."""
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, f"num_workers must be >= 1, got {self.num_workers}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PipelineConfig:
+    store: str = "build/store"
+    """Artifact store root: a local folder or an fsspec URI (s3://bucket/prefix)."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+
+
+# -- building from plain data ------------------------------------------------------------------------
+
+
+def build_config(data: Mapping[str, Any] | None = None) -> PipelineConfig:
+    """Validates plain data (from YAML, JSON, CLI or flow parameters) into a PipelineConfig."""
+    return _build(PipelineConfig, data or {}, "")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of {cls.__name__} fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = _join(path, unknown[0])
+        raise ConfigError(f"{key}: unknown key; allowed: {', '.join(fields)}")
+    values = {name: _coerce(hints[name], data[name], _join(path, name)) for name in fields if name in data}
+    try:
+        return cls(**values)
+    except ValueError as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from None
+    except TypeError as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from None
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _coerce(inner, value, path)
+    if origin is tuple:
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], item, f"{path}.{index}") for index, item in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else _build(hint, value, path)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{path}: config type {hint!r} is not supported by the loader")
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+# -- presets, files, overrides -------------------------------------------------------------------------
+
+
+def preset_names() -> list[str]:
+    files = resources.files(PRESETS_PACKAGE).iterdir()
+    return sorted(
+        item.name.removesuffix(PRESET_SUFFIX) for item in files if item.name.endswith(PRESET_SUFFIX)
+    )
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    resource = resources.files(PRESETS_PACKAGE) / f"{name}{PRESET_SUFFIX}"
+    if not resource.is_file():
+        raise ConfigError(f"preset: unknown preset {name!r}; available: {', '.join(preset_names())}")
+    return yaml.safe_load(resource.read_text()) or {}
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file: {path} does not exist")
+    try:
+        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(
+            f"config file: {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {err}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file: {path} must hold a mapping at the top level")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.0.c=value` -> (['a', 'b', '0', 'c'], value parsed as YAML, so 3 is an int and [..] a list)."""
+    key, separator, raw = text.partition("=")
+    if not separator or not key:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, for example ingest.max_pixels=1000000")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Applies `key=value` strings or a {dotted key: value} mapping to a copy of `data`."""
+    result = json.loads(json.dumps(data))  # deep copy of plain data
+    pairs = (
+        [(key.split("."), value) for key, value in overrides.items()]
+        if isinstance(overrides, Mapping)
+        else [parse_override(text) for text in overrides]
+    )
+    for keys, value in pairs:
+        _set_path(result, keys, value)
+    return result
+
+
+def _set_path(data: Any, keys: list[str], value: Any) -> None:
+    node = data
+    for depth, key in enumerate(keys):
+        dotted = ".".join(keys[: depth + 1])
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"{dotted}: no item {key} in a list of {len(node)}")
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise ConfigError(f"{dotted}: cannot set a key inside a {type(node).__name__}")
+
+
+def resolve_config(
+    preset: str | None = "demo",
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+) -> PipelineConfig:
+    """Preset, then file, then overrides: later layers win. The single entry point for every front end."""
+    data: dict[str, Any] = load_preset(preset) if preset else {}
+    if config_file:
+        data = _deep_merge(data, load_file(config_file))
+    data = apply_overrides(data, overrides)
+    return build_config(data)
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_as_dict(cfg: PipelineConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,276 @@
+"""Safe image decoding and the three kinds of image source: folders, tar shards, Parquet with bytes.
+
+Every image lands in exactly one of two places: a `ProbedImage` (it decodes, and we know its size,
+format and mode) or a `RejectReason` (why it does not). Nothing in here raises on bad image bytes.
+
+URIs name where bytes live, so anything downstream can re-read them:
+  folder file    /abs/path/to/img.png
+  tar member     /abs/path/to/shard-000000.tar#member/name.jpg
+  Parquet row    /abs/path/to/file.parquet#row=17            (bytes in column "image")
+                 /abs/path/to/file.parquet#row=17&column=jpg (bytes in another column)
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import os
+import tarfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Why: a truncated file must be rejected, never silently padded with grey pixels.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Why: the per-call `max_pixels` check replaces Pillow's process-wide bomb guard, which only warns
+# below 2x its limit and would make the outcome depend on global state.
+Image.MAX_IMAGE_PIXELS = None
+
+FRAGMENT_SEPARATOR = "#"
+PARQUET_ROW_KEY = "row="
+PARQUET_COLUMN_KEY = "&column="
+DEFAULT_BYTES_COLUMN = "image"
+TAR_SUFFIXES = (".tar",)
+PARQUET_SUFFIXES = (".parquet", ".pq")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+WHITE = (255, 255, 255)
+
+
+class RejectReason(enum.StrEnum):
+    """Why an input is not an image we can use. Stored in the `reason` column of `rejected`."""
+
+    EMPTY_FILE = "empty_file"
+    UNREADABLE = "unreadable"  # the bytes could not be read: permissions, dangling link, a folder
+    NOT_AN_IMAGE = "not_an_image"  # no image format recognised: text, HTML, random bytes
+    UNSUPPORTED_FORMAT = "unsupported_format"  # recognised, but not a format we train on
+    TRUNCATED = "truncated"
+    TOO_MANY_PIXELS = "too_many_pixels"  # decompression bomb guard
+    TOO_SMALL = "too_small"
+    DECODE_ERROR = "decode_error"  # any other failure while decoding pixels
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLimits:
+    """Bounds checked before and after decoding one image."""
+
+    max_pixels: int
+    min_side: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProbedImage:
+    """What a successful decode tells us. Sizes are after EXIF orientation is applied."""
+
+    width: int
+    height: int
+    format: str
+    mode: str
+    num_frames: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: RejectReason
+    detail: str
+
+
+def folder_uri(path: str | os.PathLike) -> str:
+    return str(Path(path).absolute())
+
+
+def tar_uri(tar_path: str | os.PathLike, member: str) -> str:
+    return f"{Path(tar_path).absolute()}{FRAGMENT_SEPARATOR}{member}"
+
+
+def parquet_uri(parquet_path: str | os.PathLike, row: int, column: str = DEFAULT_BYTES_COLUMN) -> str:
+    column_part = "" if column == DEFAULT_BYTES_COLUMN else f"{PARQUET_COLUMN_KEY}{column}"
+    return f"{Path(parquet_path).absolute()}{FRAGMENT_SEPARATOR}{PARQUET_ROW_KEY}{row}{column_part}"
+
+
+def probe_image(data: bytes, limits: DecodeLimits) -> ProbedImage | Rejection:
+    """Fully decodes `data` once to prove it is a usable image; never raises on bad bytes."""
+    if not data:
+        return Rejection(RejectReason.EMPTY_FILE, "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns on odd-but-valid files; we judge them ourselves
+            with Image.open(io.BytesIO(data)) as img:
+                return _check_open_image(img, limits)
+    except UnidentifiedImageError:
+        return Rejection(RejectReason.NOT_AN_IMAGE, "no image format recognised")
+    except Image.DecompressionBombError as err:
+        return Rejection(RejectReason.TOO_MANY_PIXELS, str(err))
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        message = str(err)
+        if "truncated" in message or isinstance(err, EOFError):
+            return Rejection(RejectReason.TRUNCATED, message)
+        return Rejection(RejectReason.DECODE_ERROR, f"{type(err).__name__}: {message}")
+
+
+def _check_open_image(img: Image.Image, limits: DecodeLimits) -> ProbedImage | Rejection:
+    image_format = img.format or "unknown"
+    if image_format not in SUPPORTED_FORMATS:
+        return Rejection(RejectReason.UNSUPPORTED_FORMAT, image_format)
+    width, height = img.size  # read from the header: checked before any pixel is decoded
+    if width * height > limits.max_pixels:
+        return Rejection(RejectReason.TOO_MANY_PIXELS, f"{width}x{height} > {limits.max_pixels} pixels")
+    img.load()
+    if _exif_swaps_axes(img):
+        width, height = height, width
+    if min(width, height) < limits.min_side:
+        return Rejection(RejectReason.TOO_SMALL, f"{width}x{height}, min side {limits.min_side}")
+    return ProbedImage(
+        width=width,
+        height=height,
+        format=image_format,
+        mode=img.mode,
+        num_frames=getattr(img, "n_frames", 1),
+    )
+
+
+# EXIF orientations 5..8 are transposes and 90-degree rotations: they swap width and height.
+_AXIS_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+def _exif_swaps_axes(img: Image.Image) -> bool:
+    return img.getexif().get(_EXIF_ORIENTATION_TAG) in _AXIS_SWAPPING_ORIENTATIONS
+
+
+def load_rgb(data: bytes) -> Image.Image:
+    """Decodes bytes that `probe_image` accepted into an upright 8-bit RGB image.
+
+    Transparency is composited on white, 16-bit greys are scaled to 8 bits, CMYK is converted, and
+    animated images give their first frame.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        img.seek(0)
+        upright = ImageOps.exif_transpose(img)
+        return _to_rgb(upright)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # Why: PIL's I -> L conversion clips instead of scaling, turning most 16-bit images white.
+        img = img.point(lambda value: value / 256).convert("L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def read_bytes(uri: str, byte_offset: int | None = None, byte_size: int | None = None) -> bytes:
+    """Reads the bytes behind a URI made by `folder_uri`, `tar_uri` or `parquet_uri`.
+
+    For tar members, `byte_offset`/`byte_size` (stored in the images manifest) allow one seek instead
+    of scanning the archive's headers.
+    """
+    container, fragment = _split_fragment(uri)
+    if fragment is None:
+        return Path(uri).read_bytes()
+    if container.endswith(TAR_SUFFIXES):
+        if byte_offset is not None and byte_size is not None:
+            with open(container, "rb") as handle:
+                handle.seek(byte_offset)
+                return handle.read(byte_size)
+        with tarfile.open(container) as tar:
+            extracted = tar.extractfile(fragment)
+            if extracted is None:
+                raise OSError(f"{fragment} is not a regular file in {container}")
+            return extracted.read()
+    row_text, _, column = fragment.removeprefix(PARQUET_ROW_KEY).partition(PARQUET_COLUMN_KEY)
+    return _read_parquet_cell(container, int(row_text), column or DEFAULT_BYTES_COLUMN)
+
+
+def _split_fragment(uri: str) -> tuple[str, str | None]:
+    """Splits a container URI; a plain file whose name contains '#' stays whole."""
+    container, separator, fragment = uri.partition(FRAGMENT_SEPARATOR)
+    if separator and container.endswith(TAR_SUFFIXES + PARQUET_SUFFIXES):
+        return container, fragment
+    return uri, None
+
+
+def _read_parquet_cell(path: str, row: int, column: str) -> bytes:
+    parquet = pq.ParquetFile(path)
+    offsets = _row_group_offsets(parquet)
+    group = max(index for index, first in enumerate(offsets) if first <= row)
+    values = parquet.read_row_group(group, columns=[column]).column(0)
+    return values[row - offsets[group]].as_py()
+
+
+@dataclass(frozen=True, slots=True)
+class RawItem:
+    """One candidate image as read from a source: bytes, or the error that prevented reading them."""
+
+    uri: str
+    data: bytes | None
+    read_error: str | None = None
+    byte_offset: int | None = None  # where a tar member's bytes start inside the archive
+
+
+def list_folder_images(root: str | os.PathLike, extensions: tuple[str, ...]) -> tuple[list[str], int]:
+    """Image file URIs under `root` (recursive, sorted) and how many other files were passed over.
+
+    Symlinks are listed like files, so a dangling one is rejected as unreadable rather than lost.
+    """
+    found, num_ignored = [], 0
+    suffixes = tuple(extension.lower() for extension in extensions)
+    for directory, _, files in os.walk(root):
+        for name in files:
+            if name.lower().endswith(suffixes):
+                found.append(folder_uri(os.path.join(directory, name)))
+            else:
+                num_ignored += 1
+    return sorted(found), num_ignored
+
+
+def iter_folder_files(uris: list[str]) -> Iterator[RawItem]:
+    for uri in uris:
+        try:
+            yield RawItem(uri, Path(uri).read_bytes())
+        except OSError as err:
+            yield RawItem(uri, None, f"{type(err).__name__}: {err.strerror or err}")
+
+
+def iter_tar_images(tar_path: str | os.PathLike, extensions: tuple[str, ...]) -> Iterator[RawItem]:
+    """Image members of a WebDataset-style tar, in archive order; other members are ignored."""
+    with tarfile.open(tar_path) as tar:
+        suffixes = tuple(extension.lower() for extension in extensions)
+        for member in tar:
+            if not member.isfile() or not member.name.lower().endswith(suffixes):
+                continue
+            extracted = tar.extractfile(member)
+            data = extracted.read() if extracted is not None else None
+            error = None if data is not None else "not a regular file"
+            yield RawItem(tar_uri(tar_path, member.name), data, error, byte_offset=member.offset_data)
+
+
+def iter_parquet_images(
+    parquet_path: str | os.PathLike, bytes_column: str, row_groups: list[int]
+) -> Iterator[RawItem]:
+    """Rows of the given row groups; the URI carries the row's index in the whole file."""
+    parquet = pq.ParquetFile(parquet_path)
+    first_row_of_group = _row_group_offsets(parquet)
+    for group in row_groups:
+        column = parquet.read_row_group(group, columns=[bytes_column]).column(0)
+        for offset, value in enumerate(column.to_pylist()):
+            row = first_row_of_group[group] + offset
+            uri = parquet_uri(parquet_path, row, bytes_column)
+            yield RawItem(uri, value, None if value is not None else "null bytes")
+
+
+def _row_group_offsets(parquet: pq.ParquetFile) -> list[int]:
+    offsets, total = [], 0
+    for group in range(parquet.metadata.num_row_groups):
+        offsets.append(total)
+        total += parquet.metadata.row_group(group).num_rows
+    return offsets

@@ -1,0 +1,151 @@
+"""Parquet manifest schemas, and reading/validating manifests with no lvd code in the reader's way.
+
+A manifest is a folder of Parquet parts (`part-<shard id>.parquet`) that share one explicit, versioned
+pyarrow schema. pyarrow, DuckDB (`read_parquet('<dir>/*.parquet')`), Polars and pandas read it as is.
+Rows are keyed by `image_id`, the sha256 of the image bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_NAME_KEY = b"lvd.schema"
+SCHEMA_VERSION_KEY = b"lvd.schema_version"
+STAGE_RECORD_FILE = "_STAGE.json"
+PART_PREFIX = "part-"
+PART_SUFFIX = ".parquet"
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, malformed, or does not match the schema it claims."""
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestSchema:
+    """A named, versioned Parquet schema; the name and version travel in the file metadata."""
+
+    name: str
+    version: int
+    fields: tuple[pa.Field, ...]
+
+    @property
+    def arrow(self) -> pa.Schema:
+        metadata = {SCHEMA_NAME_KEY: self.name.encode(), SCHEMA_VERSION_KEY: str(self.version).encode()}
+        return pa.schema(list(self.fields), metadata=metadata)
+
+    def empty_table(self) -> pa.Table:
+        return self.arrow.empty_table()
+
+    def table_from_rows(self, rows: list[dict]) -> pa.Table:
+        return pa.Table.from_pylist(rows, schema=self.arrow)
+
+    def validate(self, table: pa.Table) -> pa.Table:
+        """Returns `table` with exactly this schema (column order and metadata), or raises ManifestError."""
+        expected = [field.name for field in self.fields]
+        missing = [name for name in expected if name not in table.column_names]
+        extra = [name for name in table.column_names if name not in expected]
+        if missing or extra:
+            raise ManifestError(
+                f"{self.name} v{self.version}: missing columns {missing}, extra columns {extra}"
+            )
+        try:
+            return table.select(expected).cast(self.arrow)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise ManifestError(f"{self.name} v{self.version}: {err}") from err
+
+
+IMAGES = ManifestSchema(
+    name="images",
+    version=1,
+    fields=(
+        pa.field("image_id", pa.string(), nullable=False),  # sha256 hex of the bytes
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("role", pa.string(), nullable=False),  # curated | uncurated | eval
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("container", pa.string(), nullable=False),  # file | tar | parquet
+        pa.field("byte_offset", pa.int64()),  # tar members: where the bytes start in the archive
+        pa.field("byte_size", pa.int64(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("format", pa.string(), nullable=False),
+        pa.field("mode", pa.string(), nullable=False),
+        pa.field("num_frames", pa.int32(), nullable=False),
+    ),
+)
+
+REJECTED = ManifestSchema(
+    name="rejected",
+    version=1,
+    fields=(
+        pa.field("image_id", pa.string()),  # null when the bytes could not be read at all
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("role", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string(), nullable=False),
+    ),
+)
+
+
+def part_name(shard_id: str) -> str:
+    return f"{PART_PREFIX}{shard_id}{PART_SUFFIX}"
+
+
+def _parts(fs: fsspec.AbstractFileSystem, location: str) -> list[str]:
+    if fs.isfile(location):
+        return [location]
+    return sorted(fs.glob(f"{location.rstrip('/')}/*{PART_SUFFIX}"))
+
+
+def resolve_manifest(path: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Finds the manifest behind a local path or fsspec URI.
+
+    Accepts a manifest folder, a single part, or a stage folder with exactly one output.
+    """
+    fs, location = fsspec.core.url_to_fs(str(path))
+    record_path = f"{location.rstrip('/')}/{STAGE_RECORD_FILE}"
+    if fs.isfile(record_path):
+        outputs = json.loads(fs.cat_file(record_path))["outputs"]
+        if len(outputs) != 1:
+            names = ", ".join(sorted(outputs))
+            raise ManifestError(
+                f"{path} is a stage with several outputs ({names}); name one: {path}/<output>"
+            )
+        return fs, f"{location.rstrip('/')}/{next(iter(outputs))}"
+    if fs.isdir(location) or (fs.isfile(location) and location.endswith(PART_SUFFIX)):
+        return fs, location
+    raise ManifestError(f"no manifest at {path}")
+
+
+def read_manifest(path: str | os.PathLike, schema: ManifestSchema | None = None) -> pa.Table:
+    """Reads a whole manifest into one table, validating it against `schema` when given.
+
+    A folder with no parts is a valid empty manifest; `schema` then types the empty table.
+    """
+    fs, location = resolve_manifest(path)
+    parts = _parts(fs, location)
+    if not parts:
+        if schema is None:
+            raise ManifestError(f"{path} has no parts and no schema was given to type an empty table")
+        return schema.empty_table()
+    table = pq.read_table(parts, filesystem=fs)
+    return schema.validate(table) if schema is not None else table
+
+
+def manifest_schema_info(path: str | os.PathLike) -> tuple[pa.Schema, str | None, int | None]:
+    """The Arrow schema of a manifest plus its lvd schema name and version (None for foreign files)."""
+    fs, location = resolve_manifest(path)
+    parts = _parts(fs, location)
+    if not parts:
+        raise ManifestError(f"{path} has no Parquet parts")
+    schema = pq.read_schema(parts[0], filesystem=fs)
+    metadata = schema.metadata or {}
+    name = metadata.get(SCHEMA_NAME_KEY)
+    version = metadata.get(SCHEMA_VERSION_KEY)
+    return schema, name.decode() if name else None, int(version) if version else None

@@ -1,0 +1,138 @@
+"""Content-addressed artifact store with atomic commits.
+
+Layout under the root (a local folder or any fsspec URI: s3://, gs://, file://):
+
+    <root>/<stage>/<key>/<output>/part-<shard id>.parquet   data, one part per shard and output
+    <root>/<stage>/<key>/_shards/<shard id>.json            a shard's stats; written after its parts
+    <root>/<stage>/<key>/_STAGE.json                        the commit; written last
+
+Every file is written whole or not at all (temp file, fsync, rename locally; a single PUT on object
+stores), so a killed run leaves only complete files behind and resumes at the first missing shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from pipelines.manifest import PART_SUFFIX, STAGE_RECORD_FILE, part_name
+
+SHARD_RECORDS_DIR = "_shards"
+HASH_CHUNK_BYTES = 1 << 20
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal values give equal text, hence equal hashes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Store:
+    """One store root; every path method takes and returns root-relative-free absolute fs paths."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.uri = str(root)
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self._is_local = isinstance(self.fs, LocalFileSystem)
+
+    def __reduce__(self):
+        # Why: fsspec filesystems hold locks and sessions; workers rebuild the store from its URI.
+        return (Store, (self.uri,))
+
+    def stage_dir(self, stage: str, key: str) -> str:
+        return f"{self.root}/{stage}/{key}"
+
+    def output_dir(self, stage: str, key: str, output: str) -> str:
+        return f"{self.stage_dir(stage, key)}/{output}"
+
+    def part_path(self, stage: str, key: str, output: str, shard_id: str) -> str:
+        return f"{self.output_dir(stage, key, output)}/{part_name(shard_id)}"
+
+    def shard_record_path(self, stage: str, key: str, shard_id: str) -> str:
+        return f"{self.stage_dir(stage, key)}/{SHARD_RECORDS_DIR}/{shard_id}.json"
+
+    def record_path(self, stage: str, key: str) -> str:
+        return f"{self.stage_dir(stage, key)}/{STAGE_RECORD_FILE}"
+
+    def uri_of(self, path: str) -> str:
+        """A path as a string any reader (pyarrow, DuckDB, lvd) accepts: local path or full URI."""
+        return path if self._is_local else self.fs.unstrip_protocol(path)
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def read_json(self, path: str) -> dict:
+        return json.loads(self.fs.cat_file(path))
+
+    def list_parts(self, directory: str) -> list[str]:
+        if not self.fs.isdir(directory):
+            return []
+        return sorted(self.fs.glob(f"{directory}/*{PART_SUFFIX}"))
+
+    def list_stage_keys(self, stage: str) -> list[str]:
+        stage_root = f"{self.root}/{stage}"
+        if not self.fs.isdir(stage_root):
+            return []
+        return sorted(path.rstrip("/").rsplit("/", 1)[-1] for path in self.fs.ls(stage_root, detail=False))
+
+    def file_sha256(self, path: str) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open(path, "rb") as handle:
+            while chunk := handle.read(HASH_CHUNK_BYTES):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    # -- writing ---------------------------------------------------------------------------------------
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        """Writes `data` so that readers see either no file or the whole file, never a prefix."""
+        parent = path.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        if not self._is_local:
+            self.fs.pipe_file(path, data)  # one PUT: object stores publish whole objects only
+            return
+        temp_path = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(temp_path, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_path, path)
+        _fsync_directory(parent)
+
+    def write_json_atomic(self, path: str, value: Any) -> None:
+        self.write_bytes_atomic(path, json.dumps(value, sort_keys=True, indent=2, default=str).encode())
+
+    def write_table_atomic(self, path: str, table: pa.Table) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        self.write_bytes_atomic(path, buffer.getvalue())
+
+    def remove_temp_files(self, directory: str) -> None:
+        """Drops temp files a killed writer left behind; complete files are never touched."""
+        if self._is_local and self.fs.isdir(directory):
+            for path in self.fs.find(directory):
+                if ".tmp-" in path.rsplit("/", 1)[-1]:
+                    self.fs.rm_file(path)
+
+
+def _fsync_directory(directory: str) -> None:
+    # Why: the rename is only durable once the directory entry itself reaches the disk.
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,72 @@
+"""Small builders of real image files for tests: folders, tar shards and Parquet sources."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipelines.config import IngestConfig, SourceConfig
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
+    """A distinct, noisy RGB PNG: noise makes every seed's bytes (and sha256) different."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_folder(root: Path, seeds: range, size: tuple[int, int] = (48, 40)) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in seeds:
+        path = root / f"sub{seed % 3}" / f"img{seed:05d}.png"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(png_bytes(seed, size))
+        paths.append(path)
+    return paths
+
+
+def write_tar(path: Path, seeds: range) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for seed in seeds:
+            data = png_bytes(seed)
+            info = tarfile.TarInfo(f"{seed:08d}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            caption = f"caption {seed}".encode()
+            info = tarfile.TarInfo(f"{seed:08d}.txt")  # WebDataset side files are not images
+            info.size = len(caption)
+            tar.addfile(info, io.BytesIO(caption))
+    return path
+
+
+def write_parquet(path: Path, seeds: range, row_group_size: int = 4) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {"key": [str(seed) for seed in seeds], "image": pa.array([png_bytes(s) for s in seeds], pa.binary())}
+    )
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def three_source_config(root: Path, **options) -> IngestConfig:
+    """A folder, two tar shards and a Parquet file with 36 distinct images in all."""
+    write_folder(root / "folder", range(0, 12))
+    write_tar(root / "tars" / "pool-000000.tar", range(100, 106))
+    write_tar(root / "tars" / "pool-000001.tar", range(106, 112))
+    write_parquet(root / "web.parquet", range(200, 212))
+    sources = (
+        SourceConfig(name="seeds", role="curated", kind="folder", path=str(root / "folder")),
+        SourceConfig(name="pool", role="uncurated", kind="tar", path=str(root / "tars")),
+        SourceConfig(name="web", role="uncurated", kind="parquet", path=str(root / "web.parquet")),
+    )
+    return IngestConfig(sources=sources, **{"files_per_shard": 5, "row_groups_per_shard": 1, **options})
