@@ -1,0 +1,1 @@
+"""Presets: one YAML file per named preset (`lvd run --preset NAME`)."""

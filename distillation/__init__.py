@@ -1,0 +1,1 @@
+"""Distillation from a frozen teacher into smaller ViTs. Not built yet."""

@@ -50,7 +50,8 @@ class RayExecutor:
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
 
-    def _ensure_ray(self):
+    def start(self):
+        """Connects to (or starts) Ray once; later calls return the initialised module."""
         import ray  # heavy import: only when Ray work actually runs
 
         if not ray.is_initialized():
@@ -65,7 +66,7 @@ class RayExecutor:
     def map_unordered(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         if not items:
             return
-        ray = self._ensure_ray()
+        ray = self.start()
         remote_apply = ray.remote(num_cpus=self.cpus_per_task, max_retries=0)(_apply)
         fn_ref = ray.put(fn)  # shipped once; every task receives the same object
         max_in_flight = self.num_workers * TASKS_IN_FLIGHT_PER_WORKER

@@ -1,0 +1,56 @@
+# make demo | make test | make bench | make serve   (each sets up .venv on first use)
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+DEMO_DATA := build/demo-data
+PREFECT_PORT ?= 4200
+# Debian packages holding the real images of the demo (see ../shared/reference/offline-data.md).
+DEBIAN_PACKAGES := dataset-fashion-mnist openclipart-png tuxpaint-stamps-default adwaita-icon-theme
+DEBIAN_MARKERS := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/tuxpaint/stamps \
+	/usr/share/icons/Adwaita /usr/share/doc/openclipart-png
+
+.PHONY: demo test bench serve setup system-deps clean
+
+setup: $(INSTALLED) system-deps
+
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+system-deps:
+	@missing=0; for marker in $(DEBIAN_MARKERS); do test -e $$marker || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+		echo "installing Debian packages: $(DEBIAN_PACKAGES)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES); \
+	fi
+
+demo: setup
+	$(BIN)/lvd demo-data --out $(DEMO_DATA)
+	$(BIN)/lvd run --preset demo
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/lvd demo-data --out $(DEMO_DATA)
+	$(BIN)/python -m benchmarks.ingest_throughput
+
+# A local Prefect server plus the served deployments; then, in another shell:
+#   PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api prefect deployment run curate-and-train/default
+serve: setup
+	$(BIN)/lvd demo-data --out $(DEMO_DATA)
+	export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PREFECT_SERVER_ANALYTICS_ENABLED=false; \
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & server=$$!; \
+	trap "kill $$server" EXIT; \
+	until curl -sf $$PREFECT_API_URL/health >/dev/null; do sleep 1; done; \
+	$(BIN)/lvd serve --preset demo
+
+clean:
+	rm -rf build
