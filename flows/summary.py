@@ -12,17 +12,22 @@ from pipelines.stage import StageRun
 
 def runs_table(runs: Mapping[str, StageRun]) -> Table:
     table = Table(title="curate-and-train", title_justify="left")
-    for column in ("stage", "status", "seconds", "outputs (rows)", "folder"):
+    for column in ("stage", "status", "compute s", "outputs (rows)"):
         table.add_column(column)
     for stage, run in runs.items():
         status = "reused" if run.reused else "computed"
         outputs = ", ".join(f"{name} {manifest.num_rows}" for name, manifest in run.outputs.items())
-        table.add_row(stage, status, f"{run.record['timings']['seconds']:.1f}", outputs, run.uri)
+        table.add_row(stage, status, f"{run.record['timings']['seconds']:.1f}", outputs)
     return table
 
 
 def print_runs(runs: Mapping[str, StageRun], console: Console | None = None) -> None:
-    (console or Console()).print(runs_table(runs))
+    """The run table, then every manifest's location on a line of its own (easy to copy)."""
+    console = console or Console()
+    console.print(runs_table(runs))
+    for stage, run in runs.items():
+        for name, manifest in run.outputs.items():
+            console.print(f"{stage}/{name}: {manifest.uri}", soft_wrap=True, highlight=False)
 
 
 def stage_markdown(run: StageRun) -> str:

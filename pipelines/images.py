@@ -110,6 +110,10 @@ def probe_image(data: bytes, limits: DecodeLimits) -> ProbedImage | Rejection:
         if "truncated" in message or isinstance(err, EOFError):
             return Rejection(RejectReason.TRUNCATED, message)
         return Rejection(RejectReason.DECODE_ERROR, f"{type(err).__name__}: {message}")
+    except Exception as err:  # noqa: BLE001
+        # Why: Pillow's format parsers raise TypeError, IndexError, struct.error and more on hostile
+        # bytes; one bad image must become a rejected row, never stop its shard.
+        return Rejection(RejectReason.DECODE_ERROR, f"{type(err).__name__}: {err}")
 
 
 def _check_open_image(img: Image.Image, limits: DecodeLimits) -> ProbedImage | Rejection:
@@ -192,10 +196,15 @@ def read_bytes(uri: str, byte_offset: int | None = None, byte_size: int | None =
 
 
 def _split_fragment(uri: str) -> tuple[str, str | None]:
-    """Splits a container URI; a plain file whose name contains '#' stays whole."""
-    container, separator, fragment = uri.partition(FRAGMENT_SEPARATOR)
-    if separator and container.endswith(TAR_SUFFIXES + PARQUET_SUFFIXES):
-        return container, fragment
+    """Splits a container URI at the first '#' that follows a tar or Parquet file name.
+
+    A '#' elsewhere (in a folder or file name) is part of the path.
+    """
+    position = uri.find(FRAGMENT_SEPARATOR)
+    while position != -1:
+        if uri[:position].endswith(TAR_SUFFIXES + PARQUET_SUFFIXES):
+            return uri[:position], uri[position + 1 :]
+        position = uri.find(FRAGMENT_SEPARATOR, position + 1)
     return uri, None
 
 

@@ -98,3 +98,11 @@ def test_a_missing_source_path_fails_with_its_name(tmp_path):
     source = SourceConfig(name="ghost", role="uncurated", kind="folder", path=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="ghost"):
         _ingest(IngestConfig(sources=(source,)), tmp_path / "store")
+
+
+def test_a_hash_sign_in_folder_names_does_not_break_container_uris(tmp_path):
+    cfg = three_source_config(tmp_path / "run#1")
+    images = read_manifest(_ingest(cfg, tmp_path / "store").outputs["images"].uri).to_pylist()
+    assert len(images) == 36
+    for row in images:
+        assert hashlib.sha256(read_bytes(row["uri"])).hexdigest() == row["image_id"]

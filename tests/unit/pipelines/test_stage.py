@@ -169,3 +169,14 @@ def test_fan_in_stage_and_empty_output(tmp_path):
     nothing = run_stage(spec, Count(copies=0), {"images": ingest.outputs["images"]}, store=store)
     assert nothing.outputs["images"].num_rows == 0
     assert read_manifest(nothing.outputs["images"].uri, IMAGES).num_rows == 0
+
+
+def test_an_fsspec_store_gives_the_same_manifests_as_a_folder(tmp_path):
+    cfg = three_source_config(tmp_path / "data")
+    local = _ingest(cfg, tmp_path / "store")
+    in_memory = run_stage(INGEST, cfg, {}, store=Store("memory://lvd-test-store"), show_progress=False)
+    assert in_memory.uri.startswith("memory://")
+    assert _digests(in_memory) == _digests(local)
+    assert read_manifest(in_memory.outputs["images"].uri).equals(read_manifest(local.outputs["images"].uri))
+    again = run_stage(INGEST, cfg, {}, store=Store("memory://lvd-test-store"), show_progress=False)
+    assert again.reused

@@ -1,0 +1,75 @@
+"""The demo scenario through curate-and-train's ingest: every file the builder wrote is accounted for."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from curation.demo import DemoDataConfig, build_demo_data
+from curation.demo.ground_truth import GROUND_TRUTH_SCHEMA
+from flows.dag import run_pipeline
+from pipelines.config import resolve_config
+from pipelines.manifest import read_manifest
+from pipelines.stage import Manifest
+
+SMALL_DEMO = DemoDataConfig(
+    seed=3,
+    seed_fashion_per_class=4,
+    seed_tuxpaint_count=5,
+    pool_fashion_count=60,
+    pool_clipart_count=30,
+    clipart_duplicate_groups=3,
+    pool_near_copy_count=12,
+    eval_count=30,
+    eval_near_copy_count=6,
+    shard_size=25,
+    icon_name_count=4,
+    web_fashion_count=12,
+    web_exact_copy_count=5,
+    web_row_group_size=4,
+)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    data = build_demo_data(root / "demo-data", SMALL_DEMO)
+    preset = resolve_config("demo")
+    sources = tuple(replace(s, path=str(data / s.path.rsplit("/", 1)[-1])) for s in preset.ingest.sources)
+    cfg = replace(
+        preset,
+        store=str(root / "store"),
+        runtime=replace(preset.runtime, executor="serial", show_progress=False),
+        ingest=replace(preset.ingest, sources=sources, files_per_shard=16),
+    )
+    truth = read_manifest(data / "ground_truth.parquet")
+    return cfg, run_pipeline(cfg), truth
+
+
+def test_every_written_file_is_an_image_or_a_rejected_row(demo_run):
+    _, runs, truth = demo_run
+    assert truth.schema.equals(GROUND_TRUTH_SCHEMA, check_metadata=False)
+    images = runs["ingest"].outputs["images"].read().to_pylist()
+    rejected = runs["ingest"].outputs["rejected"].read().to_pylist()
+    truth_by_uri = {row["uri"]: row for row in truth.to_pylist()}
+    accepted_uris = [row["uri"] for row in images]
+    rejected_uris = [row["uri"] for row in rejected]
+    assert sorted(accepted_uris + rejected_uris) == sorted(truth_by_uri), "lost or duplicated rows"
+    for row in rejected:
+        assert truth_by_uri[row["uri"]]["expected_reject"] == row["reason"], row["uri"]
+    for row in images:
+        expected = truth_by_uri[row["uri"]]
+        assert expected["expected_reject"] is None and expected["sha256"] == row["image_id"], row["uri"]
+    roles = {row["source"]: row["role"] for row in images}
+    assert roles["seed_fashion"] == "curated" and roles["eval_fashion_test"] == "eval"
+    assert roles["pool_web"] == "uncurated"
+
+
+def test_a_second_run_reuses_every_stage_with_the_same_digests(demo_run):
+    cfg, first, _ = demo_run
+    second = run_pipeline(cfg)
+    assert all(run.reused for run in second.values())
+    digests = [{n: m.digest for n, m in runs["ingest"].outputs.items()} for runs in (first, second)]
+    assert digests[0] == digests[1]
+    assert isinstance(second["ingest"].outputs["images"], Manifest)
