@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from curation.demo import DemoDataConfig
 from pipelines.config import IngestConfig, SourceConfig
 
 
@@ -70,3 +71,22 @@ def three_source_config(root: Path, **options) -> IngestConfig:
         SourceConfig(name="web", role="uncurated", kind="parquet", path=str(root / "web.parquet")),
     )
     return IngestConfig(sources=sources, **{"files_per_shard": 5, "row_groups_per_shard": 1, **options})
+
+
+# A demo scenario small enough to build in about a second, with every kind of row present.
+SMALL_DEMO = DemoDataConfig(
+    seed=7,
+    seed_fashion_per_class=3,
+    seed_tuxpaint_count=4,
+    pool_fashion_count=30,
+    pool_clipart_count=20,
+    clipart_duplicate_groups=3,
+    pool_near_copy_count=10,
+    eval_count=25,
+    eval_near_copy_count=5,
+    shard_size=16,
+    icon_name_count=3,
+    web_fashion_count=10,
+    web_exact_copy_count=4,
+    web_row_group_size=4,
+)

@@ -6,29 +6,13 @@ from dataclasses import replace
 
 import pytest
 
-from curation.demo import DemoDataConfig, build_demo_data
+from curation.demo import build_demo_data
 from curation.demo.ground_truth import GROUND_TRUTH_SCHEMA
 from flows.dag import run_pipeline
 from pipelines.config import resolve_config
 from pipelines.manifest import read_manifest
 from pipelines.stage import Manifest
-
-SMALL_DEMO = DemoDataConfig(
-    seed=3,
-    seed_fashion_per_class=4,
-    seed_tuxpaint_count=5,
-    pool_fashion_count=60,
-    pool_clipart_count=30,
-    clipart_duplicate_groups=3,
-    pool_near_copy_count=12,
-    eval_count=30,
-    eval_near_copy_count=6,
-    shard_size=25,
-    icon_name_count=4,
-    web_fashion_count=12,
-    web_exact_copy_count=5,
-    web_row_group_size=4,
-)
+from tests.helpers import SMALL_DEMO
 
 
 @pytest.fixture(scope="module")

@@ -38,24 +38,10 @@ from pipelines.images import (
     probe_image,
     read_bytes,
 )
+from tests.helpers import SMALL_DEMO
 
 LIMITS = DecodeLimits(max_pixels=DEFAULT_MAX_PIXELS, min_side=DEFAULT_MIN_SIDE)
-SMALL = DemoDataConfig(
-    seed=7,
-    seed_fashion_per_class=3,
-    seed_tuxpaint_count=4,
-    pool_fashion_count=30,
-    pool_clipart_count=20,
-    clipart_duplicate_groups=3,
-    pool_near_copy_count=10,
-    eval_count=25,
-    eval_near_copy_count=5,
-    shard_size=16,
-    icon_name_count=3,
-    web_fashion_count=10,
-    web_exact_copy_count=4,
-    web_row_group_size=4,
-)
+SMALL = SMALL_DEMO
 FOLDER_SOURCES = (gt.SEED_FASHION, gt.SEED_TUXPAINT, gt.POOL_ICONS, gt.POOL_JUNK, gt.EVAL_FASHION_TEST)
 
 
