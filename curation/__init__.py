@@ -1,5 +1,5 @@
 """Curation stages. Importing this package registers them with the spine's stage registry."""
 
-from curation import ingest
+from curation import dedup, ingest
 
-__all__ = ["ingest"]
+__all__ = ["dedup", "ingest"]

@@ -1,6 +1,6 @@
 """The curate-and-train DAG as plain data, and a plain-Python runner for it (no Prefect here).
 
-    ingest
+    ingest -> exact_dedup
 
 Each node names its stage, the section of PipelineConfig that configures it, and which upstream
 outputs feed which of its inputs. The Prefect flows walk the same nodes, one task per node.
@@ -26,7 +26,10 @@ class DagNode:
     inputs: Mapping[str, tuple[str, str]]  # input name -> (upstream stage, upstream output)
 
 
-CURATE_AND_TRAIN: tuple[DagNode, ...] = (DagNode("ingest", lambda cfg: cfg.ingest, {}),)
+CURATE_AND_TRAIN: tuple[DagNode, ...] = (
+    DagNode("ingest", lambda cfg: cfg.ingest, {}),
+    DagNode("exact_dedup", lambda cfg: cfg.exact_dedup, {"images": ("ingest", "images")}),
+)
 NODES = {node.stage: node for node in CURATE_AND_TRAIN}
 
 

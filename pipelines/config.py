@@ -92,6 +92,127 @@ class IngestConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class KeepRuleConfig:
+    """Which member of a duplicate group survives.
+
+    Rows of a `protected_roles` role are never dropped by dedup (they are references: seeds, eval
+    sets); the other members of their group are. In a group without protected rows one row is kept:
+    the first by role (in `role_priority` order), then the larger (or smaller) resolution, then the
+    larger file, then the URI and image id as a stable tie-break.
+    """
+
+    role_priority: tuple[Role, ...] = ("eval", "curated", "uncurated")
+    protected_roles: tuple[Role, ...] = ("eval", "curated")
+    prefer_larger: bool = True
+
+    def __post_init__(self) -> None:
+        roles = ("curated", "uncurated", "eval")
+        _require(sorted(self.role_priority) == sorted(roles), f"role_priority must order all of {roles}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExactDedupConfig:
+    keep: KeepRuleConfig = field(default_factory=KeepRuleConfig)
+
+
+HashAlgorithm = Literal["phash", "dhash", "whash", "ahash"]
+HASH_BITS = 64
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PhashDedupConfig:
+    algorithm: HashAlgorithm = "phash"
+    max_distance: int = 4
+    """Two images are near-duplicates when their hashes differ in at most this many bits."""
+    rows_per_shard: int = 1024
+    keep: KeepRuleConfig = field(default_factory=KeepRuleConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            0 <= self.max_distance < HASH_BITS,
+            f"max_distance must be in [0, {HASH_BITS}), got {self.max_distance}",
+        )
+        _require(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+
+
+EmbedderKind = Literal["torchscript", "efficientnet_lite0"]
+ResizeMode = Literal["short_side", "square"]
+Device = Literal["cpu", "cuda"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EmbedderConfig:
+    """A model that maps an image to one L2-normalised vector, with its preprocessing."""
+
+    kind: EmbedderKind = "efficientnet_lite0"
+    path: str | None = None
+    """Weights file: required for `torchscript` (e.g. an SSCD .torchscript.pt file)."""
+    resize: ResizeMode = "square"
+    """`square`: resize to image_size x image_size (batches well); `short_side`: keep aspect ratio."""
+    image_size: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    batch_size: int = 32
+    device: Device = "cpu"
+
+    def __post_init__(self) -> None:
+        _require(self.kind != "torchscript" or bool(self.path), "torchscript embedders need a path")
+        _require(self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
+        _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _require(len(self.mean) == len(self.std) == 3, "mean and std must have 3 values (RGB)")
+
+
+# SSCD's documented preprocessing (see the curation reference): square 320 px, ImageNet mean/std.
+SSCD_SQUARE_SIZE = 320
+# The paper's copy-detection settings: 64 neighbours, edges with cosine > 0.6; eval decontamination > 0.45.
+PAPER_COPY_NEIGHBOURS = 64
+PAPER_COPY_THRESHOLD = 0.6
+PAPER_DECONTAMINATION_THRESHOLD = 0.45
+IndexKind = Literal["auto", "flat", "ivf"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CopyDedupConfig:
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    num_neighbours: int = PAPER_COPY_NEIGHBOURS
+    threshold: float = PAPER_COPY_THRESHOLD
+    """Edges with cosine similarity above this join images into one duplicate component."""
+    index: IndexKind = "auto"
+    """`auto`: exact search for small sets, IVF above `ivf_min_rows`."""
+    ivf_min_rows: int = 200_000
+    rows_per_shard: int = 256
+    keep: KeepRuleConfig = field(default_factory=KeepRuleConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.num_neighbours >= 1, f"num_neighbours must be >= 1, got {self.num_neighbours}")
+        _require(
+            -1.0 <= self.threshold <= 1.0, f"threshold must be a cosine in [-1, 1], got {self.threshold}"
+        )
+        _require(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DecontaminateConfig:
+    num_neighbours: int = PAPER_COPY_NEIGHBOURS
+    threshold: float = PAPER_DECONTAMINATION_THRESHOLD
+    """Pool images in a component (cosine > threshold) with an eval image are removed."""
+    drop_roles: tuple[Role, ...] = ("uncurated",)
+    index: IndexKind = "auto"
+    ivf_min_rows: int = 200_000
+
+    def __post_init__(self) -> None:
+        _require(self.num_neighbours >= 1, f"num_neighbours must be >= 1, got {self.num_neighbours}")
+        _require(
+            -1.0 <= self.threshold <= 1.0, f"threshold must be a cosine in [-1, 1], got {self.threshold}"
+        )
+        _require(
+            "eval" not in self.drop_roles, "drop_roles must not contain eval: eval images are the references"
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class RuntimeConfig:
     executor: ExecutorKind = "serial"
     num_workers: int = 2
@@ -110,6 +231,10 @@ class PipelineConfig:
     """Artifact store root: a local folder or an fsspec URI (s3://bucket/prefix)."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    exact_dedup: ExactDedupConfig = field(default_factory=ExactDedupConfig)
+    phash_dedup: PhashDedupConfig = field(default_factory=PhashDedupConfig)
+    copy_dedup: CopyDedupConfig = field(default_factory=CopyDedupConfig)
+    decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
 
 
 # -- building from plain data ------------------------------------------------------------------------

@@ -195,6 +195,11 @@ def read_bytes(uri: str, byte_offset: int | None = None, byte_size: int | None =
     return _read_parquet_cell(container, int(row_text), column or DEFAULT_BYTES_COLUMN)
 
 
+def read_image_bytes(row: dict) -> bytes:
+    """The bytes of an `images` manifest row (uses the stored tar offset when there is one)."""
+    return read_bytes(row["uri"], row.get("byte_offset"), row.get("byte_size"))
+
+
 def _split_fragment(uri: str) -> tuple[str, str | None]:
     """Splits a container URI at the first '#' that follows a tar or Parquet file name.
 

@@ -55,9 +55,31 @@ class ManifestSchema:
                 f"{self.name} v{self.version}: missing columns {missing}, extra columns {extra}"
             )
         try:
-            return table.select(expected).cast(self.arrow)
+            return table.select(expected).cast(self.resolved(table.schema))
         except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
             raise ManifestError(f"{self.name} v{self.version}: {err}") from err
+
+    def resolved(self, actual: pa.Schema) -> pa.Schema:
+        """This schema with each embedding column's width taken from `actual` (widths vary by model)."""
+        fields = []
+        for field in self.fields:
+            if field.type == EMBEDDING and field.name in actual.names:
+                found = actual.field(field.name).type
+                if pa.types.is_fixed_size_list(found) and found.value_type == pa.float16():
+                    field = field.with_type(found)
+            fields.append(field)
+        return pa.schema(fields, metadata=self.arrow.metadata)
+
+    def conforms(self, actual: pa.Schema) -> bool:
+        return actual.equals(self.resolved(actual), check_metadata=False)
+
+
+# Declared type of embedding columns; stored as fixed_size_list<float16>[dim], dim set by the model.
+EMBEDDING = pa.list_(pa.float16())
+
+
+def embedding_type(dim: int) -> pa.DataType:
+    return pa.list_(pa.float16(), dim)
 
 
 IMAGES = ManifestSchema(
@@ -89,6 +111,39 @@ REJECTED = ManifestSchema(
         pa.field("uri", pa.string(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
         pa.field("detail", pa.string(), nullable=False),
+    ),
+)
+
+
+DUPLICATES_REJECTED = ManifestSchema(
+    name="rejected_duplicates",
+    version=1,
+    fields=(
+        *REJECTED.fields,
+        pa.field("match_image_id", pa.string(), nullable=False),  # the kept (or eval) image it matches
+        pa.field("match_uri", pa.string(), nullable=False),
+        pa.field("group_id", pa.string(), nullable=False),  # image_id of the group's representative
+        pa.field("similarity", pa.float32(), nullable=False),  # 1.0 exact; 1 - hamming/64; cosine
+    ),
+)
+
+IMAGE_HASHES = ManifestSchema(
+    name="image_hashes",
+    version=1,
+    fields=(
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("hash", pa.uint64(), nullable=False),  # 64-bit perceptual hash, bit 63 = first bit
+    ),
+)
+
+DESCRIPTORS = ManifestSchema(
+    name="descriptors",
+    version=1,
+    fields=(
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("descriptor", EMBEDDING, nullable=False),  # L2-normalised
     ),
 )
 

@@ -26,6 +26,7 @@ from pipelines.manifest import ManifestError, ManifestSchema, read_manifest
 from pipelines.store import Store, canonical_json, sha256_text
 
 KEY_LENGTH = 16
+ARTIFACTS_DIR = "artifacts"
 RECORD_FORMAT_VERSION = 1
 
 
@@ -107,18 +108,26 @@ class StageContext:
     show_progress: bool = True
     stats: dict[str, Any] = field(default_factory=dict)
 
-    def map_shards(self, worker: Callable[[Any], ShardResult], shards: Sequence[Shard]) -> dict[str, Any]:
+    def map_shards(
+        self,
+        worker: Callable[[Any], ShardResult],
+        shards: Sequence[Shard],
+        outputs: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
         """Runs `worker` on every shard not finished yet and returns the summed stats of all shards.
 
         `worker` must be picklable (a module-level function or a functools.partial of one) so that it
-        can run on Ray workers; it writes nothing itself.
+        can run on Ray workers; it writes nothing itself. It returns a table for each of `outputs`
+        (default: all of the stage's outputs); a fan-in step may write the others with `write_output`.
         """
         ids = [shard.shard_id for shard in shards]
         if len(set(ids)) != len(ids):
             raise ValueError(f"stage {self.spec.name}: shard ids are not unique")
         todo = [shard for shard in shards if not self.store.exists(self._shard_record(shard.shard_id))]
+        names = list(outputs) if outputs is not None else list(self.spec.outputs)
+        schemas = {name: self.spec.outputs[name] for name in names}
         task = functools.partial(
-            _compute_and_commit_shard, worker, self.store, self.spec.name, self.key, dict(self.spec.outputs)
+            _compute_and_commit_shard, worker, self.store, self.spec.name, self.key, schemas
         )
         with tqdm(
             total=len(shards),
@@ -140,6 +149,12 @@ class StageContext:
         self.store.write_table_atomic(
             self.store.part_path(self.spec.name, self.key, output, shard_id), validated
         )
+
+    def write_artifact(self, name: str, data: bytes) -> str:
+        """Stores a file beside the outputs (a picture, a report); returns its location."""
+        path = f"{self.store.stage_dir(self.spec.name, self.key)}/{ARTIFACTS_DIR}/{name}"
+        self.store.write_bytes_atomic(path, data)
+        return self.store.uri_of(path)
 
     def _shard_record(self, shard_id: str) -> str:
         return self.store.shard_record_path(self.spec.name, self.key, shard_id)
@@ -239,6 +254,7 @@ def run_stage(
         "inputs": {name: dataclasses.asdict(manifest) for name, manifest in inputs.items()},
         "outputs": {name: dataclasses.asdict(manifest) for name, manifest in outputs.items()},
         "stats": stats,
+        "artifacts": _list_artifacts(store, spec.name, key),
         "timings": {"started": started, "seconds": round(time.time() - started, 3)},
         "lvd_version": _lvd_version(),
     }
@@ -276,7 +292,7 @@ def _seal_output(store: Store, spec: StageSpec, key: str, name: str, schema: Man
         with store.fs.open(part, "rb") as handle:
             metadata = pq.ParquetFile(handle).metadata
             part_schema = metadata.schema.to_arrow_schema()
-        if not part_schema.equals(schema.arrow, check_metadata=False):
+        if not schema.conforms(part_schema):
             raise ManifestError(
                 f"stage {spec.name}, output {name}, {part}: schema differs from {schema.name}"
             )
@@ -285,6 +301,15 @@ def _seal_output(store: Store, spec: StageSpec, key: str, name: str, schema: Man
     store.fs.makedirs(directory, exist_ok=True)  # an output with no parts is an empty manifest
     digest = sha256_text("\n".join([schema.name, str(schema.version), *digest_lines]))
     return Manifest(uri=store.uri_of(directory), schema_name=schema.name, digest=digest, num_rows=num_rows)
+
+
+def _list_artifacts(store: Store, stage: str, key: str) -> list[str]:
+    directory = f"{store.stage_dir(stage, key)}/{ARTIFACTS_DIR}"
+    if not store.fs.isdir(directory):
+        return []
+    return sorted(
+        path.rsplit("/", 1)[-1] for path in store.fs.ls(directory, detail=False) if ".tmp-" not in path
+    )
 
 
 def _lvd_version() -> str:

@@ -1,0 +1,147 @@
+"""What every dedup stage shares: components of a duplicate graph, the keep rule, rejected rows, stats.
+
+edges (row i ~ row j) --connected_components--> label per row (smallest row index of its component)
+  --resolve_groups(keep rule)--> keep mask + for each dropped row the row it duplicates
+  --duplicate_rejections--> `rejected` rows naming the kept image, the group and the similarity
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.config import KeepRuleConfig
+from pipelines.manifest import DUPLICATES_REJECTED
+
+NO_MATCH = -1
+# Component sizes are reported in these buckets (upper bounds, inclusive); the last one is open.
+SIZE_BUCKETS = (2, 3, 4, 8, 16, 64, 256)
+
+
+def connected_components(num_rows: int, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Union-find over an edge list, vectorised: hook the larger root under the smaller, then compress.
+
+    Returns, for every row, the smallest row index of its component. Each round costs O(edges) in
+    numpy; the number of rounds grows with log of the longest chain, not with the number of rows.
+    """
+    parent = np.arange(num_rows, dtype=np.int64)
+    sources = np.asarray(sources, dtype=np.int64)
+    targets = np.asarray(targets, dtype=np.int64)
+    while True:
+        root_a, root_b = parent[sources], parent[targets]
+        differ = root_a != root_b
+        if not differ.any():
+            return parent
+        low = np.minimum(root_a[differ], root_b[differ])
+        high = np.maximum(root_a[differ], root_b[differ])
+        np.minimum.at(parent, high, low)  # hook: every root only ever moves to a smaller root
+        while True:  # compress: point every row straight at its root
+            grandparent = parent[parent]
+            if np.array_equal(grandparent, parent):
+                break
+            parent = grandparent
+
+
+@dataclass(frozen=True, slots=True)
+class GroupResolution:
+    """For each row: whether it is kept, and for a dropped row the row index it duplicates."""
+
+    keep: np.ndarray  # bool
+    match: np.ndarray  # int64, NO_MATCH for kept rows
+    representative: np.ndarray  # int64: the row that stands for each row's group
+
+
+def preference_order(images: pa.Table, rule: KeepRuleConfig) -> np.ndarray:
+    """Row indices from most to least preferred by the keep rule; ties broken by URI then image id."""
+    role_rank = {role: rank for rank, role in enumerate(rule.role_priority)}
+    roles = np.array([role_rank[role] for role in images.column("role").to_pylist()], dtype=np.int64)
+    pixels = np.asarray(images.column("width"), dtype=np.int64) * np.asarray(
+        images.column("height"), dtype=np.int64
+    )
+    sizes = np.asarray(images.column("byte_size"), dtype=np.int64)
+    sign = -1 if rule.prefer_larger else 1
+    uris = np.asarray(images.column("uri").to_pylist(), dtype=object)
+    ids = np.asarray(images.column("image_id").to_pylist(), dtype=object)
+    return np.lexsort((ids, uris, sign * sizes, sign * pixels, roles))  # last key sorts first
+
+
+def _first_in_order(labels: np.ndarray, order: np.ndarray, eligible: np.ndarray) -> dict[int, int]:
+    """For each component label, the first eligible row in `order`."""
+    best: dict[int, int] = {}
+    for row in order[eligible[order]]:
+        best.setdefault(int(labels[row]), int(row))
+    return best
+
+
+def resolve_groups(images: pa.Table, labels: np.ndarray, rule: KeepRuleConfig) -> GroupResolution:
+    """Applies the keep rule to every component of `labels` (see KeepRuleConfig)."""
+    num_rows = images.num_rows
+    order = preference_order(images, rule)
+    protected = np.isin(
+        np.asarray(images.column("role").to_pylist(), dtype=object), list(rule.protected_roles)
+    )
+    best_any = _first_in_order(labels, order, np.ones(num_rows, dtype=bool))
+    best_protected = _first_in_order(labels, order, protected)
+    representative = np.array(
+        [best_protected.get(int(label), best_any[int(label)]) for label in labels], dtype=np.int64
+    )
+    keep = protected | (representative == np.arange(num_rows))
+    match = np.where(keep, NO_MATCH, representative)
+    return GroupResolution(keep=keep, match=match, representative=representative)
+
+
+def duplicate_rejections(
+    images: pa.Table,
+    dropped: np.ndarray,
+    match: np.ndarray,
+    group: np.ndarray,
+    similarity: np.ndarray,
+    reason: str,
+) -> pa.Table:
+    """`rejected` rows for `dropped` row indices; `match`, `group` and `similarity` are per dropped row."""
+    ids = images.column("image_id").to_pylist()
+    uris = images.column("uri").to_pylist()
+    sources = images.column("source").to_pylist()
+    roles = images.column("role").to_pylist()
+    rows = [
+        {
+            "image_id": ids[row],
+            "source": sources[row],
+            "role": roles[row],
+            "uri": uris[row],
+            "reason": reason,
+            "detail": f"{reason} of {uris[matched]} (similarity {score:.3f})",
+            "match_image_id": ids[matched],
+            "match_uri": uris[matched],
+            "group_id": ids[group_row],
+            "similarity": float(score),
+        }
+        for row, matched, group_row, score in zip(dropped, match, group, similarity, strict=True)
+    ]
+    return DUPLICATES_REJECTED.table_from_rows(rows)
+
+
+def component_stats(labels: np.ndarray) -> dict[str, object]:
+    """Groups (components of 2 or more rows), the rows in them, the largest, and a size histogram."""
+    sizes = Counter(Counter(labels.tolist()).values())
+    groups = {size: count for size, count in sizes.items() if size > 1}
+    histogram: dict[str, int] = {}
+    for size, count in sorted(groups.items()):
+        bucket = next((f"<={bound}" for bound in SIZE_BUCKETS if size <= bound), f">{SIZE_BUCKETS[-1]}")
+        histogram[bucket] = histogram.get(bucket, 0) + count
+    return {
+        "groups": sum(groups.values()),
+        "rows_in_groups": sum(size * count for size, count in groups.items()),
+        "largest_group": max(groups, default=1),
+        "group_sizes": histogram,
+    }
+
+
+def largest_groups(labels: np.ndarray, num_groups: int) -> list[np.ndarray]:
+    """Row indices of the `num_groups` largest components with 2 or more rows, largest first."""
+    counts = Counter(labels.tolist())
+    biggest = [label for label, size in counts.most_common() if size > 1][:num_groups]
+    return [np.flatnonzero(labels == label) for label in biggest]

@@ -1,0 +1,66 @@
+"""The `exact_dedup` stage: rows with the same bytes (same sha256 image_id) are one image.
+
+images --group by image_id--> keep one per group (keep rule) --> images, rejected (naming the kept row)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from curation.dedup.components import component_stats, duplicate_rejections, resolve_groups
+from curation.dedup.sheets import duplicate_groups_sheet
+from pipelines.config import ExactDedupConfig
+from pipelines.manifest import DUPLICATES_REJECTED, IMAGES
+from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
+
+REASON = "exact_duplicate"
+SHEET_NAME = "duplicate_groups.png"
+
+
+def run_exact_dedup(
+    cfg: ExactDedupConfig, inputs: Mapping[str, Manifest], ctx: StageContext
+) -> dict[str, Any]:
+    images = inputs["images"].read(IMAGES)
+    # Label = index of the first row with the same image_id: rows sharing bytes share a label.
+    encoded = pc.dictionary_encode(images.column("image_id")).combine_chunks()
+    codes = np.asarray(encoded.indices, dtype=np.int64)
+    first_row = np.full(len(encoded.dictionary), images.num_rows, dtype=np.int64)
+    np.minimum.at(first_row, codes, np.arange(images.num_rows))
+    labels = first_row[codes]
+    resolution = resolve_groups(images, labels, cfg.keep)
+    dropped = np.flatnonzero(~resolution.keep)
+    rejected = duplicate_rejections(
+        images,
+        dropped,
+        resolution.match[dropped],
+        resolution.representative[dropped],
+        np.ones(len(dropped), dtype=np.float32),
+        REASON,
+    )
+    ctx.write_output("images", images.filter(resolution.keep))
+    ctx.write_output("rejected", rejected)
+    if len(dropped):
+        ctx.write_artifact(SHEET_NAME, duplicate_groups_sheet(images, labels, resolution, "exact duplicates"))
+    return {
+        "rows_in": images.num_rows,
+        "rows_out": int(resolution.keep.sum()),
+        "rejected": len(dropped),
+        **component_stats(labels),
+    }
+
+
+EXACT_DEDUP = register_stage(
+    StageSpec(
+        name="exact_dedup",
+        version=1,
+        config_type=ExactDedupConfig,
+        fn=run_exact_dedup,
+        inputs=("images",),
+        outputs={"images": IMAGES, "rejected": DUPLICATES_REJECTED},
+        description="drop byte-identical copies, keeping one per group by the keep rule",
+    )
+)
