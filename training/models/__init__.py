@@ -1,0 +1,1 @@
+"""Backbone architecture only: no losses, no parallelism, no devices."""

@@ -1,0 +1,255 @@
+"""The DINOv2 Vision Transformer backbone, with state-dict keys and outputs of the official hub models.
+
+    image (B, 3, H, W) -> patch_embed -> [mask_token where masked] -> [CLS] + patches + pos_embed
+      -> [CLS, registers, patches] -> blocks (pre-norm, LayerScale) -> norm -> forward_features dict
+
+Official DINOv2 hub weights load with `strict=True` into `build_vit(arch, img_size=518,
+layerscale_init=1.0)` (plus `num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True`
+for the `_reg4` models). Shapes: B batch, N tokens, D width, P patches, R registers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.models.attention import Attention
+
+LAYER_NORM_EPS = 1e-6
+INIT_STD = 0.02  # truncated-normal std of pos_embed and every Linear
+TOKEN_INIT_STD = 1e-6  # cls and register tokens
+SWIGLU_MULTIPLE = 8  # SwiGLU hidden width is rounded up to a multiple of this
+MLP_RATIO = 4
+
+FfnLayer = Literal["mlp", "swiglu", "swiglufused"]
+
+
+@dataclass(frozen=True, slots=True)
+class ArchSpec:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    ffn_layer: FfnLayer = "mlp"
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "vit_test": ArchSpec(embed_dim=64, depth=2, num_heads=2),  # tiny: for tests and CPU demos
+    "vit_small": ArchSpec(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": ArchSpec(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": ArchSpec(embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge": ArchSpec(embed_dim=1280, depth=32, num_heads=16),  # the paper's retrieval model family
+    "vit_giant2": ArchSpec(embed_dim=1536, depth=40, num_heads=24, ffn_layer="swiglufused"),
+}
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLUFFN(nn.Module):
+    """out = w3(SiLU(x1) * x2) where [x1, x2] = w12(x) split in halves (the official fused layout)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+def swiglu_hidden(dim: int) -> int:
+    width = int(MLP_RATIO * dim * 2 / 3)
+    return (width + SWIGLU_MULTIPLE - 1) // SWIGLU_MULTIPLE * SWIGLU_MULTIPLE
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """x = x + ls1(attn(norm1(x))); x = x + ls2(mlp(norm2(x)))."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_layer: FfnLayer, layerscale_init: float | None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn = Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mlp = Mlp(dim, MLP_RATIO * dim) if ffn_layer == "mlp" else SwiGLUFFN(dim, swiglu_hidden(dim))
+        self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
+
+    def attention_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls1(self.attn(self.norm1(x)))
+
+    def ffn_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention_residual(x)
+        return x + self.ffn_residual(x)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        height, width = images_BCHW.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"image {height}x{width} is not a multiple of the patch size {self.patch_size}")
+        return self.proj(images_BCHW).flatten(2).transpose(1, 2)  # (B, P, D), patches in row-major order
+
+
+class DinoVisionTransformer(nn.Module):
+    def __init__(
+        self,
+        arch: ArchSpec,
+        *,
+        patch_size: int,
+        img_size: int,
+        num_register_tokens: int,
+        ffn_layer: FfnLayer,
+        layerscale_init: float | None,
+        interpolate_offset: float,
+        interpolate_antialias: bool,
+    ):
+        super().__init__()
+        dim = arch.embed_dim
+        self.embed_dim = dim
+        self.patch_size = patch_size
+        self.num_register_tokens = num_register_tokens
+        self.interpolate_offset = interpolate_offset
+        self.interpolate_antialias = interpolate_antialias
+        self.grid_size = img_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_size**2, dim))
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, num_register_tokens, dim)) if num_register_tokens else None
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))
+        self.patch_embed = PatchEmbed(patch_size, dim)
+        self.blocks = nn.ModuleList(
+            Block(dim, arch.num_heads, ffn_layer, layerscale_init) for _ in range(arch.depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.head = nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
+        nn.init.normal_(self.cls_token, std=TOKEN_INIT_STD)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=TOKEN_INIT_STD)
+        # mask_token stays zero; the patch Conv2d keeps PyTorch's default init, as in the official code.
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=INIT_STD)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def interpolate_pos_encoding(self, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """The position table for a `height` x `width` image (bicubic resize of the patch part)."""
+        rows, columns = height // self.patch_size, width // self.patch_size
+        if rows == columns == self.grid_size:
+            return self.pos_embed.to(dtype)
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        grid = patch_pos.float().reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
+        if self.interpolate_offset:
+            # Why: the official code passes a scale factor, not a size; PyTorch then floors the output
+            # size but maps coordinates with the given scale, so the values differ from a size-based resize.
+            scale = (
+                (rows + self.interpolate_offset) / self.grid_size,
+                (columns + self.interpolate_offset) / self.grid_size,
+            )
+            grid = F.interpolate(
+                grid, scale_factor=scale, mode="bicubic", antialias=self.interpolate_antialias
+            )
+        else:
+            grid = F.interpolate(
+                grid, size=(rows, columns), mode="bicubic", antialias=self.interpolate_antialias
+            )
+        assert grid.shape[-2:] == (rows, columns), (
+            f"position grid {tuple(grid.shape[-2:])} != {(rows, columns)}"
+        )
+        patch_pos = grid.permute(0, 2, 3, 1).reshape(1, rows * columns, -1)
+        return torch.cat([cls_pos.float(), patch_pos], dim=1).to(dtype)
+
+    def prepare_tokens(self, images_BCHW: torch.Tensor, masks_BP: torch.Tensor | None = None) -> torch.Tensor:
+        patches_BPD = self.patch_embed(images_BCHW)
+        if masks_BP is not None:
+            mask_token = self.mask_token.to(patches_BPD.dtype).unsqueeze(0)
+            patches_BPD = torch.where(masks_BP.unsqueeze(-1), mask_token, patches_BPD)
+        tokens = torch.cat(
+            [self.cls_token.expand(patches_BPD.shape[0], -1, -1).to(patches_BPD.dtype), patches_BPD], 1
+        )
+        tokens = tokens + self.interpolate_pos_encoding(*images_BCHW.shape[-2:], dtype=tokens.dtype)
+        if self.register_tokens is not None:
+            registers = self.register_tokens.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
+            tokens = torch.cat([tokens[:, :1], registers, tokens[:, 1:]], dim=1)
+        return tokens
+
+    def forward_features(self, images_BCHW: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
+        x_BND = self.prepare_tokens(images_BCHW, masks)
+        for block in self.blocks:
+            x_BND = block(x_BND)
+        normed = self.norm(x_BND)
+        first_patch = 1 + self.num_register_tokens
+        return {
+            "x_norm_clstoken": normed[:, 0],
+            "x_norm_regtokens": normed[:, 1:first_patch],
+            "x_norm_patchtokens": normed[:, first_patch:],
+            "x_prenorm": x_BND,
+            "masks": masks,
+        }
+
+    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(images_BCHW)["x_norm_clstoken"])
+
+
+def build_vit(
+    arch: str,
+    *,
+    patch_size: int = 14,
+    img_size: int = 224,
+    num_register_tokens: int = 0,
+    ffn_layer: FfnLayer | None = None,
+    layerscale_init: float | None = 1e-5,
+    interpolate_offset: float = 0.1,
+    interpolate_antialias: bool = False,
+) -> DinoVisionTransformer:
+    """A backbone by name (`ARCHS`); options are named as in the official config."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+    if img_size % patch_size:
+        raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+    spec = ARCHS[arch]
+    ffn = ffn_layer or spec.ffn_layer
+    return DinoVisionTransformer(
+        spec,
+        patch_size=patch_size,
+        img_size=img_size,
+        num_register_tokens=num_register_tokens,
+        ffn_layer="mlp" if ffn == "mlp" else "swiglufused",
+        layerscale_init=layerscale_init,
+        interpolate_offset=interpolate_offset,
+        interpolate_antialias=interpolate_antialias,
+    )
