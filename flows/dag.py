@@ -1,6 +1,6 @@
 """The curate-and-train DAG as plain data, and a plain-Python runner for it (no Prefect here).
 
-    ingest -> exact_dedup
+    ingest -> exact_dedup -> phash_dedup -> copy_dedup -> decontaminate
 
 Each node names its stage, the section of PipelineConfig that configures it, and which upstream
 outputs feed which of its inputs. The Prefect flows walk the same nodes, one task per node.
@@ -29,6 +29,13 @@ class DagNode:
 CURATE_AND_TRAIN: tuple[DagNode, ...] = (
     DagNode("ingest", lambda cfg: cfg.ingest, {}),
     DagNode("exact_dedup", lambda cfg: cfg.exact_dedup, {"images": ("ingest", "images")}),
+    DagNode("phash_dedup", lambda cfg: cfg.phash_dedup, {"images": ("exact_dedup", "images")}),
+    DagNode("copy_dedup", lambda cfg: cfg.copy_dedup, {"images": ("phash_dedup", "images")}),
+    DagNode(
+        "decontaminate",
+        lambda cfg: cfg.decontaminate,
+        {"images": ("copy_dedup", "images"), "descriptors": ("copy_dedup", "descriptors")},
+    ),
 )
 NODES = {node.stage: node for node in CURATE_AND_TRAIN}
 

@@ -122,8 +122,9 @@ HASH_BITS = 64
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PhashDedupConfig:
     algorithm: HashAlgorithm = "phash"
-    max_distance: int = 4
-    """Two images are near-duplicates when their hashes differ in at most this many bits."""
+    max_distance: int = 2
+    """Two images are near-duplicates when their hashes differ in at most this many bits. On the demo,
+    2 finds most JPEG, resize and colour-shift copies; 4 adds mostly look-alike Fashion-MNIST products."""
     rows_per_shard: int = 1024
     keep: KeepRuleConfig = field(default_factory=KeepRuleConfig)
 
@@ -150,7 +151,9 @@ class EmbedderConfig:
     path: str | None = None
     """Weights file: required for `torchscript` (e.g. an SSCD .torchscript.pt file)."""
     resize: ResizeMode = "square"
-    """`square`: resize to image_size x image_size (batches well); `short_side`: keep aspect ratio."""
+    """`square`: resize to image_size x image_size (batches well). `short_side`: keep the aspect ratio;
+    torchscript resizes the shorter side to image_size, one image per batch (SSCD's paper protocol, 288);
+    efficientnet_lite0 resizes it to image_size * 256 / 224 and centre-crops image_size."""
     image_size: int = 224
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -176,12 +179,17 @@ IndexKind = Literal["auto", "flat", "ivf"]
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CopyDedupConfig:
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    roles: tuple[Role, ...] = ("uncurated",)
+    """Rows of these roles form the duplicate graph (the paper dedups the uncurated pool); the others pass
+    through, with descriptors for decontaminate. Add curated/eval to dedup across roles (keep rule)."""
     num_neighbours: int = PAPER_COPY_NEIGHBOURS
     threshold: float = PAPER_COPY_THRESHOLD
     """Edges with cosine similarity above this join images into one duplicate component."""
     index: IndexKind = "auto"
     """`auto`: exact search for small sets, IVF above `ivf_min_rows`."""
     ivf_min_rows: int = 200_000
+    ivf_nprobe: int = 32
+    """IVF cells searched per query (recall against speed); copies sit close, so a few dozen suffice."""
     rows_per_shard: int = 256
     keep: KeepRuleConfig = field(default_factory=KeepRuleConfig)
 
@@ -190,7 +198,9 @@ class CopyDedupConfig:
         _require(
             -1.0 <= self.threshold <= 1.0, f"threshold must be a cosine in [-1, 1], got {self.threshold}"
         )
+        _require(self.ivf_nprobe >= 1, f"ivf_nprobe must be >= 1, got {self.ivf_nprobe}")
         _require(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        _require(bool(self.roles), "roles must name at least one role")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -201,12 +211,14 @@ class DecontaminateConfig:
     drop_roles: tuple[Role, ...] = ("uncurated",)
     index: IndexKind = "auto"
     ivf_min_rows: int = 200_000
+    ivf_nprobe: int = 32
 
     def __post_init__(self) -> None:
         _require(self.num_neighbours >= 1, f"num_neighbours must be >= 1, got {self.num_neighbours}")
         _require(
             -1.0 <= self.threshold <= 1.0, f"threshold must be a cosine in [-1, 1], got {self.threshold}"
         )
+        _require(self.ivf_nprobe >= 1, f"ivf_nprobe must be >= 1, got {self.ivf_nprobe}")
         _require(
             "eval" not in self.drop_roles, "drop_roles must not contain eval: eval images are the references"
         )

@@ -1,5 +1,5 @@
 """Dedup stages: exact (sha256), perceptual hash, copy detection, and eval decontamination."""
 
-from curation.dedup import exact
+from curation.dedup import copy, decontaminate, exact, phash
 
-__all__ = ["exact"]
+__all__ = ["copy", "decontaminate", "exact", "phash"]

@@ -1,0 +1,108 @@
+"""The `copy_dedup` stage: near-copies by copy-detection descriptors (the paper's SSCD self-dedup).
+
+images --per shard: embedder--> descriptors (every input row; resumable)
+  --rows of `roles` only: Faiss k-NN (k neighbours, cosine > threshold)--> edges --union-find--> components
+  --keep rule--> images (one per component, plus protected rows), rejected (naming the kept row)
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from curation.dedup.components import (
+    component_stats,
+    connected_components,
+    duplicate_rejections,
+    resolve_groups,
+)
+from curation.dedup.descriptors import aligned_vectors, describe_shard
+from curation.dedup.knn import choose_index, knn_edges
+from curation.dedup.sheets import duplicate_groups_sheet
+from curation.embedders import weights_fingerprint
+from pipelines.config import CopyDedupConfig
+from pipelines.manifest import DESCRIPTORS, DUPLICATES_REJECTED, IMAGES, read_manifest
+from pipelines.shards import row_shards
+from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
+
+REASON = "copy_duplicate"
+SHEET_NAME = "duplicate_groups.png"
+
+
+def read_own_output(ctx: StageContext, output: str) -> pa.Table:
+    """An output this stage already wrote (all parts so far) as one table; empty if it wrote none."""
+    directory = ctx.store.output_dir(ctx.spec.name, ctx.key, output)
+    if not ctx.store.list_parts(directory):
+        return ctx.spec.outputs[output].empty_table()
+    return read_manifest(ctx.store.uri_of(directory), ctx.spec.outputs[output])
+
+
+def run_copy_dedup(cfg: CopyDedupConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
+    images = inputs["images"].read(IMAGES)
+    worker = functools.partial(describe_shard, cfg.embedder)
+    shard_stats = ctx.map_shards(worker, row_shards(images, cfg.rows_per_shard), outputs=["descriptors"])
+    described = shard_stats.get("descriptors", {})
+    if described.get("seconds"):
+        described["seconds"] = round(described["seconds"], 3)  # a sum of per-shard times
+        described["images_per_second"] = round(described["rows"] / described["seconds"], 2)
+    vectors = aligned_vectors(images, read_own_output(ctx, "descriptors"))
+
+    started = time.perf_counter()
+    # Rows outside `roles` get no edges: each stays a component of its own and is kept.
+    scope = np.flatnonzero(
+        np.isin(np.asarray(images.column("role").to_pylist(), dtype=object), list(cfg.roles))
+    )
+    edges = knn_edges(
+        vectors[scope], cfg.num_neighbours, cfg.threshold, cfg.index, cfg.ivf_min_rows, cfg.ivf_nprobe
+    )
+    labels = connected_components(images.num_rows, scope[edges.sources], scope[edges.targets])
+    knn_seconds = time.perf_counter() - started
+
+    resolution = resolve_groups(images, labels, cfg.keep)
+    dropped = np.flatnonzero(~resolution.keep)
+    match = resolution.match[dropped]
+    # The match is the component's kept row, which may be reached only through others: measure directly.
+    similarity = np.einsum("ij,ij->i", vectors[dropped], vectors[match]).astype(np.float32)
+    rejected = duplicate_rejections(
+        images, dropped, match, resolution.representative[dropped], similarity, REASON
+    )
+    ctx.write_output("images", images.filter(resolution.keep))
+    ctx.write_output("rejected", rejected)
+    if len(dropped):
+        title = f"copy-detection duplicates (cosine > {cfg.threshold})"
+        ctx.write_artifact(SHEET_NAME, duplicate_groups_sheet(images, labels, resolution, title))
+    return {
+        "rows_in": images.num_rows,
+        "rows_out": int(resolution.keep.sum()),
+        "rejected": len(dropped),
+        "edges": len(edges),
+        "rows_compared": len(scope),
+        "index": choose_index(len(scope), cfg.index, cfg.ivf_min_rows),
+        "knn_seconds": round(knn_seconds, 3),
+        **shard_stats,
+        **component_stats(labels),
+    }
+
+
+def _fingerprint(cfg: CopyDedupConfig) -> str:
+    # Why: the config names the weights file by path; its content must key the stage too.
+    return weights_fingerprint(cfg.embedder)
+
+
+COPY_DEDUP = register_stage(
+    StageSpec(
+        name="copy_dedup",
+        version=1,
+        config_type=CopyDedupConfig,
+        fn=run_copy_dedup,
+        inputs=("images",),
+        outputs={"images": IMAGES, "rejected": DUPLICATES_REJECTED, "descriptors": DESCRIPTORS},
+        description="drop near-copies found by copy-detection descriptors, k-NN and connected components",
+        fingerprint=_fingerprint,
+    )
+)

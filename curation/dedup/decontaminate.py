@@ -1,0 +1,137 @@
+"""The `decontaminate` stage: pool images too close to an evaluation image go, whole component and all.
+
+images + descriptors (copy_dedup's, restricted to these images)
+  --Faiss k-NN (cosine > threshold)--> edges --union-find--> components
+  --components holding an eval image--> their drop_roles rows are rejected, each naming the eval image
+                                        of its component most similar to it
+  --> images (the rest), rejected (reason eval_contamination), decontaminated.png
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from curation.dedup.components import component_stats, connected_components, duplicate_rejections
+from curation.dedup.descriptors import aligned_vectors
+from curation.dedup.knn import choose_index, knn_edges
+from curation.pictures import Tile, contact_sheet
+from pipelines.config import DecontaminateConfig
+from pipelines.images import read_image_bytes
+from pipelines.manifest import DESCRIPTORS, DUPLICATES_REJECTED, IMAGES
+from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
+
+REASON = "eval_contamination"
+EVAL_ROLE = "eval"
+SHEET_NAME = "decontaminated.png"
+SHEET_PAIRS = 32
+SHEET_PAIRS_PER_ROW = 4
+# Rows of a contaminated component compared with its eval images at once: bounds a [rows, evals] block.
+MATCH_BLOCK_ROWS = 4096
+
+
+def best_eval_matches(
+    vectors: np.ndarray, labels: np.ndarray, dropped: np.ndarray, eval_rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each dropped row, the eval row of its component with the highest cosine, and that cosine."""
+    match = np.empty(len(dropped), dtype=np.int64)
+    similarity = np.empty(len(dropped), dtype=np.float32)
+    evals_of = _rows_by_label(labels, eval_rows)
+    for label, positions in _rows_by_label(labels[dropped], np.arange(len(dropped))).items():
+        candidates = evals_of[label]
+        for start in range(0, len(positions), MATCH_BLOCK_ROWS):
+            block = positions[start : start + MATCH_BLOCK_ROWS]
+            scores = vectors[dropped[block]] @ vectors[candidates].T
+            best = scores.argmax(axis=1)
+            match[block] = candidates[best]
+            similarity[block] = scores[np.arange(len(block)), best]
+    return match, similarity
+
+
+def _rows_by_label(labels: np.ndarray, rows: np.ndarray) -> dict[int, np.ndarray]:
+    """`rows` grouped by `labels[rows]` with one sort (no pass over all rows per label)."""
+    if len(rows) == 0:
+        return {}
+    order = rows[np.argsort(labels[rows], kind="stable")]
+    values, starts = np.unique(labels[order], return_index=True)
+    return dict(zip(values.tolist(), np.split(order, starts[1:]), strict=True))
+
+
+def run_decontaminate(
+    cfg: DecontaminateConfig, inputs: Mapping[str, Manifest], ctx: StageContext
+) -> dict[str, Any]:
+    images = inputs["images"].read(IMAGES)
+    vectors = aligned_vectors(images, inputs["descriptors"].read(DESCRIPTORS))
+    started = time.perf_counter()
+    edges = knn_edges(vectors, cfg.num_neighbours, cfg.threshold, cfg.index, cfg.ivf_min_rows, cfg.ivf_nprobe)
+    labels = connected_components(images.num_rows, edges.sources, edges.targets)
+    knn_seconds = time.perf_counter() - started
+
+    roles = np.asarray(images.column("role").to_pylist(), dtype=object)
+    eval_rows = np.flatnonzero(roles == EVAL_ROLE)
+    contaminated = np.isin(labels, labels[eval_rows])
+    dropped = np.flatnonzero(contaminated & np.isin(roles, list(cfg.drop_roles)))
+    match, similarity = best_eval_matches(vectors, labels, dropped, eval_rows)
+    # group_id names the eval image: the component's reason for going.
+    rejected = duplicate_rejections(images, dropped, match, match, similarity, REASON)
+    keep = np.ones(images.num_rows, dtype=bool)
+    keep[dropped] = False
+    ctx.write_output("images", images.filter(keep))
+    ctx.write_output("rejected", rejected)
+    if len(dropped):
+        ctx.write_artifact(SHEET_NAME, contamination_sheet(images, dropped, match, similarity, cfg.threshold))
+    return {
+        "rows_in": images.num_rows,
+        "rows_out": int(keep.sum()),
+        "rejected": len(dropped),
+        "eval_rows": len(eval_rows),
+        "eval_images_matched": len(np.unique(match)),
+        "contaminated_components": len(np.unique(labels[dropped])),
+        "edges": len(edges),
+        "index": choose_index(images.num_rows, cfg.index, cfg.ivf_min_rows),
+        "knn_seconds": round(knn_seconds, 3),
+        **component_stats(labels),
+    }
+
+
+def _tile(row: dict, caption: str, highlight: bool) -> Tile:
+    try:
+        data = read_image_bytes(row)
+    except OSError:
+        data = None
+    return Tile(data, caption, highlight=highlight)
+
+
+def contamination_sheet(
+    images: pa.Table, dropped: np.ndarray, match: np.ndarray, similarity: np.ndarray, threshold: float
+) -> bytes:
+    """Removed pool images beside their eval match (red frame), spread over the similarity range."""
+    order = np.argsort(-similarity, kind="stable")
+    # Why: evenly spaced picks show the borderline pairs near the threshold, not only the obvious ones.
+    picks = order[np.unique(np.linspace(0, len(order) - 1, min(SHEET_PAIRS, len(order))).round().astype(int))]
+    tiles = []
+    for position in picks:
+        pool, reference = images.slice(int(dropped[position]), 1), images.slice(int(match[position]), 1)
+        tiles.append(_tile(pool.to_pylist()[0], f"pool {similarity[position]:.2f}", highlight=False))
+        tiles.append(_tile(reference.to_pylist()[0], "eval", highlight=True))
+    width = 2 * SHEET_PAIRS_PER_ROW
+    rows = [tiles[start : start + width] for start in range(0, len(tiles), width)]
+    title = f"decontaminated: pool image, then its eval match (cosine > {threshold}), most similar first"
+    return contact_sheet(rows, title)
+
+
+DECONTAMINATE = register_stage(
+    StageSpec(
+        name="decontaminate",
+        version=1,
+        config_type=DecontaminateConfig,
+        fn=run_decontaminate,
+        inputs=("images", "descriptors"),
+        outputs={"images": IMAGES, "rejected": DUPLICATES_REJECTED},
+        description="drop pool images whose duplicate component holds an evaluation image",
+    )
+)

@@ -1,0 +1,72 @@
+"""Copy-detection descriptors: one shard of images through an embedder, and back out of a manifest.
+
+images rows --read bytes, load_rgb, embedder (batched)--> descriptors rows (float16, unit length)
+images + descriptors --align on (image_id, uri)--> float32 matrix, row i = image i
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from curation.embedders import build_embedder
+from pipelines.config import EmbedderConfig
+from pipelines.images import load_rgb, read_image_bytes
+from pipelines.manifest import DESCRIPTORS, embedding_type
+from pipelines.stage import ShardResult
+
+KEY_COLUMNS = ("image_id", "uri")
+
+
+def _load(row: dict):
+    try:
+        return load_rgb(read_image_bytes(row))
+    except OSError as err:
+        raise OSError(f"cannot read {row['uri']} for its descriptor: {err}") from err
+
+
+def descriptors_table(rows: pa.Table, vectors: np.ndarray) -> pa.Table:
+    """A DESCRIPTORS table: `rows`' keys beside `vectors` stored as float16."""
+    dim = vectors.shape[1]
+    values = pa.array(np.ascontiguousarray(vectors, dtype=np.float16).reshape(-1))
+    column = pa.FixedSizeListArray.from_arrays(values, dim).cast(embedding_type(dim))
+    return DESCRIPTORS.validate(
+        pa.table({"image_id": rows.column("image_id"), "uri": rows.column("uri"), "descriptor": column})
+    )
+
+
+def describe_shard(embedder_cfg: EmbedderConfig, rows: pa.Table) -> ShardResult:
+    """Shard worker: the descriptor of every row of an `images` slice."""
+    embedder = build_embedder(embedder_cfg)  # cached: a worker process loads the model once
+    started = time.perf_counter()
+    vectors = embedder.embed_images(_load(row) for row in rows.to_pylist())
+    seconds = time.perf_counter() - started
+    stats = {"descriptors": {"rows": rows.num_rows, "seconds": round(seconds, 3)}}
+    return ShardResult(tables={"descriptors": descriptors_table(rows, vectors)}, stats=stats)
+
+
+def descriptor_matrix(descriptors: pa.Table) -> np.ndarray:
+    """[n, dim] float32, re-normalised: float16 storage leaves norms a hair off 1."""
+    column = descriptors.column("descriptor").combine_chunks()
+    dim = column.type.list_size if pa.types.is_fixed_size_list(column.type) else 0
+    flat = np.asarray(column.flatten(), dtype=np.float32)
+    vectors = flat.reshape(len(column), dim) if len(column) else np.zeros((0, dim), np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
+def aligned_vectors(images: pa.Table, descriptors: pa.Table) -> np.ndarray:
+    """Descriptors of `images`' rows, in `images`' order, matched on (image_id, uri).
+
+    Rows of `descriptors` that `images` lacks are ignored; an image without a descriptor is an error.
+    """
+    wanted = images.select(list(KEY_COLUMNS)).append_column("row", pa.array(np.arange(images.num_rows)))
+    found = descriptors.select(list(KEY_COLUMNS))
+    found = found.append_column("position", pa.array(np.arange(found.num_rows)))
+    joined = wanted.join(found, list(KEY_COLUMNS), join_type="left outer").sort_by("row")
+    if joined.num_rows != images.num_rows or joined.column("position").null_count:
+        missing = joined.filter(joined.column("position").is_null()).column("uri").to_pylist()[:3]
+        raise ValueError(f"{images.num_rows} images but descriptors are missing or repeated, e.g. {missing}")
+    return descriptor_matrix(descriptors.take(joined.column("position")))
