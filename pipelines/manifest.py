@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -146,6 +147,23 @@ DESCRIPTORS = ManifestSchema(
         pa.field("descriptor", EMBEDDING, nullable=False),  # L2-normalised
     ),
 )
+
+
+ROW_KEY_COLUMNS = ("image_id", "uri")
+
+
+def align_rows(rows: pa.Table, other: pa.Table, keys: tuple[str, ...] = ROW_KEY_COLUMNS) -> np.ndarray:
+    """For each row of `rows`, the index of the row of `other` with the same keys.
+
+    Rows of `other` that `rows` lacks are ignored; a row without exactly one match is an error.
+    """
+    wanted = rows.select(list(keys)).append_column("_row", pa.array(np.arange(rows.num_rows)))
+    found = other.select(list(keys)).append_column("_position", pa.array(np.arange(other.num_rows)))
+    joined = wanted.join(found, list(keys), join_type="left outer").sort_by("_row")
+    if joined.num_rows != rows.num_rows or joined.column("_position").null_count:
+        missing = joined.filter(joined.column("_position").is_null()).column(keys[-1]).to_pylist()[:3]
+        raise ManifestError(f"{rows.num_rows} rows but their matches are missing or repeated, e.g. {missing}")
+    return np.asarray(joined.column("_position"), dtype=np.int64)
 
 
 def part_name(shard_id: str) -> str:

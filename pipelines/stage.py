@@ -150,6 +150,13 @@ class StageContext:
             self.store.part_path(self.spec.name, self.key, output, shard_id), validated
         )
 
+    def read_output(self, output: str) -> pa.Table:
+        """What this run wrote to `output` so far (e.g. after `map_shards`), as one validated table."""
+        directory = self.store.output_dir(self.spec.name, self.key, output)
+        if not self.store.list_parts(directory):
+            return self.spec.outputs[output].empty_table()
+        return read_manifest(self.store.uri_of(directory), self.spec.outputs[output])
+
     def write_artifact(self, name: str, data: bytes) -> str:
         """Stores a file beside the outputs (a picture, a report); returns its location."""
         path = f"{self.store.stage_dir(self.spec.name, self.key)}/{ARTIFACTS_DIR}/{name}"

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from curation.dedup.components import (
     component_stats,
@@ -26,20 +25,12 @@ from curation.dedup.knn import choose_index, knn_edges
 from curation.dedup.sheets import duplicate_groups_sheet
 from curation.embedders import weights_fingerprint
 from pipelines.config import CopyDedupConfig
-from pipelines.manifest import DESCRIPTORS, DUPLICATES_REJECTED, IMAGES, read_manifest
+from pipelines.manifest import DESCRIPTORS, DUPLICATES_REJECTED, IMAGES
 from pipelines.shards import row_shards
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
 
 REASON = "copy_duplicate"
 SHEET_NAME = "duplicate_groups.png"
-
-
-def read_own_output(ctx: StageContext, output: str) -> pa.Table:
-    """An output this stage already wrote (all parts so far) as one table; empty if it wrote none."""
-    directory = ctx.store.output_dir(ctx.spec.name, ctx.key, output)
-    if not ctx.store.list_parts(directory):
-        return ctx.spec.outputs[output].empty_table()
-    return read_manifest(ctx.store.uri_of(directory), ctx.spec.outputs[output])
 
 
 def run_copy_dedup(cfg: CopyDedupConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
@@ -50,7 +41,7 @@ def run_copy_dedup(cfg: CopyDedupConfig, inputs: Mapping[str, Manifest], ctx: St
     if described.get("seconds"):
         described["seconds"] = round(described["seconds"], 3)  # a sum of per-shard times
         described["images_per_second"] = round(described["rows"] / described["seconds"], 2)
-    vectors = aligned_vectors(images, read_own_output(ctx, "descriptors"))
+    vectors = aligned_vectors(images, ctx.read_output("descriptors"))
 
     started = time.perf_counter()
     # Rows outside `roles` get no edges: each stays a component of its own and is kept.

@@ -14,10 +14,8 @@ import pyarrow as pa
 from curation.embedders import build_embedder
 from pipelines.config import EmbedderConfig
 from pipelines.images import load_rgb, read_image_bytes
-from pipelines.manifest import DESCRIPTORS, embedding_type
+from pipelines.manifest import DESCRIPTORS, align_rows, embedding_type
 from pipelines.stage import ShardResult
-
-KEY_COLUMNS = ("image_id", "uri")
 
 
 def _load(row: dict):
@@ -58,15 +56,5 @@ def descriptor_matrix(descriptors: pa.Table) -> np.ndarray:
 
 
 def aligned_vectors(images: pa.Table, descriptors: pa.Table) -> np.ndarray:
-    """Descriptors of `images`' rows, in `images`' order, matched on (image_id, uri).
-
-    Rows of `descriptors` that `images` lacks are ignored; an image without a descriptor is an error.
-    """
-    wanted = images.select(list(KEY_COLUMNS)).append_column("row", pa.array(np.arange(images.num_rows)))
-    found = descriptors.select(list(KEY_COLUMNS))
-    found = found.append_column("position", pa.array(np.arange(found.num_rows)))
-    joined = wanted.join(found, list(KEY_COLUMNS), join_type="left outer").sort_by("row")
-    if joined.num_rows != images.num_rows or joined.column("position").null_count:
-        missing = joined.filter(joined.column("position").is_null()).column("uri").to_pylist()[:3]
-        raise ValueError(f"{images.num_rows} images but descriptors are missing or repeated, e.g. {missing}")
-    return descriptor_matrix(descriptors.take(joined.column("position")))
+    """Descriptors of `images`' rows, in `images`' order, matched on (image_id, uri)."""
+    return descriptor_matrix(descriptors.take(align_rows(images, descriptors)))

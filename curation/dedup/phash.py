@@ -35,15 +35,13 @@ from curation.dedup.hamming import (
 from curation.dedup.sheets import duplicate_groups_sheet
 from pipelines.config import HASH_BITS, HashAlgorithm, KeepRuleConfig, PhashDedupConfig
 from pipelines.images import load_rgb, read_image_bytes
-from pipelines.manifest import DUPLICATES_REJECTED, IMAGE_HASHES, IMAGES, read_manifest
-from pipelines.shards import DEFAULT_KEY_COLUMNS, row_shards
+from pipelines.manifest import DUPLICATES_REJECTED, IMAGE_HASHES, IMAGES, align_rows
+from pipelines.shards import row_shards
 from pipelines.stage import Manifest, ShardResult, StageContext, StageSpec, register_stage
 
 REASON = "phash_duplicate"
 SHEET_NAME = "duplicate_groups.png"
 HASHES_OUTPUT = "hashes"
-ROW_COLUMN = "row"
-POSITION_COLUMN = "position"
 
 
 def _hash_row(algorithm: HashAlgorithm, row: dict) -> int:
@@ -71,14 +69,7 @@ def hash_shard(algorithm: HashAlgorithm, rows: pa.Table) -> ShardResult:
 
 def aligned_hashes(images: pa.Table, hashes: pa.Table) -> np.ndarray:
     """uint64 hashes of `images`' rows, in `images`' order, matched on (image_id, uri)."""
-    keys = list(DEFAULT_KEY_COLUMNS)
-    wanted = images.select(keys).append_column(ROW_COLUMN, pa.array(np.arange(images.num_rows)))
-    found = hashes.select(keys).append_column(POSITION_COLUMN, pa.array(np.arange(hashes.num_rows)))
-    joined = wanted.join(found, keys, join_type="left outer").sort_by(ROW_COLUMN)
-    if joined.num_rows != images.num_rows or joined.column(POSITION_COLUMN).null_count:
-        raise ValueError(f"{images.num_rows} images but their hashes are missing or repeated")
-    positions = np.asarray(joined.column(POSITION_COLUMN), dtype=np.int64)
-    return np.asarray(hashes.column("hash"), dtype=np.uint64)[positions]
+    return np.asarray(hashes.column("hash"), dtype=np.uint64)[align_rows(images, hashes)]
 
 
 def nearest_kept(pairs: HashPairs, resolution: GroupResolution, dropped: np.ndarray) -> np.ndarray:
@@ -102,13 +93,6 @@ def nearest_kept(pairs: HashPairs, resolution: GroupResolution, dropped: np.ndar
     match[rows[first]] = others[first]
     match[resolution.keep] = NO_MATCH
     return match[dropped]
-
-
-def _read_hashes(ctx: StageContext, num_shards: int) -> pa.Table:
-    if not num_shards:  # no input rows: map_shards wrote no part and made no folder
-        return IMAGE_HASHES.empty_table()
-    directory = ctx.store.output_dir(ctx.spec.name, ctx.key, HASHES_OUTPUT)
-    return read_manifest(ctx.store.uri_of(directory), IMAGE_HASHES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +131,7 @@ def run_phash_dedup(
     images = inputs["images"].read(IMAGES)
     shards = row_shards(images, cfg.rows_per_shard)
     shard_stats = ctx.map_shards(functools.partial(hash_shard, cfg.algorithm), shards, [HASHES_OUTPUT])
-    hashes = aligned_hashes(images, _read_hashes(ctx, len(shards)))
+    hashes = aligned_hashes(images, ctx.read_output(HASHES_OUTPUT))
     result = dedup_by_hash(images, hashes, cfg.max_distance, cfg.keep)
 
     ctx.write_output("images", images.filter(result.resolution.keep))
