@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from curation.demo import DemoDataConfig
-from pipelines.config import IngestConfig, SourceConfig
+from pipelines.config import IngestConfig, PipelineConfig, SourceConfig, resolve_config
 
 
 def png_bytes(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
@@ -90,3 +91,15 @@ SMALL_DEMO = DemoDataConfig(
     web_exact_copy_count=4,
     web_row_group_size=4,
 )
+
+
+def demo_job_config(data: Path, store: Path, **ingest_options) -> PipelineConfig:
+    """The demo preset pointed at demo data built under `data`, serial and quiet, storing under `store`."""
+    preset = resolve_config("demo")
+    sources = tuple(replace(s, path=str(data / s.path.rsplit("/", 1)[-1])) for s in preset.ingest.sources)
+    return replace(
+        preset,
+        store=str(store),
+        runtime=replace(preset.runtime, executor="serial", show_progress=False),
+        ingest=replace(preset.ingest, sources=sources, **ingest_options),
+    )

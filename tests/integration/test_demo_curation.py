@@ -6,8 +6,6 @@ they guard against regressions, and the figures themselves are in the issue note
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pyarrow as pa
 import pytest
 
@@ -15,8 +13,8 @@ from curation.demo import DemoDataConfig, build_demo_data
 from curation.demo.ground_truth import KIND_EVAL_NEAR_COPY, KIND_EXACT_COPY, KIND_NEAR_COPY
 from curation.demo.scoring import score_rejects
 from flows.dag import run_pipeline
-from pipelines.config import resolve_config
 from pipelines.manifest import DUPLICATES_REJECTED, read_manifest
+from tests.helpers import demo_job_config
 
 # Measured on MEDIUM_DEMO with the demo preset (phash distance 2; EfficientNet-Lite0 copy descriptors,
 # cosine 0.92 / 0.90): phash precision 0.988, near-copy recall 0.65; copy_dedup precision 0.48;
@@ -50,14 +48,7 @@ DEDUP_STAGES = ("exact_dedup", "phash_dedup", "copy_dedup", "decontaminate")
 def curated(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     data = build_demo_data(root / "demo-data", MEDIUM_DEMO)
-    preset = resolve_config("demo")
-    sources = tuple(replace(s, path=str(data / s.path.rsplit("/", 1)[-1])) for s in preset.ingest.sources)
-    cfg = replace(
-        preset,
-        store=str(root / "store"),
-        runtime=replace(preset.runtime, executor="serial", show_progress=False),
-        ingest=replace(preset.ingest, sources=sources),
-    )
+    cfg = demo_job_config(data, root / "store")
     runs = run_pipeline(cfg)
     rejected = {
         stage: read_manifest(runs[stage].outputs["rejected"].uri, DUPLICATES_REJECTED)

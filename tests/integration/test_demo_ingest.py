@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from curation.demo import build_demo_data
 from curation.demo.ground_truth import GROUND_TRUTH_SCHEMA
 from flows.dag import run_pipeline
-from pipelines.config import resolve_config
 from pipelines.manifest import read_manifest
 from pipelines.stage import Manifest
-from tests.helpers import SMALL_DEMO
+from tests.helpers import SMALL_DEMO, demo_job_config
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     data = build_demo_data(root / "demo-data", SMALL_DEMO)
-    preset = resolve_config("demo")
-    sources = tuple(replace(s, path=str(data / s.path.rsplit("/", 1)[-1])) for s in preset.ingest.sources)
-    cfg = replace(
-        preset,
-        store=str(root / "store"),
-        runtime=replace(preset.runtime, executor="serial", show_progress=False),
-        ingest=replace(preset.ingest, sources=sources, files_per_shard=16),
-    )
+    cfg = demo_job_config(data, root / "store", files_per_shard=16)
     truth = read_manifest(data / "ground_truth.parquet")
     return cfg, run_pipeline(cfg), truth
 

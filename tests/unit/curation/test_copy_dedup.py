@@ -6,7 +6,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 import curation  # noqa: F401  (registers the stages)
 from curation.dedup.components import preference_order
@@ -26,15 +25,6 @@ from tests.unit.curation.copy_scenario import (
 CONFIG = CopyDedupConfig(
     embedder=TEST_EMBEDDER, num_neighbours=TEST_NEIGHBOURS, threshold=TEST_THRESHOLD, rows_per_shard=8
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Why: two OpenMP threads on a shared 2-core machine spin against other work and run 30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _unit_rows(rows: np.ndarray) -> np.ndarray:

@@ -6,7 +6,6 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 import curation  # noqa: F401  (registers the stages)
 from pipelines.config import CopyDedupConfig, DecontaminateConfig
@@ -23,15 +22,6 @@ from tests.unit.curation.copy_scenario import (
 # Why 0.999: copy_dedup must keep the eval copies here, so that decontaminate is the stage that finds them.
 DESCRIBE_ONLY = CopyDedupConfig(embedder=TEST_EMBEDDER, threshold=0.999, rows_per_shard=16)
 CONFIG = DecontaminateConfig(num_neighbours=TEST_NEIGHBOURS, threshold=TEST_THRESHOLD)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Why: two OpenMP threads on a shared 2-core machine spin against other work and run 30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

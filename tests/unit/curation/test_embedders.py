@@ -33,15 +33,6 @@ def _near_copy(image: Image.Image) -> Image.Image:
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Why: two OpenMP threads on a shared 2-core machine spin against other work and run 30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def torchscript_file(tmp_path_factory):
     """A randomly initialised torchvision ResNet-18 with a TINY_DIM-wide head, traced and saved."""
