@@ -224,6 +224,98 @@ class DecontaminateConfig:
         )
 
 
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EmbedConfig:
+    """Retrieval embeddings for every image (the paper: an SSL ViT-H/16; the demo: EfficientNet-Lite0)."""
+
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    precision: Precision = "fp32"
+    """bf16/fp16 autocast on CUDA; CPU runs fp32."""
+    rows_per_shard: int = 256
+
+    def __post_init__(self) -> None:
+        _require(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+
+
+# The paper clusters the pool into 100,000 clusters; a k-means sample of this many points per centroid
+# bounds training memory (Faiss's own default cap).
+PAPER_NUM_CLUSTERS = 100_000
+DEFAULT_POINTS_PER_CENTROID = 256
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClusterConfig:
+    num_clusters: int = PAPER_NUM_CLUSTERS
+    max_points_per_centroid: int = DEFAULT_POINTS_PER_CENTROID
+    """k-means trains on at most num_clusters * this many sampled vectors; all vectors are assigned."""
+    num_iterations: int = 20
+    roles: tuple[Role, ...] = ("uncurated",)
+    seed: int = 0
+    rows_per_shard: int = 65_536
+    """Assignment shard size: memory stays bounded by one shard plus the centroids."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_clusters >= 1, f"num_clusters must be >= 1, got {self.num_clusters}")
+        _require(self.max_points_per_centroid >= 1, "max_points_per_centroid must be >= 1")
+        _require(self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}")
+        _require(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+
+
+RetrievalMode = Literal["sample", "cluster"]
+# Paper values: N = 4 nearest per query image (32 for ImageNet-1k); clusters with more than 3 query hits
+# give 10,000 images each, at most 1M per seed set.
+PAPER_NEIGHBOURS_PER_QUERY = 4
+PAPER_MIN_QUERY_HITS = 3
+PAPER_IMAGES_PER_CLUSTER = 10_000
+PAPER_MAX_IMAGES_PER_SOURCE = 1_000_000
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RetrievalSourceConfig:
+    source: str
+    """Name of a curated ingest source whose images are the queries."""
+    mode: RetrievalMode = "sample"
+    num_neighbours: int = PAPER_NEIGHBOURS_PER_QUERY
+    """sample mode: pool images retrieved per query image."""
+    min_query_hits: int = PAPER_MIN_QUERY_HITS
+    """cluster mode: a cluster qualifies with more than this many query images."""
+    images_per_cluster: int = PAPER_IMAGES_PER_CLUSTER
+    max_images: int = PAPER_MAX_IMAGES_PER_SOURCE
+
+    def __post_init__(self) -> None:
+        _require(self.num_neighbours >= 1, f"num_neighbours must be >= 1, got {self.num_neighbours}")
+        _require(self.images_per_cluster >= 1, "images_per_cluster must be >= 1")
+        _require(self.max_images >= 1, f"max_images must be >= 1, got {self.max_images}")
+
+
+CollisionPolicy = Literal["keep_once", "multiplicity"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RetrieveConfig:
+    sources: tuple[RetrievalSourceConfig, ...] = ()
+    collisions: CollisionPolicy = "multiplicity"
+    """A pool image retrieved by several queries: once, or once per retrieval (the paper's counts)."""
+    index: IndexKind = "auto"
+    ivf_min_rows: int = 200_000
+    ivf_nprobe: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        names = [source.source for source in self.sources]
+        _require(len(names) == len(set(names)), f"retrieval sources must be unique, got {names}")
+        _require(self.ivf_nprobe >= 1, f"ivf_nprobe must be >= 1, got {self.ivf_nprobe}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AssembleConfig:
+    include_seeds: bool = True
+    """Curated seed images go into the curated set as they are (the paper's "as is" rows)."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RuntimeConfig:
     executor: ExecutorKind = "serial"
@@ -247,6 +339,10 @@ class PipelineConfig:
     phash_dedup: PhashDedupConfig = field(default_factory=PhashDedupConfig)
     copy_dedup: CopyDedupConfig = field(default_factory=CopyDedupConfig)
     decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    assemble: AssembleConfig = field(default_factory=AssembleConfig)
 
 
 # -- building from plain data ------------------------------------------------------------------------
