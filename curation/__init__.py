@@ -1,5 +1,5 @@
 """Curation stages. Importing this package registers them with the spine's stage registry."""
 
-from curation import dedup, ingest
+from curation import assemble, cluster, dedup, embed, ingest, retrieve
 
-__all__ = ["dedup", "ingest"]
+__all__ = ["assemble", "cluster", "dedup", "embed", "ingest", "retrieve"]

@@ -1,6 +1,7 @@
 """The curate-and-train DAG as plain data, and a plain-Python runner for it (no Prefect here).
 
-    ingest -> exact_dedup -> phash_dedup -> copy_dedup -> decontaminate
+    ingest -> exact_dedup -> phash_dedup -> copy_dedup -> decontaminate -> embed -> cluster
+      -> retrieve -> assemble
 
 Each node names its stage, the section of PipelineConfig that configures it, and which upstream
 outputs feed which of its inputs. The Prefect flows walk the same nodes, one task per node.
@@ -35,6 +36,26 @@ CURATE_AND_TRAIN: tuple[DagNode, ...] = (
         "decontaminate",
         lambda cfg: cfg.decontaminate,
         {"images": ("copy_dedup", "images"), "descriptors": ("copy_dedup", "descriptors")},
+    ),
+    DagNode("embed", lambda cfg: cfg.embed, {"images": ("decontaminate", "images")}),
+    DagNode("cluster", lambda cfg: cfg.cluster, {"embeddings": ("embed", "embeddings")}),
+    DagNode(
+        "retrieve",
+        lambda cfg: cfg.retrieve,
+        {
+            "embeddings": ("embed", "embeddings"),
+            "assignments": ("cluster", "assignments"),
+            "centroids": ("cluster", "centroids"),
+        },
+    ),
+    DagNode(
+        "assemble",
+        lambda cfg: cfg.assemble,
+        {
+            "images": ("decontaminate", "images"),
+            "retrieved": ("retrieve", "retrieved"),
+            "retrieval_summary": ("retrieve", "summary"),
+        },
     ),
 )
 NODES = {node.stage: node for node in CURATE_AND_TRAIN}
@@ -71,7 +92,8 @@ def run_node(
 
 
 def executor_for(cfg: PipelineConfig) -> Executor:
-    return build_executor(cfg.runtime.executor, cfg.runtime.num_workers, cfg.runtime.ray_address)
+    runtime = cfg.runtime
+    return build_executor(runtime.executor, runtime.num_workers, runtime.ray_address, runtime.gpus_per_worker)
 
 
 def run_pipeline(cfg: PipelineConfig, executor: Executor | None = None) -> dict[str, StageRun]:

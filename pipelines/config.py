@@ -136,7 +136,9 @@ class PhashDedupConfig:
         _require(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
 
 
-EmbedderKind = Literal["torchscript", "efficientnet_lite0"]
+EmbedderKind = Literal["torchscript", "efficientnet_lite0", "vit"]
+VitFfnLayer = Literal["mlp", "swiglu", "swiglufused"]
+VIT_ARCHS = ("vit_test", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant2")
 ResizeMode = Literal["short_side", "square"]
 Device = Literal["cpu", "cuda"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -149,19 +151,44 @@ class EmbedderConfig:
 
     kind: EmbedderKind = "efficientnet_lite0"
     path: str | None = None
-    """Weights file: required for `torchscript` (e.g. an SSCD .torchscript.pt file)."""
+    """Weights file: required for `torchscript` (e.g. an SSCD .torchscript.pt file) and `vit` (an official
+    DINOv2 hub backbone such as dinov2_vitl14_pretrain.pth, an lvd export, or a teacher checkpoint)."""
     resize: ResizeMode = "square"
     """`square`: resize to image_size x image_size (batches well). `short_side`: keep the aspect ratio;
     torchscript resizes the shorter side to image_size, one image per batch (SSCD's paper protocol, 288);
-    efficientnet_lite0 resizes it to image_size * 256 / 224 and centre-crops image_size."""
+    efficientnet_lite0 and vit resize it to image_size * 256 / 224 and centre-crop image_size."""
     image_size: int = 224
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     batch_size: int = 32
     device: Device = "cpu"
+    arch: str = "vit_small"
+    """`vit` only: the backbone (training.models.vit.ARCHS); must match the weights file."""
+    patch_size: int = 14
+    """`vit` only. The image grid (img_size) is read from the file's pos_embed."""
+    num_register_tokens: int = 0
+    """`vit` only: 4 for the hub's `_reg4` files."""
+    ffn_layer: VitFfnLayer | None = None
+    """`vit` only: unset takes the arch's own (SwiGLU for vit_giant2, MLP otherwise)."""
+    interpolate_offset: float = 0.1
+    """`vit` only: 0.0 for the hub's `_reg4` files."""
+    interpolate_antialias: bool = False
+    """`vit` only: True for the hub's `_reg4` files."""
 
     def __post_init__(self) -> None:
-        _require(self.kind != "torchscript" or bool(self.path), "torchscript embedders need a path")
+        _require(
+            self.kind not in ("torchscript", "vit") or bool(self.path),
+            f"{self.kind} embedders need a path to a weights file",
+        )
+        _require(self.arch in VIT_ARCHS, f"arch must be one of {VIT_ARCHS}, got {self.arch!r}")
+        _require(self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}")
+        _require(
+            self.kind != "vit" or self.image_size % self.patch_size == 0,
+            f"vit: image_size must be a multiple of patch_size {self.patch_size}, got {self.image_size}",
+        )
+        _require(
+            self.num_register_tokens >= 0, f"num_register_tokens must be >= 0, got {self.num_register_tokens}"
+        )
         _require(self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
         _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _require(len(self.mean) == len(self.std) == 3, "mean and std must have 3 values (RGB)")
@@ -256,6 +283,8 @@ class ClusterConfig:
     seed: int = 0
     rows_per_shard: int = 65_536
     """Assignment shard size: memory stays bounded by one shard plus the centroids."""
+    use_gpu: bool = True
+    """Train on the GPUs Faiss sees, if any (faiss-gpu builds); CPU otherwise."""
 
     def __post_init__(self) -> None:
         _require(self.num_clusters >= 1, f"num_clusters must be >= 1, got {self.num_clusters}")
@@ -314,6 +343,8 @@ class RetrieveConfig:
 class AssembleConfig:
     include_seeds: bool = True
     """Curated seed images go into the curated set as they are (the paper's "as is" rows)."""
+    as_is_sources: tuple[str, ...] = ()
+    """Curated sources kept as is; empty means every curated source (the paper keeps only some)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -324,9 +355,12 @@ class RuntimeConfig:
     ray_address: str | None = None
     """Ray cluster to join; unset means $RAY_ADDRESS, or a local instance."""
     show_progress: bool = True
+    gpus_per_worker: float = 0.0
+    """Ray: GPUs each model-holding worker (actor) reserves, e.g. 1 for one embedder per GPU."""
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, f"num_workers must be >= 1, got {self.num_workers}")
+        _require(self.gpus_per_worker >= 0, f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

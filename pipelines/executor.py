@@ -2,6 +2,10 @@
 
 Both executors take a picklable function and a list of items and yield `(item index, result)` as work
 finishes. Stages never depend on the order results arrive in: shard outputs are keyed by content.
+
+    map_unordered(fn, items)               fn(item): one task per item (Ray tasks)
+    map_with_state(make_state, fn, items)  fn(state, item): `make_state()` runs once per worker, so a
+                                           model loads once (Ray actors, each with its CPUs and GPUs)
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ class Executor(Protocol):
 
     def map_unordered(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]: ...
 
+    def map_with_state(
+        self, make_state: Callable[[], Any], fn: Callable[[Any, Any], Any], items: Sequence[Any]
+    ) -> Iterator[tuple[int, Any]]: ...
+
 
 @dataclass
 class SerialExecutor:
@@ -33,22 +41,37 @@ class SerialExecutor:
         for index, item in enumerate(items):
             yield index, fn(item)
 
+    def map_with_state(
+        self, make_state: Callable[[], Any], fn: Callable[[Any, Any], Any], items: Sequence[Any]
+    ) -> Iterator[tuple[int, Any]]:
+        """`fn(state, item)` for every item, with one `make_state()` built first (none if no items)."""
+        if not items:
+            return
+        state = make_state()
+        for index, item in enumerate(items):
+            yield index, fn(state, item)
+
 
 @dataclass
 class RayExecutor:
     """Runs each item as a Ray task with `cpus_per_task` CPUs, at most `num_workers` at a time.
 
-    Joins the cluster at `address` (or `$RAY_ADDRESS`); with neither, starts a local Ray instance
-    with `num_workers * cpus_per_task` CPUs.
+    Stateful work (`map_with_state`) runs on `num_workers` actors instead, each reserving `cpus_per_task`
+    CPUs and `gpus_per_worker` GPUs (Ray sets CUDA_VISIBLE_DEVICES for it, so 1.0 means one model per
+    GPU). Joins the cluster at `address` (or `$RAY_ADDRESS`); with neither, starts a local Ray instance
+    with `num_workers * cpus_per_task` CPUs and lets Ray detect the GPUs.
     """
 
     num_workers: int = 2
     cpus_per_task: float = 1.0
     address: str | None = None
+    gpus_per_worker: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.gpus_per_worker < 0:
+            raise ValueError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
 
     def start(self):
         """Connects to (or starts) Ray once; later calls return the initialised module."""
@@ -80,14 +103,51 @@ class RayExecutor:
             for ref in done:
                 yield pending.pop(ref), ray.get(ref)
 
+    def map_with_state(
+        self, make_state: Callable[[], Any], fn: Callable[[Any, Any], Any], items: Sequence[Any]
+    ) -> Iterator[tuple[int, Any]]:
+        """`fn(state, item)` on `num_workers` actors (fewer for fewer items); each builds its state once."""
+        if not items:
+            return
+        ray = self.start()
+        from ray.util import ActorPool
+
+        actor_class = ray.remote(num_cpus=self.cpus_per_task, num_gpus=self.gpus_per_worker, max_restarts=0)(
+            _StatefulWorker
+        )
+        make_ref, fn_ref = ray.put(make_state), ray.put(fn)
+        actors = [actor_class.remote(make_ref) for _ in range(min(self.num_workers, len(items)))]
+        try:
+            pool = ActorPool(actors)
+            for index, item in enumerate(items):
+                pool.submit(lambda actor, job: actor.run.remote(fn_ref, *job), (index, item))
+            while pool.has_next():
+                yield pool.get_next_unordered()
+        finally:
+            # Why: an actor holds its model (and GPU) until killed; a stage's workers end with it.
+            for actor in actors:
+                ray.kill(actor)
+
 
 def _apply(fn: Callable[[Any], Any], item: Any) -> Any:
     return fn(item)
 
 
-def build_executor(kind: str, num_workers: int, ray_address: str | None = None) -> Executor:
+class _StatefulWorker:
+    """A Ray actor body: builds its state (e.g. a loaded model) once, then applies `fn` to many items."""
+
+    def __init__(self, make_state: Callable[[], Any]):
+        self.state = make_state()
+
+    def run(self, fn: Callable[[Any, Any], Any], index: int, item: Any) -> tuple[int, Any]:
+        return index, fn(self.state, item)
+
+
+def build_executor(
+    kind: str, num_workers: int, ray_address: str | None = None, gpus_per_worker: float = 0.0
+) -> Executor:
     if kind == "serial":
         return SerialExecutor()
     if kind == "ray":
-        return RayExecutor(num_workers=num_workers, address=ray_address)
+        return RayExecutor(num_workers=num_workers, address=ray_address, gpus_per_worker=gpus_per_worker)
     raise ValueError(f"executor must be 'serial' or 'ray', got {kind!r}")

@@ -149,6 +149,84 @@ DESCRIPTORS = ManifestSchema(
 )
 
 
+# -- embedding, k-means, retrieval, assembly --------------------------------------------------------------
+
+EMBEDDINGS = ManifestSchema(
+    name="embeddings",
+    version=1,
+    fields=(
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("role", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("embedding", EMBEDDING, nullable=False),  # L2-normalised
+    ),
+)
+
+CENTROIDS = ManifestSchema(
+    name="centroids",
+    version=1,
+    fields=(
+        pa.field("cluster", pa.int32(), nullable=False),
+        pa.field("size", pa.int64(), nullable=False),  # rows assigned to it (all rows, not the sample)
+        pa.field("centroid", EMBEDDING, nullable=False),  # L2-normalised (spherical k-means)
+    ),
+)
+
+ASSIGNMENTS = ManifestSchema(
+    name="assignments",
+    version=1,
+    fields=(
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("cluster", pa.int32(), nullable=False),  # nearest centroid by cosine
+        pa.field("similarity", pa.float32(), nullable=False),  # cosine to that centroid
+    ),
+)
+
+RETRIEVED = ManifestSchema(
+    name="retrieved",
+    version=1,
+    fields=(
+        pa.field("image_id", pa.string(), nullable=False),  # the pool image
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # the pool image's source
+        pa.field("seed_source", pa.string(), nullable=False),  # the curated source that retrieved it
+        pa.field("mode", pa.string(), nullable=False),  # sample | cluster
+        pa.field("query_image_id", pa.string()),  # sample mode: the seed image; null in cluster mode
+        pa.field("query_uri", pa.string()),
+        pa.field("similarity", pa.float32(), nullable=False),  # cosine to the query (sample) or centroid
+        pa.field("rank", pa.int32(), nullable=False),  # 0 = nearest; cluster mode: rank within the cluster
+        pa.field("cluster", pa.int32(), nullable=False),  # the pool image's k-means cluster
+    ),
+)
+
+# Provenance columns a curated row carries on top of its IMAGES columns; null where not applicable.
+PROVENANCE_FIELDS = (
+    pa.field("seed_source", pa.string(), nullable=False),
+    # as_is | sample | cluster; not `mode`, which IMAGES already uses for the pixel mode
+    pa.field("curation_mode", pa.string(), nullable=False),
+    pa.field("query_image_id", pa.string()),
+    pa.field("similarity", pa.float32()),
+    pa.field("rank", pa.int32()),
+    pa.field("cluster", pa.int32()),
+)
+
+CURATED = ManifestSchema(name="curated", version=1, fields=(*IMAGES.fields, *PROVENANCE_FIELDS))
+
+COMPOSITION = ManifestSchema(
+    name="composition",
+    version=1,
+    fields=(
+        pa.field("seed_source", pa.string(), nullable=False),
+        pa.field("mode", pa.string(), nullable=False),  # as_is | sample | cluster
+        pa.field("seed_images", pa.int64(), nullable=False),  # the paper's "Images" column
+        pa.field("retrieved", pa.int64()),  # before the per-source cap; null for as_is
+        pa.field("final", pa.int64(), nullable=False),  # rows in the curated manifest
+    ),
+)
+
+
 ROW_KEY_COLUMNS = ("image_id", "uri")
 
 

@@ -110,15 +110,18 @@ class StageContext:
 
     def map_shards(
         self,
-        worker: Callable[[Any], ShardResult],
+        worker: Callable[..., ShardResult],
         shards: Sequence[Shard],
         outputs: Sequence[str] | None = None,
+        state: Callable[[], Any] | None = None,
     ) -> dict[str, Any]:
         """Runs `worker` on every shard not finished yet and returns the summed stats of all shards.
 
         `worker` must be picklable (a module-level function or a functools.partial of one) so that it
         can run on Ray workers; it writes nothing itself. It returns a table for each of `outputs`
         (default: all of the stage's outputs); a fan-in step may write the others with `write_output`.
+        With `state` (a picklable factory, e.g. one that loads a model), every executor worker calls
+        `state()` once and the worker is called as `worker(state_value, payload)` (Ray: actors).
         """
         ids = [shard.shard_id for shard in shards]
         if len(set(ids)) != len(ids):
@@ -126,9 +129,12 @@ class StageContext:
         todo = [shard for shard in shards if not self.store.exists(self._shard_record(shard.shard_id))]
         names = list(outputs) if outputs is not None else list(self.spec.outputs)
         schemas = {name: self.spec.outputs[name] for name in names}
-        task = functools.partial(
-            _compute_and_commit_shard, worker, self.store, self.spec.name, self.key, schemas
-        )
+        commit = functools.partial(_commit_shard, self.store, self.spec.name, self.key, schemas)
+        if state is None:
+            results = self.executor.map_unordered(functools.partial(_compute_shard, worker, commit), todo)
+        else:
+            task = functools.partial(_compute_shard_with_state, worker, commit)
+            results = self.executor.map_with_state(state, task, todo)
         with tqdm(
             total=len(shards),
             initial=len(shards) - len(todo),
@@ -136,7 +142,7 @@ class StageContext:
             unit="shard",
             disable=not self.show_progress,
         ) as progress:
-            for _ in self.executor.map_unordered(task, todo):
+            for _ in results:
                 progress.update(1)
         total: dict[str, Any] = {}
         for shard in shards:
@@ -167,15 +173,30 @@ class StageContext:
         return self.store.shard_record_path(self.spec.name, self.key, shard_id)
 
 
-def _compute_and_commit_shard(
-    worker: Callable[[Any], ShardResult],
+def _compute_shard(
+    worker: Callable[[Any], ShardResult], commit: Callable[[Shard, ShardResult], str], shard: Shard
+) -> str:
+    return commit(shard, worker(shard.payload))
+
+
+def _compute_shard_with_state(
+    worker: Callable[[Any, Any], ShardResult],
+    commit: Callable[[Shard, ShardResult], str],
+    state: Any,
+    shard: Shard,
+) -> str:
+    return commit(shard, worker(state, shard.payload))
+
+
+def _commit_shard(
     store: Store,
     stage: str,
     key: str,
     outputs: dict[str, ManifestSchema],
     shard: Shard,
+    result: ShardResult,
 ) -> str:
-    result = worker(shard.payload)
+    """Writes one shard's parts atomically, then its record: the record marks the shard finished."""
     if set(result.tables) != set(outputs):
         raise ValueError(
             f"stage {stage}: shard returned outputs {sorted(result.tables)}, expected {sorted(outputs)}"

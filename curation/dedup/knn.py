@@ -109,3 +109,33 @@ def knn_edges(
     similarity = np.einsum("ij,ij->i", vectors[unique[:, 0]], vectors[unique[:, 1]])
     keep = similarity > threshold  # the recomputed cosine decides pairs that sit on the threshold
     return Edges(unique[keep, 0], unique[keep, 1], similarity[keep].astype(np.float32))
+
+
+def pool_index(
+    pool: np.ndarray, index: IndexKind = "auto", ivf_min_rows: int = 200_000, nprobe: int = DEFAULT_IVF_NPROBE
+) -> faiss.Index:
+    """An index over `pool` (unit vectors) for `knn_search`; build once, search with many query sets."""
+    return build_index(
+        np.ascontiguousarray(pool, dtype=np.float32), choose_index(len(pool), index, ivf_min_rows), nprobe
+    )
+
+
+def knn_search(
+    searcher: faiss.Index, queries: np.ndarray, num_neighbours: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The `num_neighbours` rows of the index (see `pool_index`) nearest to each query by cosine.
+
+    Returns:
+        (similarity [Q, k] float32, neighbour [Q, k] int64), best first; k = min(num_neighbours, rows).
+        IVF may leave slots it could not fill: neighbour -1.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k = min(num_neighbours, searcher.ntotal)
+    if k == 0 or len(queries) == 0:
+        return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
+    scores, neighbours = [], []
+    for start in range(0, len(queries), SEARCH_BATCH_ROWS):
+        batch_scores, batch_neighbours = searcher.search(queries[start : start + SEARCH_BATCH_ROWS], k)
+        scores.append(batch_scores)
+        neighbours.append(batch_neighbours)
+    return np.concatenate(scores).astype(np.float32), np.concatenate(neighbours).astype(np.int64)

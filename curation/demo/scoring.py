@@ -14,7 +14,14 @@ import numpy as np
 import pyarrow as pa
 
 from curation.dedup.components import connected_components
-from curation.demo.ground_truth import KIND_EVAL_NEAR_COPY, KIND_EXACT_COPY, KIND_NEAR_COPY, ORIGIN_ADWAITA
+from curation.demo.ground_truth import (
+    KIND_EVAL_NEAR_COPY,
+    KIND_EXACT_COPY,
+    KIND_NEAR_COPY,
+    ORIGIN_ADWAITA,
+    ORIGIN_FASHION_TEST,
+    ORIGIN_FASHION_TRAIN,
+)
 
 COPY_KINDS = (KIND_EXACT_COPY, KIND_NEAR_COPY, KIND_EVAL_NEAR_COPY)
 
@@ -74,3 +81,39 @@ def score_rejects(rejected: pa.Table, truth: pa.Table, planted_kinds: Iterable[s
         planted=len(planted),
         found=len(planted & linked),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievalScore:
+    """Shares of retrieved images (and of a same-size random pool sample) by hidden ground truth."""
+
+    retrieved: int
+    fashion_share: float
+    seed_class_share: float
+    baseline_fashion_share: float
+    baseline_seed_class_share: float
+
+
+FASHION_ORIGINS = (ORIGIN_FASHION_TRAIN, ORIGIN_FASHION_TEST)
+
+
+def score_retrieval(
+    retrieved_ids: list[str], pool_ids: list[str], truth: pa.Table, seed_classes: Iterable[str], seed: int = 0
+) -> RetrievalScore:
+    """How many retrieved images are Fashion-MNIST, and of a seed class, against a random pool sample."""
+    by_id = {row["sha256"]: row for row in truth.to_pylist() if row["sha256"]}
+    classes = set(seed_classes)
+
+    def shares(ids: list[str]) -> tuple[float, float]:
+        rows = [by_id[image_id] for image_id in ids]
+        if not rows:
+            return 0.0, 0.0
+        is_fashion = [row["origin"] in FASHION_ORIGINS for row in rows]
+        in_class = [ok and row["label"] in classes for ok, row in zip(is_fashion, rows, strict=True)]
+        return sum(is_fashion) / len(rows), sum(in_class) / len(rows)
+
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(pool_ids, size=min(len(retrieved_ids), len(pool_ids)), replace=False).tolist()
+    fashion, in_class = shares(retrieved_ids)
+    baseline_fashion, baseline_in_class = shares(sample)
+    return RetrievalScore(len(retrieved_ids), fashion, in_class, baseline_fashion, baseline_in_class)

@@ -30,6 +30,7 @@ CACHED_MODELS = 4
 BUILTIN_KINDS = {
     "torchscript": "curation.embedders.torchscript",
     "efficientnet_lite0": "curation.embedders.efficientnet",
+    "vit": "curation.embedders.vit",
 }
 
 Builder = Callable[[EmbedderConfig], "Embedder"]

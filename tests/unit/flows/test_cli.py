@@ -50,7 +50,7 @@ def test_stage_then_manifest_show_head_stats(job, tmp_path, capsys):
 
 
 def test_user_errors_exit_2_with_one_line(job, tmp_path, capsys):
-    assert main(["stage", "embed", *job]) == 2
-    assert capsys.readouterr().err.startswith("lvd: error: unknown stage 'embed'")
+    assert main(["stage", "nosuch", *job]) == 2
+    assert capsys.readouterr().err.startswith("lvd: error: unknown stage 'nosuch'")
     assert main(["manifest", "show", "ingest", "--store", str(tmp_path / "empty")]) == 2
     assert "neither a path nor a stage with a committed run" in capsys.readouterr().err

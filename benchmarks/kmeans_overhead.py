@@ -1,0 +1,111 @@
+"""The `cluster` stage end to end vs raw `faiss.Kmeans` train + assign on the same vectors and settings.
+
+    nice python -m benchmarks.kmeans_overhead [--rows 200000] [--clusters 1000] [--iterations 20]
+
+The stage reads an embeddings manifest (float16), samples, trains, assigns shard by shard through the
+executor, writes Parquet parts, counts sizes and draws its picture; the raw side trains and assigns one
+in-memory float32 array. The ratio is the stage's overhead; goal (issue 4): <= 1.1. The overhead is
+linear in rows (Parquet read, shard keys, writes) while k-means costs rows x clusters x iterations, so
+the ratio falls as num_clusters grows (the paper runs 100,000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import curation  # noqa: F401  (registers the stages)
+from curation.vectors import embedding_array, embedding_matrix
+from pipelines.config import ClusterConfig
+from pipelines.manifest import EMBEDDINGS
+from pipelines.stage import Manifest, get_stage, run_stage
+from pipelines.store import Store
+
+DIM = 128
+CENTRES = 500
+NOISE = 0.35
+SEED = 0
+OVERHEAD_GOAL = 1.1
+
+
+def embeddings_manifest(root: Path, num_rows: int) -> tuple[Manifest, np.ndarray]:
+    rng = np.random.default_rng(SEED)
+    centres = rng.normal(size=(CENTRES, DIM))
+    vectors = centres[rng.integers(0, CENTRES, num_rows)] / np.sqrt(DIM) + rng.normal(
+        scale=NOISE / np.sqrt(DIM), size=(num_rows, DIM)
+    )
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"{row:064x}" for row in range(num_rows)]
+    table = pa.table(
+        {
+            "image_id": ids,
+            "source": ["pool"] * num_rows,
+            "role": ["uncurated"] * num_rows,
+            "uri": [f"/pool/{row}.jpg" for row in range(num_rows)],
+            "embedding": embedding_array(vectors),
+        }
+    )
+    folder = root / "embeddings"
+    folder.mkdir(parents=True)
+    pq.write_table(EMBEDDINGS.validate(table), folder / "part-all.parquet")
+    manifest = Manifest(
+        uri=str(folder), schema_name="embeddings", digest=f"bench-{num_rows}", num_rows=num_rows
+    )
+    return manifest, embedding_matrix(table)  # what the stage sees: float16 values, re-normalised
+
+
+def raw_kmeans(vectors: np.ndarray, cfg: ClusterConfig) -> float:
+    started = time.perf_counter()
+    kmeans = faiss.Kmeans(
+        DIM,
+        cfg.num_clusters,
+        niter=cfg.num_iterations,
+        spherical=True,
+        seed=cfg.seed,
+        max_points_per_centroid=cfg.max_points_per_centroid,
+        verbose=False,
+    )
+    kmeans.train(vectors)
+    kmeans.index.search(vectors, 1)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--clusters", type=int, default=1_000)
+    parser.add_argument("--iterations", type=int, default=20)
+    args = parser.parse_args()
+    cfg = ClusterConfig(num_clusters=args.clusters, num_iterations=args.iterations, use_gpu=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest, vectors = embeddings_manifest(Path(tmp), args.rows)
+        raw = raw_kmeans(vectors, cfg)
+        started = time.perf_counter()
+        run = run_stage(
+            get_stage("cluster"),
+            cfg,
+            {"embeddings": manifest},
+            store=Store(Path(tmp) / "store"),
+            show_progress=False,
+        )
+        stage = time.perf_counter() - started
+    print(
+        f"{args.rows:,} x {DIM}, k = {args.clusters}, {args.iterations} iterations, "
+        f"faiss threads {faiss.omp_get_max_threads()}"
+    )
+    print(f"raw faiss.Kmeans train + assign: {raw:.2f} s")
+    print(f"cluster stage (run_stage):       {stage:.2f} s  phases {run.record['stats']['seconds']}")
+    ratio = stage / raw
+    verdict = "met" if ratio <= OVERHEAD_GOAL else "MISSED"
+    print(f"overhead ratio {ratio:.3f} (goal <= {OVERHEAD_GOAL}: {verdict})")
+
+
+if __name__ == "__main__":
+    main()

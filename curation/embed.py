@@ -1,0 +1,107 @@
+"""The `embed` stage: one retrieval embedding per image (the paper's SSL ViT-H/16; the demo's EfficientNet).
+
+images --row_shards--> shards --per worker: build_embedder once (Ray: one actor per GPU or CPU worker)
+  --per shard: read bytes, load_rgb, embed (autocast bf16/fp16 on CUDA)--> embeddings part (float16, unit)
+
+Every input row gets exactly one row of `embeddings`, keyed by (image_id, uri), with its source and role
+for retrieval. Each shard is committed atomically, so a killed run resumes at the missing shards. On CPU
+the model always runs in fp32 (`precision` applies to CUDA only: CPU autocast is slow and lossy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from curation.embedders import build_embedder, weights_fingerprint
+from curation.vectors import embedding_array
+from pipelines.config import EmbedConfig
+from pipelines.images import load_rgb, read_image_bytes
+from pipelines.manifest import EMBEDDINGS
+from pipelines.shards import row_shards
+from pipelines.stage import Manifest, ShardResult, StageContext, StageSpec, register_stage
+
+KEY_COLUMNS = ("image_id", "source", "role", "uri")
+STATS_KEY = "embed"
+
+
+def _autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast for CUDA models; fp32 (no autocast) otherwise."""
+    if device != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    import torch  # heavy import: only inside workers that embed
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _load(row: dict):
+    try:
+        return load_rgb(read_image_bytes(row))
+    except OSError as err:
+        raise OSError(f"cannot read {row['uri']} to embed it: {err}") from err
+
+
+def embeddings_table(rows: pa.Table, vectors: np.ndarray) -> pa.Table:
+    """An EMBEDDINGS table: `rows`' keys beside `vectors` stored as fixed_size_list<float16>."""
+    columns = {name: rows.column(name) for name in KEY_COLUMNS}
+    return EMBEDDINGS.validate(pa.table({**columns, "embedding": embedding_array(vectors)}))
+
+
+def embed_shard(precision: str, embedder: Any, rows: pa.Table) -> ShardResult:
+    """Shard worker: the embedding of every row of an `images` slice, with `embedder` already loaded."""
+    started = time.perf_counter()
+    with _autocast(embedder.device, precision):
+        vectors = embedder.embed_images(_load(row) for row in rows.to_pylist())
+    seconds = time.perf_counter() - started
+    stats = {STATS_KEY: {"rows": rows.num_rows, "seconds": round(seconds, 3)}}
+    return ShardResult(tables={"embeddings": embeddings_table(rows, vectors)}, stats=stats)
+
+
+def run_embed(cfg: EmbedConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
+    images = inputs["images"].read()
+    started = time.perf_counter()
+    shard_stats = ctx.map_shards(
+        functools.partial(embed_shard, cfg.precision),
+        row_shards(images, cfg.rows_per_shard),
+        state=functools.partial(build_embedder, cfg.embedder),
+    )
+    totals = shard_stats.get(STATS_KEY, {"rows": 0, "seconds": 0.0})
+    rate = round(totals["rows"] / totals["seconds"], 2) if totals["seconds"] else 0.0
+    embeddings = ctx.read_output("embeddings")
+    column = embeddings.column("embedding")
+    return {
+        "rows": embeddings.num_rows,
+        "dim": column.type.list_size if pa.types.is_fixed_size_list(column.type) else 0,
+        "roles": dict(sorted(Counter(embeddings.column("role").to_pylist()).items())),
+        "worker_seconds": round(totals["seconds"], 3),
+        # Why: per worker-second, so it compares across worker counts and resumed runs alike.
+        "images_per_worker_second": rate,
+        "run_seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _fingerprint(cfg: EmbedConfig) -> str:
+    # Why: the config names the weights file by path; its content must key the stage too.
+    return weights_fingerprint(cfg.embedder)
+
+
+EMBED = register_stage(
+    StageSpec(
+        name="embed",
+        version=1,
+        config_type=EmbedConfig,
+        fn=run_embed,
+        inputs=("images",),
+        outputs={"embeddings": EMBEDDINGS},
+        description="one L2-normalised float16 embedding per image, batched on per-worker models",
+        fingerprint=_fingerprint,
+    )
+)

@@ -1,0 +1,264 @@
+"""The `retrieve` stage: pool images near each curated seed set (paper Sec. 3, App. A.4).
+
+pool    = embeddings rows with role `uncurated` that the cluster stage assigned (the decontaminated pool)
+queries = embeddings rows whose `source` is a configured seed source
+sample mode:  the N pool images nearest to each query (cosine; exact Faiss, or IVF from ivf_min_rows)
+cluster mode: queries go to their nearest centroid; every cluster holding more than T queries gives up
+              to M of its pool images (a seeded random sample, as the paper's "sample M images"),
+              then a seeded sample caps the source at max_images
+collisions:   one pool image retrieved by several queries of a source is counted; `keep_once` keeps its
+              best retrieval, `multiplicity` keeps every retrieval (the paper's counts are exact multiples)
+
+Outputs: `retrieved` (one part per seed source) and `summary` (per source: queries, retrieved before the
+cap, rows kept), which `assemble` turns into the composition table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.cluster import uri_tile
+from curation.dedup.knn import knn_search, pool_index
+from curation.pictures import Tile, contact_sheet
+from curation.vectors import embedding_matrix
+from pipelines.config import RetrievalSourceConfig, RetrieveConfig
+from pipelines.manifest import ASSIGNMENTS, CENTROIDS, COMPOSITION, EMBEDDINGS, RETRIEVED
+from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
+
+POOL_ROLE = "uncurated"
+KEY_COLUMNS = ("image_id", "uri")
+SHEET_NAME = "retrieval_examples.png"
+SHEET_QUERIES = 6
+SHEET_NEIGHBOURS = 8
+PART_ID_LENGTH = 16
+
+
+def _sorted(table: pa.Table) -> pa.Table:
+    return table.sort_by([(name, "ascending") for name in KEY_COLUMNS])
+
+
+def load_pool(embeddings: pa.Table, assignments: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """Pool rows (sorted by key) with their cluster and centroid similarity, and their unit vectors.
+
+    Only rows the cluster stage assigned count: the pool is exactly what was clustered.
+    """
+    pool = _sorted(embeddings.filter(pc.equal(embeddings.column("role"), POOL_ROLE)))
+    wanted = pool.select(list(KEY_COLUMNS)).append_column("_row", pa.array(np.arange(pool.num_rows)))
+    joined = wanted.join(assignments, list(KEY_COLUMNS), join_type="inner").sort_by("_row")
+    pool = pool.take(np.asarray(joined.column("_row"), dtype=np.int64))
+    vectors = embedding_matrix(pool)
+    pool = pool.drop_columns(["embedding"]).append_column("cluster", joined.column("cluster"))
+    return pool.append_column("centroid_similarity", joined.column("similarity")), vectors
+
+
+@dataclass(frozen=True, slots=True)
+class Hits:
+    """Retrievals as row indices: pool row, query row (-1: none), similarity, rank."""
+
+    pool: np.ndarray
+    query: np.ndarray
+    similarity: np.ndarray
+    rank: np.ndarray
+
+    def take(self, rows: np.ndarray) -> Hits:
+        return Hits(self.pool[rows], self.query[rows], self.similarity[rows], self.rank[rows])
+
+
+def sample_hits(queries: np.ndarray, searcher: faiss.Index, num_neighbours: int) -> Hits:
+    """The `num_neighbours` nearest pool rows of every query, query by query, nearest first."""
+    similarity, neighbours = knn_search(searcher, queries, num_neighbours)
+    query, rank = np.nonzero(neighbours >= 0)  # IVF leaves -1 where a probe found too few rows
+    return Hits(
+        neighbours[query, rank], query.astype(np.int64), similarity[query, rank], rank.astype(np.int64)
+    )
+
+
+def keep_once(hits: Hits) -> Hits:
+    """One hit per pool row: the most similar (then lowest rank, then first query)."""
+    order = np.lexsort((hits.query, hits.rank, -hits.similarity, hits.pool))
+    ordered = hits.take(order)
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = ordered.pool[1:] != ordered.pool[:-1]
+    return ordered.take(np.flatnonzero(first))
+
+
+def nearest_centroids(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)[1][:, 0]
+
+
+def cluster_hits(
+    query_clusters: np.ndarray,
+    pool: pa.Table,
+    source: RetrievalSourceConfig,
+    seed: int,
+) -> tuple[Hits, int, int]:
+    """Pool rows of every cluster with more than `min_query_hits` queries, capped per cluster and source.
+
+    Returns the hits, the clusters used, and the count before the per-source cap.
+    """
+    clusters = np.asarray(pool.column("cluster"), dtype=np.int64)
+    centroid_similarity = np.asarray(pool.column("centroid_similarity"), dtype=np.float32)
+    num_clusters = int(max(clusters.max(initial=-1), query_clusters.max(initial=-1))) + 1
+    hits_per_cluster = np.bincount(query_clusters, minlength=num_clusters)
+    used = np.flatnonzero(hits_per_cluster > source.min_query_hits)
+    # Per-source stream: adding or removing a source leaves the others' samples unchanged.
+    rng = np.random.default_rng([seed, zlib.crc32(source.source.encode())])
+    order = np.argsort(clusters, kind="stable")
+    bounds = np.searchsorted(clusters[order], np.stack([used, used + 1]))
+    picked, ranks = [], []
+    for start, stop in bounds.T:
+        members = order[start:stop]
+        if len(members) > source.images_per_cluster:
+            members = rng.choice(members, source.images_per_cluster, replace=False)
+        members = members[np.argsort(-centroid_similarity[members], kind="stable")]
+        picked.append(members)
+        ranks.append(np.arange(len(members)))
+    rows = np.concatenate(picked) if picked else np.zeros(0, np.int64)
+    rank = np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+    before_cap = len(rows)
+    if before_cap > source.max_images:
+        keep = np.sort(rng.choice(before_cap, source.max_images, replace=False))
+        rows, rank = rows[keep], rank[keep]
+    hits = Hits(rows, np.full(len(rows), -1, np.int64), centroid_similarity[rows], rank)
+    return hits, len(used), before_cap
+
+
+def hits_table(hits: Hits, pool: pa.Table, queries: pa.Table, seed_source: str, mode: str) -> pa.Table:
+    has_query = hits.query >= 0
+    query_rows = pa.array(np.where(has_query, hits.query, 0), mask=~has_query)
+    return RETRIEVED.validate(
+        pa.table(
+            {
+                "image_id": pool.column("image_id").take(hits.pool),
+                "uri": pool.column("uri").take(hits.pool),
+                "source": pool.column("source").take(hits.pool),
+                "seed_source": pa.array([seed_source] * len(hits.pool), pa.string()),
+                "mode": pa.array([mode] * len(hits.pool), pa.string()),
+                "query_image_id": queries.column("image_id").take(query_rows),
+                "query_uri": queries.column("uri").take(query_rows),
+                "similarity": pa.array(hits.similarity.astype(np.float32)),
+                "rank": pa.array(hits.rank.astype(np.int32)),
+                "cluster": pool.column("cluster").take(hits.pool),
+            }
+        )
+    )
+
+
+def retrieve_source(
+    source: RetrievalSourceConfig,
+    cfg: RetrieveConfig,
+    embeddings: pa.Table,
+    pool: pa.Table,
+    searcher: faiss.Index | None,
+    centroids: np.ndarray,
+) -> tuple[pa.Table, dict[str, Any]]:
+    """The `retrieved` rows of one seed source and its stats."""
+    started = time.perf_counter()
+    queries = _sorted(embeddings.filter(pc.equal(embeddings.column("source"), source.source)))
+    if pc.any(pc.equal(queries.column("role"), POOL_ROLE)).as_py():
+        # Why: its images are also in the pool, so each query would retrieve itself.
+        raise ValueError(f"retrieval source {source.source!r} is an uncurated (pool) source")
+    query_vectors = embedding_matrix(queries)
+    clusters_used = 0
+    if source.mode == "sample":
+        hits = sample_hits(query_vectors, searcher, source.num_neighbours)
+        before_cap = len(hits.pool)
+    else:
+        query_clusters = nearest_centroids(query_vectors, centroids) if len(query_vectors) else np.zeros(0)
+        hits, clusters_used, before_cap = cluster_hits(
+            query_clusters.astype(np.int64), pool, source, cfg.seed
+        )
+    counts = np.bincount(hits.pool, minlength=pool.num_rows)
+    stats = {
+        "mode": source.mode,
+        "queries": queries.num_rows,
+        "retrievals": len(hits.pool),
+        "retrieved_before_cap": before_cap,
+        "unique_pool_images": int((counts > 0).sum()),
+        "collisions": int((counts > 1).sum()),
+        "clusters_used": clusters_used,
+    }
+    if cfg.collisions == "keep_once":
+        hits = keep_once(hits)
+    stats["rows"] = len(hits.pool)
+    if not queries.num_rows:
+        stats["warning"] = f"no embeddings of source {source.source!r}: nothing retrieved"
+    stats["seconds"] = round(time.perf_counter() - started, 3)
+    return hits_table(hits, pool, queries, source.source, source.mode), stats
+
+
+def examples_sheet(retrieved: pa.Table) -> bytes:
+    """A few seed images (red frame), each followed by its retrieved neighbours, nearest first."""
+    sample = retrieved.filter(pc.equal(retrieved.column("mode"), "sample"))
+    queries = sorted(set(sample.column("query_uri").to_pylist()))[:SHEET_QUERIES]
+    rows = []
+    for query in queries:
+        found = sample.filter(pc.equal(sample.column("query_uri"), query)).sort_by("rank").to_pylist()
+        seed = uri_tile(query, f"seed {found[0]['seed_source']}")
+        tiles = [uri_tile(row["uri"], f"#{row['rank']} {row['similarity']:.2f}") for row in found]
+        rows.append([Tile(seed.data, seed.caption, highlight=True), *tiles[:SHEET_NEIGHBOURS]])
+    return contact_sheet(rows, "seed images (red) and their retrieved neighbours (cosine)")
+
+
+def run_retrieve(cfg: RetrieveConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
+    embeddings = inputs["embeddings"].read(EMBEDDINGS)
+    pool, pool_vectors = load_pool(embeddings, inputs["assignments"].read(ASSIGNMENTS))
+    # One index over the pool for every sample-mode source: an IVF build costs more than its searches.
+    searcher = None
+    if any(source.mode == "sample" for source in cfg.sources):
+        searcher = pool_index(pool_vectors, cfg.index, cfg.ivf_min_rows, cfg.ivf_nprobe)
+    del pool_vectors  # the index holds its own copy
+    centroids_table = inputs["centroids"].read(CENTROIDS).sort_by("cluster")
+    centroids = embedding_matrix(centroids_table, "centroid")
+    per_source: dict[str, Any] = {}
+    summary = []
+    examples = []
+    for source in cfg.sources:
+        table, stats = retrieve_source(source, cfg, embeddings, pool, searcher, centroids)
+        part = hashlib.sha256(source.source.encode()).hexdigest()[:PART_ID_LENGTH]
+        ctx.write_output("retrieved", table, shard_id=part)
+        per_source[source.source] = stats
+        summary.append(
+            {
+                "seed_source": source.source,
+                "mode": source.mode,
+                "seed_images": stats["queries"],
+                "retrieved": stats["retrieved_before_cap"],
+                "final": stats["rows"],
+            }
+        )
+        if source.mode == "sample" and len(examples) < SHEET_QUERIES:
+            examples.append(table.slice(0, SHEET_QUERIES * source.num_neighbours))
+    ctx.write_output("summary", COMPOSITION.table_from_rows(summary))
+    if examples:
+        ctx.write_artifact(SHEET_NAME, examples_sheet(pa.concat_tables(examples)))
+    return {
+        "pool_rows": pool.num_rows,
+        "rows": sum(stats["rows"] for stats in per_source.values()),
+        "sources": per_source,
+    }
+
+
+RETRIEVE = register_stage(
+    StageSpec(
+        name="retrieve",
+        version=1,
+        config_type=RetrieveConfig,
+        fn=run_retrieve,
+        inputs=("embeddings", "assignments", "centroids"),
+        outputs={"retrieved": RETRIEVED, "summary": COMPOSITION},
+        description="pool images near each seed set: N nearest per query, or samples of its clusters",
+    )
+)
