@@ -23,7 +23,7 @@ import pyarrow as pa
 from curation.embedders import build_embedder, weights_fingerprint
 from curation.vectors import embedding_array
 from pipelines.config import EmbedConfig
-from pipelines.images import load_rgb, read_image_bytes
+from pipelines.images import load_row_rgb
 from pipelines.manifest import EMBEDDINGS
 from pipelines.shards import row_shards
 from pipelines.stage import Manifest, ShardResult, StageContext, StageSpec, register_stage
@@ -42,13 +42,6 @@ def _autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def _load(row: dict):
-    try:
-        return load_rgb(read_image_bytes(row))
-    except OSError as err:
-        raise OSError(f"cannot read {row['uri']} to embed it: {err}") from err
-
-
 def embeddings_table(rows: pa.Table, vectors: np.ndarray) -> pa.Table:
     """An EMBEDDINGS table: `rows`' keys beside `vectors` stored as fixed_size_list<float16>."""
     columns = {name: rows.column(name) for name in KEY_COLUMNS}
@@ -59,7 +52,7 @@ def embed_shard(precision: str, embedder: Any, rows: pa.Table) -> ShardResult:
     """Shard worker: the embedding of every row of an `images` slice, with `embedder` already loaded."""
     started = time.perf_counter()
     with _autocast(embedder.device, precision):
-        vectors = embedder.embed_images(_load(row) for row in rows.to_pylist())
+        vectors = embedder.embed_images(load_row_rgb(row) for row in rows.to_pylist())
     seconds = time.perf_counter() - started
     stats = {STATS_KEY: {"rows": rows.num_rows, "seconds": round(seconds, 3)}}
     return ShardResult(tables={"embeddings": embeddings_table(rows, vectors)}, stats=stats)

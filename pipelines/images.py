@@ -200,6 +200,14 @@ def read_image_bytes(row: dict) -> bytes:
     return read_bytes(row["uri"], row.get("byte_offset"), row.get("byte_size"))
 
 
+def load_row_rgb(row: dict) -> Image.Image:
+    """Reads and decodes an `images` manifest row to RGB; a read error names the row's URI."""
+    try:
+        return load_rgb(read_image_bytes(row))
+    except OSError as err:
+        raise OSError(f"cannot read {row['uri']}: {err}") from err
+
+
 def _split_fragment(uri: str) -> tuple[str, str | None]:
     """Splits a container URI at the first '#' that follows a tar or Parquet file name.
 

@@ -13,16 +13,9 @@ import pyarrow as pa
 
 from curation.embedders import build_embedder
 from pipelines.config import EmbedderConfig
-from pipelines.images import load_rgb, read_image_bytes
+from pipelines.images import load_row_rgb
 from pipelines.manifest import DESCRIPTORS, align_rows, embedding_type
 from pipelines.stage import ShardResult
-
-
-def _load(row: dict):
-    try:
-        return load_rgb(read_image_bytes(row))
-    except OSError as err:
-        raise OSError(f"cannot read {row['uri']} for its descriptor: {err}") from err
 
 
 def descriptors_table(rows: pa.Table, vectors: np.ndarray) -> pa.Table:
@@ -39,7 +32,7 @@ def describe_shard(embedder_cfg: EmbedderConfig, rows: pa.Table) -> ShardResult:
     """Shard worker: the descriptor of every row of an `images` slice."""
     embedder = build_embedder(embedder_cfg)  # cached: a worker process loads the model once
     started = time.perf_counter()
-    vectors = embedder.embed_images(_load(row) for row in rows.to_pylist())
+    vectors = embedder.embed_images(load_row_rgb(row) for row in rows.to_pylist())
     seconds = time.perf_counter() - started
     stats = {"descriptors": {"rows": rows.num_rows, "seconds": round(seconds, 3)}}
     return ShardResult(tables={"descriptors": descriptors_table(rows, vectors)}, stats=stats)
