@@ -48,6 +48,11 @@ class RegisteredKind:
 _KINDS: dict[str, RegisteredKind] = {}
 
 
+def configured_path(cfg: EmbedderConfig) -> str | None:
+    """The weights file of kinds whose weights come from the config's `path`."""
+    return cfg.path
+
+
 def register_embedder(kind: str, build: Builder, weights_file: WeightsFile) -> None:
     """Makes `kind` buildable by `build_embedder`; `weights_file` names the file the weights load from."""
     if kind in _KINDS:

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from curation.embedders.base import Embedder, probe_dim, short_side_transform, square_transform
-from curation.embedders.registry import register_embedder
+from curation.embedders.registry import configured_path, register_embedder
 from pipelines.config import EmbedderConfig
 
 KIND = "torchscript"
@@ -38,8 +38,4 @@ def build_torchscript(cfg: EmbedderConfig) -> Embedder:
     )
 
 
-def torchscript_weights(cfg: EmbedderConfig) -> str | None:
-    return cfg.path
-
-
-register_embedder(KIND, build_torchscript, torchscript_weights)
+register_embedder(KIND, build_torchscript, configured_path)

@@ -23,7 +23,7 @@ import torch
 from torchvision import transforms
 
 from curation.embedders.base import Embedder, normalise, square_transform
-from curation.embedders.registry import register_embedder
+from curation.embedders.registry import configured_path, register_embedder
 from pipelines.config import EmbedderConfig
 from training.models.vit import build_vit
 
@@ -130,8 +130,4 @@ def build_vit_embedder(cfg: EmbedderConfig) -> Embedder:
     )
 
 
-def vit_weights(cfg: EmbedderConfig) -> str | None:
-    return cfg.path
-
-
-register_embedder(KIND, build_vit_embedder, vit_weights)
+register_embedder(KIND, build_vit_embedder, configured_path)
