@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from curation.embedders import build_embedder, weights_fingerprint
+from curation.embedders import build_embedder, stage_weights_fingerprint
 from curation.vectors import embedding_array
 from pipelines.config import EmbedConfig
 from pipelines.images import load_row_rgb
@@ -81,11 +81,6 @@ def run_embed(cfg: EmbedConfig, inputs: Mapping[str, Manifest], ctx: StageContex
     }
 
 
-def _fingerprint(cfg: EmbedConfig) -> str:
-    # Why: the config names the weights file by path; its content must key the stage too.
-    return weights_fingerprint(cfg.embedder)
-
-
 EMBED = register_stage(
     StageSpec(
         name="embed",
@@ -95,6 +90,6 @@ EMBED = register_stage(
         inputs=("images",),
         outputs={"embeddings": EMBEDDINGS},
         description="one L2-normalised float16 embedding per image, batched on per-worker models",
-        fingerprint=_fingerprint,
+        fingerprint=stage_weights_fingerprint,  # the weights file content keys it
     )
 )

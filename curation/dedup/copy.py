@@ -23,7 +23,7 @@ from curation.dedup.components import (
 from curation.dedup.descriptors import aligned_vectors, describe_shard
 from curation.dedup.knn import choose_index, knn_edges
 from curation.dedup.sheets import duplicate_groups_sheet
-from curation.embedders import weights_fingerprint
+from curation.embedders import stage_weights_fingerprint
 from pipelines.config import CopyDedupConfig
 from pipelines.manifest import DESCRIPTORS, DUPLICATES_REJECTED, IMAGES
 from pipelines.shards import row_shards
@@ -80,11 +80,6 @@ def run_copy_dedup(cfg: CopyDedupConfig, inputs: Mapping[str, Manifest], ctx: St
     }
 
 
-def _fingerprint(cfg: CopyDedupConfig) -> str:
-    # Why: the config names the weights file by path; its content must key the stage too.
-    return weights_fingerprint(cfg.embedder)
-
-
 COPY_DEDUP = register_stage(
     StageSpec(
         name="copy_dedup",
@@ -94,6 +89,6 @@ COPY_DEDUP = register_stage(
         inputs=("images",),
         outputs={"images": IMAGES, "rejected": DUPLICATES_REJECTED, "descriptors": DESCRIPTORS},
         description="drop near-copies found by copy-detection descriptors, k-NN and connected components",
-        fingerprint=_fingerprint,
+        fingerprint=stage_weights_fingerprint,  # the weights file content keys it
     )
 )

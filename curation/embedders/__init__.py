@@ -4,6 +4,18 @@
 are imported on first use.
 """
 
-from curation.embedders.registry import build_embedder, embedder_kinds, register_embedder, weights_fingerprint
+from curation.embedders.registry import (
+    build_embedder,
+    embedder_kinds,
+    register_embedder,
+    stage_weights_fingerprint,
+    weights_fingerprint,
+)
 
-__all__ = ["build_embedder", "embedder_kinds", "register_embedder", "weights_fingerprint"]
+__all__ = [
+    "build_embedder",
+    "embedder_kinds",
+    "register_embedder",
+    "stage_weights_fingerprint",
+    "weights_fingerprint",
+]

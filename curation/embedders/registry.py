@@ -88,6 +88,11 @@ def weights_fingerprint(cfg: EmbedderConfig) -> str:
 
 
 @functools.lru_cache(maxsize=CACHED_MODELS)
+def stage_weights_fingerprint(stage_cfg) -> str:
+    """`StageSpec.fingerprint` for stages whose config has an `embedder`: the weights' content keys them."""
+    return weights_fingerprint(stage_cfg.embedder)
+
+
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     """Cached on size and mtime: computing several stage keys reads a large weights file once."""
     digest = hashlib.sha256()

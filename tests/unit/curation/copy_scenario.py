@@ -19,6 +19,8 @@ from PIL import Image, ImageOps
 from curation.demo.sources import list_tuxpaint_stamps
 from pipelines.config import EmbedderConfig, IngestConfig, SourceConfig
 from pipelines.images import folder_uri, load_rgb
+from pipelines.stage import Manifest, get_stage, run_stage
+from pipelines.store import Store
 
 IMAGE_SIDE = 128
 NUM_ORIGINALS = 30
@@ -106,3 +108,11 @@ def write_copy_scenario(root: Path) -> CopyScenario:
         SourceConfig(name="eval", role="eval", kind="folder", path=str(root / "eval")),
     )
     return CopyScenario(IngestConfig(sources=sources, files_per_shard=16), copy_of, seed_uri, tuple(evals))
+
+
+def ingest_copy_scenario(root: Path) -> tuple[CopyScenario, Store, Manifest]:
+    """Writes the scenario under `root/data` and ingests it into `root/store`."""
+    built = write_copy_scenario(root / "data")
+    store = Store(root / "store")
+    ingest = run_stage(get_stage("ingest"), built.ingest, {}, store=store, show_progress=False)
+    return built, store, ingest.outputs["images"]

@@ -19,7 +19,7 @@ from tests.unit.curation.copy_scenario import (
     TEST_EMBEDDER,
     TEST_NEIGHBOURS,
     TEST_THRESHOLD,
-    write_copy_scenario,
+    ingest_copy_scenario,
 )
 
 CONFIG = CopyDedupConfig(
@@ -68,11 +68,7 @@ def test_knn_edges_on_sets_smaller_than_k():
 
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory):
-    root = tmp_path_factory.mktemp("copies")
-    built = write_copy_scenario(root / "data")
-    store = Store(root / "store")
-    ingest = run_stage(get_stage("ingest"), built.ingest, {}, store=store, show_progress=False)
-    return built, store, ingest.outputs["images"]
+    return ingest_copy_scenario(tmp_path_factory.mktemp("copies"))
 
 
 def _copy_dedup(scenario, store=None, executor=None, cfg=CONFIG):

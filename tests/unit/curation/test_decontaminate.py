@@ -16,7 +16,7 @@ from tests.unit.curation.copy_scenario import (
     TEST_EMBEDDER,
     TEST_NEIGHBOURS,
     TEST_THRESHOLD,
-    write_copy_scenario,
+    ingest_copy_scenario,
 )
 
 # Why 0.999: copy_dedup must keep the eval copies here, so that decontaminate is the stage that finds them.
@@ -26,13 +26,8 @@ CONFIG = DecontaminateConfig(num_neighbours=TEST_NEIGHBOURS, threshold=TEST_THRE
 
 @pytest.fixture(scope="module")
 def decontaminated(tmp_path_factory):
-    root = tmp_path_factory.mktemp("decontaminate")
-    built = write_copy_scenario(root / "data")
-    store = Store(root / "store")
-    ingest = run_stage(get_stage("ingest"), built.ingest, {}, store=store, show_progress=False)
-    described = run_stage(
-        get_stage("copy_dedup"), DESCRIBE_ONLY, {"images": ingest.outputs["images"]}, store=store
-    )
+    built, store, images = ingest_copy_scenario(tmp_path_factory.mktemp("decontaminate"))
+    described = run_stage(get_stage("copy_dedup"), DESCRIBE_ONLY, {"images": images}, store=store)
     assert described.outputs["rejected"].num_rows == 0
     inputs = {"images": described.outputs["images"], "descriptors": described.outputs["descriptors"]}
     run = run_stage(get_stage("decontaminate"), CONFIG, inputs, store=store, show_progress=False)
