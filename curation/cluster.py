@@ -1,12 +1,13 @@
 """The `cluster` stage: spherical (cosine) k-means of the pool's embeddings.
 
-embeddings --rows of cfg.roles, sorted by key--> seeded sample (<= k * max_points_per_centroid rows)
-   --faiss.Kmeans(spherical)--> centroids
-   --ctx.map_shards: nearest centroid of every row, one shard at a time--> assignments
-   --cluster sizes from the assignments' cluster column--> centroids (cluster, size, centroid)
+embeddings (keys, role, embedding columns only) --rows of cfg.roles, in key order--> unit float32 rows
+   --seeded sample (<= k * max_points_per_centroid rows; all of them: no copy)--> faiss.Kmeans(spherical)
+   --> centroids
+   --ctx.map_shards over key-sorted shards (views of the rows): nearest centroid of each row--> assignments
+   --cluster sizes and the picture from one read of the assignments--> centroids (cluster, size, centroid)
 
-Only the training sample and one shard are in memory at once, so assignment scales with the shard
-count, not the pool size.
+Vectors never pass through Python objects and are converted once, so the stage's cost beyond raw Faiss
+is one Parquet read of the keys and the embedding column, one float32 conversion, and the writes.
 """
 
 from __future__ import annotations
@@ -23,11 +24,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.pictures import Tile, contact_sheet
-from curation.vectors import embedding_array, embedding_matrix
+from curation.vectors import (
+    RowVectors,
+    embedding_array,
+    float16_rows,
+    key_order,
+    read_columns,
+    unit_rows,
+    vector_shards,
+)
 from pipelines.config import ClusterConfig
 from pipelines.images import read_image_bytes
 from pipelines.manifest import ASSIGNMENTS, CENTROIDS, EMBEDDINGS
-from pipelines.shards import row_shards
 from pipelines.stage import Manifest, ShardResult, StageContext, StageSpec, register_stage
 
 SHEET_NAME = "cluster_samples.png"
@@ -36,23 +44,23 @@ SHEET_IMAGES_PER_CLUSTER = 10
 KEY_COLUMNS = ("image_id", "uri")
 
 
-def assign_shard(centroids: np.ndarray, rows: pa.Table) -> ShardResult:
+def assign_shard(centroids: np.ndarray, rows: RowVectors) -> ShardResult:
     """Shard worker: the nearest centroid (by cosine) of every row of an embeddings slice."""
     started = time.perf_counter()
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(centroids)
-    similarity, nearest = index.search(embedding_matrix(rows), 1)
+    similarity, nearest = index.search(rows.vectors, 1)
     table = pa.table(
         {
-            "image_id": rows.column("image_id"),
-            "uri": rows.column("uri"),
+            "image_id": rows.keys.column("image_id"),
+            "uri": rows.keys.column("uri"),
             "cluster": pa.array(nearest[:, 0].astype(np.int32)),
             "similarity": pa.array(similarity[:, 0].astype(np.float32)),
         }
     )
     seconds = round(time.perf_counter() - started, 3)
     return ShardResult(
-        tables={"assignments": table}, stats={"assigned_rows": rows.num_rows, "seconds": seconds}
+        tables={"assignments": table}, stats={"assigned_rows": rows.keys.num_rows, "seconds": seconds}
     )
 
 
@@ -73,32 +81,25 @@ def train_centroids(vectors: np.ndarray, num_clusters: int, cfg: ClusterConfig) 
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
 
-def _cluster_column(ctx: StageContext) -> np.ndarray:
-    """Every row's cluster id, read one column of one part at a time."""
+def _assigned(ctx: StageContext) -> pa.Table:
+    """The cluster, similarity and uri columns of every assignments part this run wrote."""
     directory = ctx.store.output_dir(ctx.spec.name, ctx.key, "assignments")
-    columns = []
-    for part in ctx.store.list_parts(directory):
-        with ctx.store.fs.open(part, "rb") as handle:
-            columns.append(np.asarray(pq.read_table(handle, columns=["cluster"]).column("cluster")))
-    return np.concatenate(columns) if columns else np.zeros(0, np.int32)
+    parts = ctx.store.list_parts(directory)
+    return pq.read_table(parts, filesystem=ctx.store.fs, columns=["cluster", "similarity", "uri"])
 
 
-def _samples_sheet(ctx: StageContext, largest: list[int]) -> bytes:
+def _samples_sheet(assigned: pa.Table, largest: list[int]) -> bytes:
     """One row per cluster (largest first): its members nearest to the centroid."""
-    wanted = pa.array(largest, pa.int32())
-    directory = ctx.store.output_dir(ctx.spec.name, ctx.key, "assignments")
-    picked: dict[int, list[tuple[float, str]]] = {cluster: [] for cluster in largest}
-    for part in ctx.store.list_parts(directory):
-        with ctx.store.fs.open(part, "rb") as handle:
-            table = pq.read_table(handle, columns=["uri", "cluster", "similarity"])
-        table = table.filter(pc.is_in(table.column("cluster"), wanted))
-        for row in table.to_pylist():
-            picked[row["cluster"]].append((-row["similarity"], row["uri"]))
-    rows = []
-    for cluster in largest:
-        members = sorted(picked[cluster])[:SHEET_IMAGES_PER_CLUSTER]
-        rows.append([uri_tile(uri, f"c{cluster} {-score:.2f}") for score, uri in members])
-    return contact_sheet(rows, "k-means clusters, largest first (cosine to centroid)")
+    members = assigned.filter(pc.is_in(assigned.column("cluster"), pa.array(largest, pa.int32())))
+    members = members.sort_by([("cluster", "ascending"), ("similarity", "descending"), ("uri", "ascending")])
+    clusters = np.asarray(members.column("cluster"))
+    rank = np.arange(len(clusters)) - np.searchsorted(clusters, clusters)  # position within its cluster
+    picked: dict[int, list[Tile]] = {cluster: [] for cluster in largest}
+    for row in members.filter(pa.array(rank < SHEET_IMAGES_PER_CLUSTER)).to_pylist():
+        picked[row["cluster"]].append(uri_tile(row["uri"], f"c{row['cluster']} {row['similarity']:.2f}"))
+    return contact_sheet(
+        [picked[cluster] for cluster in largest], "k-means clusters, largest first (cosine to centroid)"
+    )
 
 
 def uri_tile(uri: str, caption: str) -> Tile:
@@ -113,26 +114,31 @@ def uri_tile(uri: str, caption: str) -> Tile:
 def run_cluster(cfg: ClusterConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    table = inputs["embeddings"].read(EMBEDDINGS)
-    table = table.filter(pc.is_in(table.column("role"), pa.array(list(cfg.roles), pa.string())))
-    # Shards are sorted by key, so the seeded sample below does not depend on the order in which the
-    # upstream parts were written; sampling from the shards' rows saves a second sort.
-    shards = row_shards(table.select([*KEY_COLUMNS, "embedding"]), cfg.rows_per_shard, KEY_COLUMNS)
-    num_rows = table.num_rows
+    table = read_columns(inputs["embeddings"], EMBEDDINGS, [*KEY_COLUMNS, "role", "embedding"])
+    clustered = pc.is_in(table.column("role"), pa.array(list(cfg.roles), pa.string()))
+    keys = table.select(list(KEY_COLUMNS)).filter(clustered)
+    order = key_order(keys)
+    # Key order, not part order: the seeded sample below must not depend on how upstream wrote its parts.
+    rows = np.flatnonzero(np.asarray(clustered.combine_chunks()))[order]
+    vectors = unit_rows(float16_rows(table.column("embedding")), rows)
     del table
+    shards = vector_shards(keys.take(order), vectors, cfg.rows_per_shard)
+    num_rows = len(vectors)
     if num_rows == 0:
         ctx.write_output("centroids", CENTROIDS.empty_table())
         ctx.write_output("assignments", ASSIGNMENTS.empty_table())
         return {"rows": 0, "clusters": 0}
     num_clusters = min(cfg.num_clusters, num_rows)
     train_rows = min(num_rows, num_clusters * cfg.max_points_per_centroid)
-    sample = np.sort(np.random.default_rng(cfg.seed).choice(num_rows, train_rows, replace=False))
-    vectors = embedding_matrix(pa.concat_tables([shard.payload for shard in shards]).take(sample))
+    training = vectors  # every row: no copy
+    if train_rows < num_rows:
+        sample = np.random.default_rng(cfg.seed).choice(num_rows, train_rows, replace=False)
+        training = vectors[np.sort(sample)]
     timings["read_and_sample"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    centroids = train_centroids(vectors, num_clusters, cfg)
-    del vectors
+    centroids = train_centroids(training, num_clusters, cfg)
+    del training
     timings["train"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -140,7 +146,8 @@ def run_cluster(cfg: ClusterConfig, inputs: Mapping[str, Manifest], ctx: StageCo
     timings["assign"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    sizes = np.bincount(_cluster_column(ctx), minlength=num_clusters)
+    assigned = _assigned(ctx)
+    sizes = np.bincount(np.asarray(assigned.column("cluster")), minlength=num_clusters)
     ctx.write_output(
         "centroids",
         pa.table(
@@ -152,7 +159,7 @@ def run_cluster(cfg: ClusterConfig, inputs: Mapping[str, Manifest], ctx: StageCo
         ),
     )
     largest = [int(c) for c in np.argsort(-sizes, kind="stable")[:SHEET_CLUSTERS] if sizes[c] > 0]
-    ctx.write_artifact(SHEET_NAME, _samples_sheet(ctx, largest))
+    ctx.write_artifact(SHEET_NAME, _samples_sheet(assigned, largest))
     timings["sizes_and_picture"] = time.perf_counter() - started
     stats: dict[str, Any] = {
         "rows": num_rows,

@@ -1,20 +1,25 @@
 """The `retrieve` stage: pool images near each curated seed set (paper Sec. 3, App. A.4).
 
 pool    = embeddings rows with role `uncurated` that the cluster stage assigned (the decontaminated pool)
-queries = embeddings rows whose `source` is a configured seed source
-sample mode:  the N pool images nearest to each query (cosine; exact Faiss, or IVF from ivf_min_rows)
+queries = embeddings rows whose `source` is a configured seed source, sorted by key
+sample mode:  queries --key-sorted shards of rows_per_shard--> ctx.map_shards(search_shard): the N pool
+              images nearest to each query (cosine; exact Faiss, or IVF from ivf_min_rows), one
+              `neighbours` part per shard (resumable; every worker holds the pool index once)
+              --per source: the shards' parts read back--> collision policy --> `retrieved`
 cluster mode: queries go to their nearest centroid; every cluster holding more than T queries gives up
               to M of its pool images (a seeded random sample, as the paper's "sample M images"),
-              then a seeded sample caps the source at max_images
+              then a seeded sample caps the source at max_images (one step: it needs all the queries)
 collisions:   one pool image retrieved by several queries of a source is counted; `keep_once` keeps its
               best retrieval, `multiplicity` keeps every retrieval (the paper's counts are exact multiples)
 
-Outputs: `retrieved` (one part per seed source) and `summary` (per source: queries, retrieved before the
-cap, rows kept), which `assemble` turns into the composition table.
+Outputs: `neighbours` (sample mode, before the collision policy, one part per query shard), `retrieved`
+(one part per seed source) and `summary` (per source: queries, retrieved before the cap, rows kept),
+which `assemble` turns into the composition table.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import zlib
@@ -30,13 +35,17 @@ import pyarrow.compute as pc
 from curation.cluster import uri_tile
 from curation.dedup.knn import knn_search, pool_index
 from curation.pictures import Tile, contact_sheet
-from curation.vectors import embedding_matrix
+from curation.vectors import RowVectors, embedding_matrix, vector_shards
 from pipelines.config import RetrievalSourceConfig, RetrieveConfig
-from pipelines.manifest import ASSIGNMENTS, CENTROIDS, COMPOSITION, EMBEDDINGS, RETRIEVED
-from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
+from pipelines.manifest import ASSIGNMENTS, CENTROIDS, COMPOSITION, EMBEDDINGS, RETRIEVED, align_rows
+from pipelines.stage import Manifest, Shard, ShardResult, StageContext, StageSpec, register_stage
 
 POOL_ROLE = "uncurated"
 KEY_COLUMNS = ("image_id", "uri")
+# Query shards are keyed by seed source too, so each shard (and its id) holds one source's queries.
+QUERY_KEY_COLUMNS = ("source", *KEY_COLUMNS)
+QUERY_COLUMNS = {"query_image_id": "image_id", "query_uri": "uri"}
+SAMPLE_MODE = "sample"
 SHEET_NAME = "retrieval_examples.png"
 SHEET_QUERIES = 6
 SHEET_NEIGHBOURS = 8
@@ -156,26 +165,83 @@ def hits_table(hits: Hits, pool: pa.Table, queries: pa.Table, seed_source: str, 
     )
 
 
+@dataclass(frozen=True, slots=True)
+class PoolSearch:
+    """What every search worker holds once: the pool's index and its rows (keys, source, cluster)."""
+
+    searcher: faiss.Index
+    pool: pa.Table
+
+
+@dataclass(frozen=True, slots=True)
+class QueryShard:
+    """One search shard: a run of one seed source's key-sorted queries."""
+
+    seed_source: str
+    num_neighbours: int
+    queries: RowVectors
+
+
+def search_shard(search: PoolSearch, shard: QueryShard) -> ShardResult:
+    """Shard worker: the `num_neighbours` nearest pool rows of every query, as `neighbours` rows."""
+    started = time.perf_counter()
+    hits = sample_hits(shard.queries.vectors, search.searcher, shard.num_neighbours)
+    table = hits_table(hits, search.pool, shard.queries.keys, shard.seed_source, SAMPLE_MODE)
+    seconds = round(time.perf_counter() - started, 3)
+    stats = {shard.seed_source: {"queries": shard.queries.keys.num_rows, "search_seconds": seconds}}
+    return ShardResult(tables={"neighbours": table}, stats=stats)
+
+
+def query_shards(source: RetrievalSourceConfig, queries: pa.Table, rows_per_shard: int) -> list[Shard]:
+    """Content-keyed shards of one sample-mode source's queries (sorted by key, see `source_queries`)."""
+    keys = queries.select(list(QUERY_KEY_COLUMNS))
+    return [
+        Shard(shard.shard_id, QueryShard(source.source, source.num_neighbours, shard.payload))
+        for shard in vector_shards(keys, embedding_matrix(queries), rows_per_shard)
+    ]
+
+
+def neighbour_hits(neighbours: pa.Table, pool: pa.Table, queries: pa.Table) -> Hits:
+    """One source's `neighbours` rows as row indices of `pool` and `queries`: query by query, nearest first.
+
+    The order is the one a single search over all the queries gives, whichever order the parts come in.
+    """
+    query_keys = neighbours.select(list(QUERY_COLUMNS)).rename_columns(list(QUERY_COLUMNS.values()))
+    hits = Hits(
+        align_rows(neighbours, pool),
+        align_rows(query_keys, queries),
+        np.asarray(neighbours.column("similarity"), dtype=np.float32),
+        np.asarray(neighbours.column("rank"), dtype=np.int64),
+    )
+    return hits.take(np.lexsort((hits.rank, hits.query)))
+
+
+def source_queries(embeddings: pa.Table, source: str) -> pa.Table:
+    """The rows of seed source `source`, sorted by key."""
+    queries = _sorted(embeddings.filter(pc.equal(embeddings.column("source"), source)))
+    if pc.any(pc.equal(queries.column("role"), POOL_ROLE)).as_py():
+        # Why: its images are also in the pool, so each query would retrieve itself.
+        raise ValueError(f"retrieval source {source!r} is an uncurated (pool) source")
+    return queries
+
+
 def retrieve_source(
     source: RetrievalSourceConfig,
     cfg: RetrieveConfig,
-    embeddings: pa.Table,
+    queries: pa.Table,
     pool: pa.Table,
-    searcher: faiss.Index | None,
+    neighbours: pa.Table,
     centroids: np.ndarray,
 ) -> tuple[pa.Table, dict[str, Any]]:
-    """The `retrieved` rows of one seed source and its stats."""
+    """The `retrieved` rows of one seed source (sample mode: from its `neighbours` rows) and its stats."""
     started = time.perf_counter()
-    queries = _sorted(embeddings.filter(pc.equal(embeddings.column("source"), source.source)))
-    if pc.any(pc.equal(queries.column("role"), POOL_ROLE)).as_py():
-        # Why: its images are also in the pool, so each query would retrieve itself.
-        raise ValueError(f"retrieval source {source.source!r} is an uncurated (pool) source")
-    query_vectors = embedding_matrix(queries)
     clusters_used = 0
-    if source.mode == "sample":
-        hits = sample_hits(query_vectors, searcher, source.num_neighbours)
+    if source.mode == SAMPLE_MODE:
+        found = neighbours.filter(pc.equal(neighbours.column("seed_source"), source.source))
+        hits = neighbour_hits(found, pool, queries)
         before_cap = len(hits.pool)
     else:
+        query_vectors = embedding_matrix(queries)
         query_clusters = nearest_centroids(query_vectors, centroids) if len(query_vectors) else np.zeros(0)
         hits, clusters_used, before_cap = cluster_hits(
             query_clusters.astype(np.int64), pool, source, cfg.seed
@@ -201,7 +267,7 @@ def retrieve_source(
 
 def examples_sheet(retrieved: pa.Table) -> bytes:
     """A few seed images (red frame), each followed by its retrieved neighbours, nearest first."""
-    sample = retrieved.filter(pc.equal(retrieved.column("mode"), "sample"))
+    sample = retrieved.filter(pc.equal(retrieved.column("mode"), SAMPLE_MODE))
     queries = sorted(set(sample.column("query_uri").to_pylist()))[:SHEET_QUERIES]
     rows = []
     for query in queries:
@@ -215,20 +281,32 @@ def examples_sheet(retrieved: pa.Table) -> bytes:
 def run_retrieve(cfg: RetrieveConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
     embeddings = inputs["embeddings"].read(EMBEDDINGS)
     pool, pool_vectors = load_pool(embeddings, inputs["assignments"].read(ASSIGNMENTS))
+    queries = {source.source: source_queries(embeddings, source.source) for source in cfg.sources}
+    del embeddings
+    shards = [
+        shard
+        for source in cfg.sources
+        if source.mode == SAMPLE_MODE
+        for shard in query_shards(source, queries[source.source], cfg.rows_per_shard)
+    ]
     # One index over the pool for every sample-mode source: an IVF build costs more than its searches.
-    searcher = None
-    if any(source.mode == "sample" for source in cfg.sources):
-        searcher = pool_index(pool_vectors, cfg.index, cfg.ivf_min_rows, cfg.ivf_nprobe)
+    searcher = pool_index(pool_vectors, cfg.index, cfg.ivf_min_rows, cfg.ivf_nprobe) if shards else None
     del pool_vectors  # the index holds its own copy
+    search_stats = ctx.map_shards(
+        search_shard, shards, outputs=["neighbours"], state=functools.partial(PoolSearch, searcher, pool)
+    )
+    neighbours = ctx.read_output("neighbours")
     centroids_table = inputs["centroids"].read(CENTROIDS).sort_by("cluster")
     centroids = embedding_matrix(centroids_table, "centroid")
     per_source: dict[str, Any] = {}
     summary = []
     examples = []
     for source in cfg.sources:
-        table, stats = retrieve_source(source, cfg, embeddings, pool, searcher, centroids)
+        table, stats = retrieve_source(source, cfg, queries[source.source], pool, neighbours, centroids)
         part = hashlib.sha256(source.source.encode()).hexdigest()[:PART_ID_LENGTH]
         ctx.write_output("retrieved", table, shard_id=part)
+        if source.source in search_stats:
+            stats["search_seconds"] = round(search_stats[source.source]["search_seconds"], 3)
         per_source[source.source] = stats
         summary.append(
             {
@@ -239,13 +317,14 @@ def run_retrieve(cfg: RetrieveConfig, inputs: Mapping[str, Manifest], ctx: Stage
                 "final": stats["rows"],
             }
         )
-        if source.mode == "sample" and len(examples) < SHEET_QUERIES:
+        if source.mode == SAMPLE_MODE and len(examples) < SHEET_QUERIES:
             examples.append(table.slice(0, SHEET_QUERIES * source.num_neighbours))
     ctx.write_output("summary", COMPOSITION.table_from_rows(summary))
     if examples:
         ctx.write_artifact(SHEET_NAME, examples_sheet(pa.concat_tables(examples)))
     return {
         "pool_rows": pool.num_rows,
+        "query_shards": len(shards),
         "rows": sum(stats["rows"] for stats in per_source.values()),
         "sources": per_source,
     }
@@ -254,11 +333,11 @@ def run_retrieve(cfg: RetrieveConfig, inputs: Mapping[str, Manifest], ctx: Stage
 RETRIEVE = register_stage(
     StageSpec(
         name="retrieve",
-        version=1,
+        version=2,
         config_type=RetrieveConfig,
         fn=run_retrieve,
         inputs=("embeddings", "assignments", "centroids"),
-        outputs={"retrieved": RETRIEVED, "summary": COMPOSITION},
+        outputs={"neighbours": RETRIEVED, "retrieved": RETRIEVED, "summary": COMPOSITION},
         description="pool images near each seed set: N nearest per query, or samples of its clusters",
     )
 )

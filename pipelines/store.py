@@ -118,7 +118,7 @@ class Store:
 
     def write_table_atomic(self, path: str, table: pa.Table) -> None:
         buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
+        pq.write_table(table, buffer, compression="zstd", use_dictionary=_dictionary_columns(table.schema))
         self.write_bytes_atomic(path, buffer.getvalue())
 
     def remove_temp_files(self, directory: str) -> None:
@@ -136,3 +136,17 @@ def _fsync_directory(directory: str) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns worth dictionary encoding: all but float vectors (embeddings).
+
+    Why: embedding values are nearly unique float16s; as a dictionary they compress no smaller and decode
+    about 4x slower (0.5 s vs 0.13 s for 200,000 x 128), which dominated the cluster stage's read.
+    """
+    return [field.name for field in schema if not _is_float_vector(field.type)]
+
+
+def _is_float_vector(data_type: pa.DataType) -> bool:
+    nested = pa.types.is_list(data_type) or pa.types.is_fixed_size_list(data_type)
+    return nested and pa.types.is_floating(data_type.value_type)

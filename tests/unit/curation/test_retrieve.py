@@ -1,6 +1,9 @@
-"""The retrieve stage: exact top-N in sample mode, collision policies, cluster mode's selection and caps."""
+"""The retrieve stage: exact top-N in sample mode, collision policies, cluster mode's selection and caps,
+query shards (any shard size, Serial == Ray, resume at the missing shard)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -9,6 +12,7 @@ import pytest
 import curation  # noqa: F401  (registers the stages)
 from curation.vectors import embedding_matrix
 from pipelines.config import ClusterConfig, RetrievalSourceConfig, RetrieveConfig
+from pipelines.executor import RayExecutor
 from pipelines.manifest import ASSIGNMENTS, EMBEDDINGS
 from pipelines.stage import get_stage, run_stage
 from pipelines.store import Store
@@ -37,8 +41,8 @@ def _setup(tmp_path, seeds: dict[str, np.ndarray]):
     return inputs, store
 
 
-def _retrieve(inputs, store, cfg):
-    return run_stage(get_stage("retrieve"), cfg, inputs, store=store, show_progress=False)
+def _retrieve(inputs, store, cfg, executor=None):
+    return run_stage(get_stage("retrieve"), cfg, inputs, store=store, executor=executor, show_progress=False)
 
 
 def test_sample_mode_equals_brute_force_top_n(tmp_path):
@@ -161,3 +165,70 @@ def test_a_pool_source_cannot_be_a_seed_source(tmp_path):
     missing = _retrieve(inputs, store, RetrieveConfig(sources=(RetrievalSourceConfig(source="absent"),)))
     assert missing.outputs["retrieved"].num_rows == 0
     assert "nothing retrieved" in missing.record["stats"]["sources"]["absent"]["warning"]
+
+
+SHARD_QUERIES = 5  # 12 + 10 queries: 3 + 2 search shards
+SHARDED_SOURCES = (
+    RetrievalSourceConfig(source="near", num_neighbours=NEIGHBOURS),
+    RetrievalSourceConfig(source="far", num_neighbours=2),
+    RetrievalSourceConfig(source="fine", mode="cluster", min_query_hits=1, images_per_cluster=7),
+)
+
+
+def _sharded_setup(tmp_path):
+    near, _ = planted(3, 4, seed=7)
+    far, _ = planted(2, 5, seed=8)
+    fine, _ = planted(NUM_PLANTED, 2, seed=3)
+    return _setup(tmp_path, {"near": near, "far": far, "fine": fine})
+
+
+def _digests(run) -> dict[str, str]:
+    return {name: manifest.digest for name, manifest in run.outputs.items()}
+
+
+def test_query_shards_change_only_the_neighbours_parts(tmp_path):
+    inputs, store = _sharded_setup(tmp_path)
+    one = _retrieve(inputs, store, RetrieveConfig(sources=SHARDED_SOURCES, rows_per_shard=1_000))
+    many = _retrieve(inputs, store, RetrieveConfig(sources=SHARDED_SOURCES, rows_per_shard=SHARD_QUERIES))
+    assert (one.record["stats"]["query_shards"], many.record["stats"]["query_shards"]) == (2, 5)
+    assert len(list(Path(many.outputs["neighbours"].uri).glob("part-*.parquet"))) == 5
+    for name in ("retrieved", "summary"):
+        assert one.outputs[name].digest == many.outputs[name].digest
+    # neighbours: every query's N nearest, before the policy (here multiplicity: the sample-mode rows).
+    neighbours = many.outputs["neighbours"].read()
+    assert neighbours.num_rows == 12 * NEIGHBOURS + 10 * 2
+    retrieved = many.outputs["retrieved"].read()
+    sample = retrieved.filter(pa.compute.equal(retrieved.column("mode"), "sample"))
+    key = ("seed_source", "query_image_id", "image_id", "rank")
+    assert set(zip(*(neighbours.column(c).to_pylist() for c in key), strict=True)) == set(
+        zip(*(sample.column(c).to_pylist() for c in key), strict=True)
+    )
+
+
+def test_serial_and_ray_write_identical_outputs(tmp_path, ray_session):
+    inputs, store = _sharded_setup(tmp_path)
+    cfg = RetrieveConfig(sources=SHARDED_SOURCES, rows_per_shard=SHARD_QUERIES, collisions="keep_once")
+    serial = _retrieve(inputs, store, cfg)
+    parallel = _retrieve(inputs, Store(tmp_path / "ray"), cfg, RayExecutor(num_workers=2))
+    assert serial.key == parallel.key
+    assert _digests(serial) == _digests(parallel)
+
+
+def test_a_partial_run_resumes_at_the_missing_query_shard(tmp_path):
+    inputs, store = _sharded_setup(tmp_path)
+    cfg = RetrieveConfig(sources=SHARDED_SOURCES, rows_per_shard=SHARD_QUERIES)
+    full = _retrieve(inputs, store, cfg)
+    parts = sorted(Path(full.outputs["neighbours"].uri).glob("part-*.parquet"))
+    # Simulate a run killed after all but one search shard: its part, its record and the commit are gone.
+    lost = parts[0].stem.removeprefix("part-")
+    parts[0].unlink()
+    Path(store.shard_record_path("retrieve", full.key, lost)).unlink()
+    Path(store.record_path("retrieve", full.key)).unlink()
+    kept = {part: part.stat().st_ino for part in parts[1:]}
+    resumed = _retrieve(inputs, store, cfg)
+    assert not resumed.reused
+    assert _digests(resumed) == _digests(full)
+    assert parts[0].exists()
+    assert {part: part.stat().st_ino for part in parts[1:]} == kept  # finished shards were not redone
+    sources = resumed.record["stats"]["sources"]
+    assert (sources["near"]["rows"], sources["far"]["rows"]) == (12 * NEIGHBOURS, 10 * 2)
