@@ -1,1 +1,8 @@
-"""Distillation from a frozen teacher into smaller ViTs. Not built yet."""
+"""Distillation of smaller ViTs from a frozen teacher.
+
+Importing this package registers the `distill` stage.
+"""
+
+from distillation import stage
+
+__all__ = ["stage"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from flows.dag import UnknownStageError, UpstreamMissingError, run_single_stage
+from flows.dag import UnknownStageError, UpstreamMissingError, nodes_until, run_single_stage
 from flows.summary import print_runs
 from pipelines.config import ConfigError, resolve_config
 from pipelines.manifest import ManifestError
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run curate-and-train in this process (Prefect flow, no server)")
     _add_config_options(run)
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage (default: run the whole DAG)")
 
     stage = commands.add_parser("stage", help="run one stage against committed upstream outputs")
     stage.add_argument("name")
@@ -97,9 +98,10 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     # Why: validate the whole config before importing Prefect or touching any data.
     cfg = resolve_config(args.preset, args.config_file, args.overrides)
     if args.command == "run":
+        nodes_until(args.until)  # an unknown stage name fails here, before Prefect starts
         from flows.prefect_flows import curate_and_train
 
-        print_runs(curate_and_train(args.preset, args.config_file, args.overrides), console)
+        print_runs(curate_and_train(args.preset, args.config_file, args.overrides, args.until), console)
         return 0
     if args.command == "stage":
         print_runs({args.name: run_single_stage(args.name, cfg)}, console)

@@ -1,7 +1,7 @@
 """The curate-and-train DAG as plain data, and a plain-Python runner for it (no Prefect here).
 
     ingest -> exact_dedup -> phash_dedup -> copy_dedup -> decontaminate -> embed -> cluster
-      -> retrieve -> assemble
+      -> retrieve -> assemble -> pretrain -> distill -> evaluate
 
 Each node names its stage, the section of PipelineConfig that configures it, and which upstream
 outputs feed which of its inputs. The Prefect flows walk the same nodes, one task per node.
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import curation  # noqa: F401  (registers the curation stages)
+import distillation  # noqa: F401  (registers the distill stage)
+import training  # noqa: F401  (registers the pretrain and evaluate stages)
 from pipelines.config import PipelineConfig
 from pipelines.executor import Executor, build_executor
 from pipelines.stage import Manifest, StageRun, get_stage, load_committed, run_stage, stage_key
@@ -57,6 +59,13 @@ CURATE_AND_TRAIN: tuple[DagNode, ...] = (
             "retrieval_summary": ("retrieve", "summary"),
         },
     ),
+    DagNode("pretrain", lambda cfg: cfg.pretrain, {"curated": ("assemble", "curated")}),
+    DagNode(
+        "distill",
+        lambda cfg: cfg.distill,
+        {"curated": ("assemble", "curated"), "exports": ("pretrain", "exports")},
+    ),
+    DagNode("evaluate", lambda cfg: cfg.evaluate, {"exports": ("distill", "exports")}),
 )
 NODES = {node.stage: node for node in CURATE_AND_TRAIN}
 
@@ -96,12 +105,23 @@ def executor_for(cfg: PipelineConfig) -> Executor:
     return build_executor(runtime.executor, runtime.num_workers, runtime.ray_address, runtime.gpus_per_worker)
 
 
-def run_pipeline(cfg: PipelineConfig, executor: Executor | None = None) -> dict[str, StageRun]:
-    """Runs every node in order; committed stages are reused, so a rerun only costs the key checks."""
+def nodes_until(until: str | None) -> tuple[DagNode, ...]:
+    """The DAG's nodes up to and including `until` (all of them for None)."""
+    if until is None:
+        return CURATE_AND_TRAIN
+    _check_stage_name(until)
+    stages = [node.stage for node in CURATE_AND_TRAIN]
+    return CURATE_AND_TRAIN[: stages.index(until) + 1]
+
+
+def run_pipeline(
+    cfg: PipelineConfig, executor: Executor | None = None, until: str | None = None
+) -> dict[str, StageRun]:
+    """Runs the nodes in order (up to `until`); committed stages are reused, so a rerun costs key checks."""
     store = Store(cfg.store)
     executor = executor or executor_for(cfg)
     runs: dict[str, StageRun] = {}
-    for node in CURATE_AND_TRAIN:
+    for node in nodes_until(until):
         runs[node.stage] = run_node(node, cfg, runs, store, executor)
     return runs
 

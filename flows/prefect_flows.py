@@ -10,7 +10,15 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
-from flows.dag import CURATE_AND_TRAIN, NODES, DagNode, committed_upstream, executor_for, run_node
+from flows.dag import (
+    CURATE_AND_TRAIN,
+    NODES,
+    DagNode,
+    committed_upstream,
+    executor_for,
+    nodes_until,
+    run_node,
+)
 from flows.summary import stage_markdown
 from pipelines.config import PipelineConfig, resolve_config
 from pipelines.executor import Executor
@@ -41,14 +49,17 @@ def _config(preset: str, config_file: str | None, overrides: list[str] | None) -
 
 @flow(name=CURATE_AND_TRAIN_FLOW, persist_result=False, log_prints=True)
 def curate_and_train(
-    preset: str = "demo", config_file: str | None = None, overrides: list[str] | None = None
+    preset: str = "demo",
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    until: str | None = None,
 ) -> dict[str, StageRun]:
-    """Runs every stage of the DAG, reusing committed ones; returns each stage's run."""
+    """Runs every stage of the DAG (or up to `until`), reusing committed ones; returns each stage's run."""
     cfg = _config(preset, config_file, overrides)
     store = Store(cfg.store)
     executor = executor_for(cfg)
     runs: dict[str, StageRun] = {}
-    for node in CURATE_AND_TRAIN:
+    for node in nodes_until(until):
         runs[node.stage] = stage_task(node, cfg, dict(runs), store, executor)
     return runs
 

@@ -23,6 +23,8 @@ from typing import Any, Literal
 import yaml
 
 from pipelines.images import DEFAULT_BYTES_COLUMN, IMAGE_EXTENSIONS
+from pipelines.train_config import DistillConfig, EvaluateConfig, PretrainConfig
+from pipelines.validation import require as _require
 
 # Pillow's own decompression-bomb limit: about a quarter of a GiB of 24-bit pixels.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -38,11 +40,6 @@ ExecutorKind = Literal["serial", "ray"]
 
 class ConfigError(ValueError):
     """A user-facing configuration error; its message is one line naming the key."""
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -384,6 +381,9 @@ class PipelineConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
     assemble: AssembleConfig = field(default_factory=AssembleConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 # -- building from plain data ------------------------------------------------------------------------

@@ -227,6 +227,58 @@ COMPOSITION = ManifestSchema(
 )
 
 
+def _float_fields(*names: str, nullable: bool = False) -> tuple[pa.Field, ...]:
+    return tuple(pa.field(name, pa.float64(), nullable=nullable) for name in names)
+
+
+# One row per training iteration: the schedules' values, every loss term (official logged names, plus the
+# optimised objective), the gradient norm of each student submodule before clipping, and the step time.
+# Version 2: every head's gradient norm is nullable.
+TRAIN_METRICS = ManifestSchema(
+    name="train_metrics",
+    version=2,
+    fields=(
+        pa.field("step", pa.int64(), nullable=False),
+        *_float_fields("lr", "weight_decay", "momentum", "teacher_temp", "last_layer_lr"),
+        *_float_fields(
+            "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "objective"
+        ),
+        *_float_fields("grad_norm_backbone"),
+        # One per student head: DINO (and a separate iBOT) head, or distillation's feature projection.
+        *_float_fields("grad_norm_dino_head", "grad_norm_ibot_head", "grad_norm_feature_head", nullable=True),
+        *_float_fields("seconds"),
+    ),
+)
+
+# One row per exported backbone (hub-format .pth): what evaluation and later stages load.
+EXPORTS = ManifestSchema(
+    name="exports",
+    version=1,
+    fields=(
+        pa.field("model", pa.string(), nullable=False),  # teacher | student | student_random_init
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("arch", pa.string(), nullable=False),
+        pa.field("build_options", pa.string(), nullable=False),  # JSON: build_vit keyword arguments
+        pa.field("parameters", pa.int64(), nullable=False),
+        pa.field("checkpoint", pa.string()),  # the training checkpoint (with heads) it came from, if any
+    ),
+)
+
+# One row per (model, protocol, setting): k-NN per k, the chosen linear probe.
+EVAL_RESULTS = ManifestSchema(
+    name="eval_results",
+    version=1,
+    fields=(
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("protocol", pa.string(), nullable=False),  # knn | linear
+        pa.field("setting", pa.string(), nullable=False),  # "k=20" | "cls_last4+avgpool lr=0.001"
+        pa.field("top1", pa.float64(), nullable=False),  # fraction in [0, 1]
+        pa.field("parameters", pa.int64(), nullable=False),
+    ),
+)
+
 ROW_KEY_COLUMNS = ("image_id", "uri")
 
 

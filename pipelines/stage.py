@@ -15,6 +15,7 @@ import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -168,6 +169,19 @@ class StageContext:
         path = f"{self.store.stage_dir(self.spec.name, self.key)}/{ARTIFACTS_DIR}/{name}"
         self.store.write_bytes_atomic(path, data)
         return self.store.uri_of(path)
+
+    def local_dir(self, name: str) -> Path:
+        """A folder inside this run's stage directory that survives a killed run (training checkpoints).
+
+        Raises:
+            ValueError: the store is not on the local file system (tools like torch.distributed.checkpoint
+            write folders of files, not single objects).
+        """
+        if not self.store.is_local:
+            raise ValueError(f"stage {self.spec.name} needs a local store folder, got {self.store.uri}")
+        path = Path(self.store.stage_dir(self.spec.name, self.key)) / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def _shard_record(self, shard_id: str) -> str:
         return self.store.shard_record_path(self.spec.name, self.key, shard_id)

@@ -47,6 +47,10 @@ class Store:
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
         self._is_local = isinstance(self.fs, LocalFileSystem)
 
+    @property
+    def is_local(self) -> bool:
+        return self._is_local
+
     def __reduce__(self):
         # Why: fsspec filesystems hold locks and sessions; workers rebuild the store from its URI.
         return (Store, (self.uri,))

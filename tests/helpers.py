@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from curation.demo import DemoDataConfig
-from pipelines.config import IngestConfig, PipelineConfig, SourceConfig, resolve_config
+from pipelines.config import IngestConfig, PipelineConfig, SourceConfig, build_config, resolve_config
+from tests.training_helpers import tiny_training_sections
 
 
 def png_bytes(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
@@ -93,13 +94,20 @@ SMALL_DEMO = DemoDataConfig(
 )
 
 
+# Pretraining steps when a test runs the whole DAG: enough to train, checkpoint and export.
+TINY_DAG_STEPS = 2
+
+
 def demo_job_config(data: Path, store: Path, **ingest_options) -> PipelineConfig:
-    """The demo preset pointed at demo data built under `data`, serial and quiet, storing under `store`."""
+    """The demo preset pointed at demo data built under `data`, serial and quiet, storing under `store`,
+    with a tiny pretraining run."""
     preset = resolve_config("demo")
+    tiny = build_config(tiny_training_sections(TINY_DAG_STEPS))
     sources = tuple(replace(s, path=str(data / s.path.rsplit("/", 1)[-1])) for s in preset.ingest.sources)
     return replace(
         preset,
         store=str(store),
         runtime=replace(preset.runtime, executor="serial", show_progress=False),
         ingest=replace(preset.ingest, sources=sources, **ingest_options),
+        **{name: getattr(tiny, name) for name in ("pretrain", "distill", "evaluate")},
     )

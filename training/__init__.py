@@ -1,1 +1,10 @@
-"""DINOv2 pretraining (backbone, heads, losses, data, FSDP2, checkpoints). Not built yet."""
+"""DINOv2 pretraining and evaluation: backbone, heads, losses, data, FSDP2, checkpoints, the trainer,
+k-NN / linear-probe evaluation, and their stages.
+
+Importing this package registers the `pretrain` and `evaluate` stages with the spine's stage registry.
+"""
+
+from training import stages
+from training.eval import stage as eval_stage
+
+__all__ = ["eval_stage", "stages"]

@@ -54,7 +54,7 @@ def curated(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     data = build_demo_data(root / "demo-data", MEDIUM_DEMO)
     cfg = demo_job_config(data, root / "store")
-    runs = run_pipeline(cfg)
+    runs = run_pipeline(cfg, until="assemble")
     rejected = {
         stage: read_manifest(runs[stage].outputs["rejected"].uri, DUPLICATES_REJECTED)
         for stage in DEDUP_STAGES

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from pipelines.manifest import IMAGES, read_manifest
-from tests.helpers import three_source_config
+from tests.helpers import TINY_DAG_STEPS, three_source_config
+from tests.training_helpers import tiny_training_sections
 
 SERVER_START_TIMEOUT_S = 120
 DEPLOYMENT_WAIT_S = 120
@@ -97,6 +98,7 @@ def test_deployment_run_through_a_real_server(tmp_path, prefect_server):
                 "store": str(store),
                 "runtime": {"executor": "serial", "show_progress": False},
                 "ingest": {"sources": sources, "files_per_shard": 5},
+                **tiny_training_sections(TINY_DAG_STEPS),
             }
         )
     )
@@ -135,3 +137,10 @@ def test_deployment_run_through_a_real_server(tmp_path, prefect_server):
     images = read_manifest(records[0].parent / "images", IMAGES)
     assert images.num_rows == 36
     assert sorted(set(images.column("source").to_pylist())) == ["pool", "seeds", "web"]
+    # The training stages ran too: one metrics row per step, and results for the three models.
+    (pretrain_record,) = store.glob("pretrain/*/_STAGE.json")
+    metrics = read_manifest(pretrain_record.parent / "metrics")
+    assert metrics.column("step").to_pylist() == list(range(TINY_DAG_STEPS))
+    (evaluate_record,) = store.glob("evaluate/*/_STAGE.json")
+    results = read_manifest(evaluate_record.parent / "results")
+    assert set(results.column("model").to_pylist()) == {"teacher", "student", "student_random_init"}

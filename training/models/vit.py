@@ -3,6 +3,9 @@
     image (B, 3, H, W) -> patch_embed -> [mask_token where masked] -> [CLS] + patches + pos_embed
       -> [CLS, registers, patches] -> blocks (pre-norm, LayerScale) -> norm -> forward_features dict
 
+A list of crop groups (the student's global and local crops) gets its tokens prepared per group, runs
+the blocks packed (`Block.forward_list`) and is normed per group: one output dict per group.
+
 Official DINOv2 hub weights load with `strict=True` into `build_vit(arch, img_size=518,
 layerscale_init=1.0)` (plus `num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True`
 for the `_reg4` models). Shapes: B batch, N tokens, D width, P patches, R registers.
@@ -10,6 +13,7 @@ for the `_reg4` models). Shapes: B batch, N tokens, D width, P patches, R regist
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.models.attention import Attention
+from training.models.attention import Attention, GroupShapes, pack_groups, unpack_groups
 
 LAYER_NORM_EPS = 1e-6
 INIT_STD = 0.02  # truncated-normal std of pos_embed and every Linear
@@ -37,7 +41,8 @@ class ArchSpec:
 
 
 ARCHS: dict[str, ArchSpec] = {
-    "vit_test": ArchSpec(embed_dim=64, depth=2, num_heads=2),  # tiny: for tests and CPU demos
+    "vit_test": ArchSpec(embed_dim=64, depth=2, num_heads=2),  # tiny: for tests (and the demo's student)
+    "vit_demo": ArchSpec(embed_dim=128, depth=4, num_heads=4),  # trains on 2 CPU cores in minutes
     "vit_small": ArchSpec(embed_dim=384, depth=12, num_heads=6),
     "vit_base": ArchSpec(embed_dim=768, depth=12, num_heads=12),
     "vit_large": ArchSpec(embed_dim=1024, depth=24, num_heads=16),
@@ -83,11 +88,43 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-class Block(nn.Module):
-    """x = x + ls1(attn(norm1(x))); x = x + ls2(mlp(norm2(x)))."""
+def kept_sample_count(batch: int, drop_rate: float) -> int:
+    """Samples that run a residual branch under efficient stochastic depth: max(floor(b * (1 - d)), 1)."""
+    return max(int(batch * (1 - drop_rate)), 1)
 
-    def __init__(self, dim: int, num_heads: int, ffn_layer: FfnLayer, layerscale_init: float | None):
+
+def draw_kept_samples(batch: int, drop_rate: float, device: torch.device) -> torch.Tensor:
+    """The indices of a uniformly random subset of `kept_sample_count(batch, drop_rate)` samples."""
+    return torch.randperm(batch, device=device)[: kept_sample_count(batch, drop_rate)]
+
+
+def block_drop_path_rates(drop_path_rate: float, depth: int, uniform: bool) -> list[float]:
+    """The rate d of every block: the same d everywhere, or a linear ramp from 0 to d over depth."""
+    if uniform:
+        return [drop_path_rate] * depth
+    # Why torch.linspace: the official ramp is built with it, and its float values are reproduced exactly.
+    # On the CPU whatever the default device, so that models built on "meta" still get their rates.
+    return torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+
+
+class Block(nn.Module):
+    """x = x + ls1(attn(norm1(x))); x = x + ls2(mlp(norm2(x))), with efficient stochastic depth in training.
+
+    Stochastic depth (training and `drop_path_rate` d > 0), per branch and per crop group of b samples:
+    a random subset of s = `kept_sample_count(b, d)` samples runs the branch, and its result, LayerScale
+    included, is added back scaled by b / s; the other samples pass unchanged.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_layer: FfnLayer,
+        layerscale_init: float | None,
+        drop_path_rate: float = 0.0,
+    ):
         super().__init__()
+        self.drop_path_rate = drop_path_rate
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = Attention(dim, num_heads)
         self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
@@ -95,15 +132,54 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, MLP_RATIO * dim) if ffn_layer == "mlp" else SwiGLUFFN(dim, swiglu_hidden(dim))
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
 
-    def attention_residual(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ls1(self.attn(self.norm1(x)))
+    def attention_branch(self, x_TD: torch.Tensor, shapes: GroupShapes) -> torch.Tensor:
+        return self.attn.forward_packed(self.norm1(x_TD), shapes)
 
-    def ffn_residual(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ls2(self.mlp(self.norm2(x)))
+    def ffn_branch(self, x_TD: torch.Tensor, shapes: GroupShapes) -> torch.Tensor:
+        return self.mlp(self.norm2(x_TD))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention_residual(x)
-        return x + self.ffn_residual(x)
+    def drops_samples(self) -> bool:
+        return self.training and self.drop_path_rate > 0
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """A (B, N, D) tensor, or a list of crop groups (`forward_list`).
+
+        Lists go through `forward` too, so that module hooks (FSDP2's parameter all-gather) see every call.
+        """
+        if isinstance(x, list):
+            return self.forward_list(x)
+        if self.drops_samples():
+            return self.forward_list([x])[0]
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+    def forward_list(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Crop groups [(b_i, n_i, D)] -> the same shapes; token-wise layers run once on all groups packed."""
+        if self.drops_samples():
+            groups = self._add_subset_residual(groups, self.attention_branch, self.ls1)
+            return self._add_subset_residual(groups, self.ffn_branch, self.ls2)
+        x_TD, shapes = pack_groups(groups)
+        x_TD = x_TD + self.ls1(self.attention_branch(x_TD, shapes))
+        x_TD = x_TD + self.ls2(self.ffn_branch(x_TD, shapes))
+        return unpack_groups(x_TD, shapes)
+
+    def _add_subset_residual(
+        self,
+        groups: list[torch.Tensor],
+        branch: Callable[[torch.Tensor, GroupShapes], torch.Tensor],
+        layer_scale: nn.Module,
+    ) -> list[torch.Tensor]:
+        kept = [draw_kept_samples(group.shape[0], self.drop_path_rate, group.device) for group in groups]
+        subset_TD, subset_shapes = pack_groups(
+            [group[index] for group, index in zip(groups, kept, strict=True)]
+        )
+        residuals = unpack_groups(layer_scale(branch(subset_TD, subset_shapes)), subset_shapes)
+        # Why b / s and not 1 / (1 - d): a sample is kept with probability s / b, so its expected residual
+        # is exactly the full one.
+        return [
+            torch.index_add(group, 0, index, residual, alpha=group.shape[0] / index.numel())
+            for group, index, residual in zip(groups, kept, residuals, strict=True)
+        ]
 
 
 class PatchEmbed(nn.Module):
@@ -131,6 +207,7 @@ class DinoVisionTransformer(nn.Module):
         layerscale_init: float | None,
         interpolate_offset: float,
         interpolate_antialias: bool,
+        drop_path_rates: Sequence[float],
     ):
         super().__init__()
         dim = arch.embed_dim
@@ -148,7 +225,7 @@ class DinoVisionTransformer(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
         self.patch_embed = PatchEmbed(patch_size, dim)
         self.blocks = nn.ModuleList(
-            Block(dim, arch.num_heads, ffn_layer, layerscale_init) for _ in range(arch.depth)
+            Block(dim, arch.num_heads, ffn_layer, layerscale_init, rate) for rate in drop_path_rates
         )
         self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.head = nn.Identity()
@@ -207,10 +284,34 @@ class DinoVisionTransformer(nn.Module):
             tokens = torch.cat([tokens[:, :1], registers, tokens[:, 1:]], dim=1)
         return tokens
 
-    def forward_features(self, images_BCHW: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
-        x_BND = self.prepare_tokens(images_BCHW, masks)
+    def forward_features(
+        self,
+        images: torch.Tensor | list[torch.Tensor],
+        masks: torch.Tensor | list[torch.Tensor | None] | None = None,
+    ) -> dict | list[dict]:
+        """One output dict for an image tensor; one dict per group for a list of crop groups.
+
+        With a list, `masks` is a list of the same length (entries may be None) or None for no masks.
+        """
+        if isinstance(images, list):
+            return self.forward_features_list(images, masks)
+        x_BND = self.prepare_tokens(images, masks)
         for block in self.blocks:
             x_BND = block(x_BND)
+        return self._output_dict(x_BND, masks)
+
+    def forward_features_list(
+        self, groups: list[torch.Tensor], masks: list[torch.Tensor | None] | None = None
+    ) -> list[dict]:
+        group_masks = [None] * len(groups) if masks is None else masks
+        if len(group_masks) != len(groups):
+            raise ValueError(f"{len(groups)} crop groups but {len(group_masks)} masks")
+        tokens = [self.prepare_tokens(images, mask) for images, mask in zip(groups, group_masks, strict=True)]
+        for block in self.blocks:
+            tokens = block(tokens)
+        return [self._output_dict(x_BND, mask) for x_BND, mask in zip(tokens, group_masks, strict=True)]
+
+    def _output_dict(self, x_BND: torch.Tensor, masks: torch.Tensor | None) -> dict:
         normed = self.norm(x_BND)
         first_patch = 1 + self.num_register_tokens
         return {
@@ -221,8 +322,52 @@ class DinoVisionTransformer(nn.Module):
             "masks": masks,
         }
 
-    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(images_BCHW)["x_norm_clstoken"])
+    def get_intermediate_layers(
+        self,
+        images_BCHW: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple:
+        """Patch tokens (CLS and registers dropped) after the last `n` blocks, or after the blocks indexed by
+        `n`, in block order; each (B, P, D), or (B, D, rows, columns) with `reshape`. With
+        `return_class_token`, each entry is a (patch_tokens, cls_token (B, D)) pair. `norm` applies the
+        final LayerNorm to every output.
+        """
+        depth = len(self.blocks)
+        wanted = set(range(depth - n, depth)) if isinstance(n, int) else set(n)
+        if not wanted or min(wanted) < 0 or max(wanted) >= depth:
+            raise ValueError(f"block indices {sorted(wanted)} are not within the {depth} blocks")
+        x_BND = self.prepare_tokens(images_BCHW)
+        outputs = []
+        for index, block in enumerate(self.blocks[: max(wanted) + 1]):
+            x_BND = block(x_BND)
+            if index in wanted:
+                outputs.append(self.norm(x_BND) if norm else x_BND)
+        class_tokens = [out[:, 0] for out in outputs]
+        patches = [out[:, 1 + self.num_register_tokens :] for out in outputs]
+        if reshape:
+            rows, columns = (side // self.patch_size for side in images_BCHW.shape[-2:])
+            patches = [p.unflatten(1, (rows, columns)).permute(0, 3, 1, 2).contiguous() for p in patches]
+        if return_class_token:
+            return tuple(zip(patches, class_tokens, strict=True))
+        return tuple(patches)
+
+    def forward(
+        self,
+        images: torch.Tensor | list[torch.Tensor],
+        masks: torch.Tensor | list[torch.Tensor | None] | None = None,
+        is_training: bool = False,
+    ) -> torch.Tensor | dict | list[dict]:
+        """The normed CLS (B, D); with `is_training`, the `forward_features` output (dict or list of dicts).
+
+        Training goes through `forward`, not `forward_features`, so that FSDP2's hooks on the root run.
+        """
+        features = self.forward_features(images, masks)
+        if is_training:
+            return features
+        return self.head(features["x_norm_clstoken"])
 
 
 def build_vit(
@@ -235,12 +380,20 @@ def build_vit(
     layerscale_init: float | None = 1e-5,
     interpolate_offset: float = 0.1,
     interpolate_antialias: bool = False,
+    drop_path_rate: float = 0.0,
+    drop_path_uniform: bool = True,
 ) -> DinoVisionTransformer:
-    """A backbone by name (`ARCHS`); options are named as in the official config."""
+    """A backbone by name (`ARCHS`); options are named as in the official config.
+
+    `drop_path_rate` d is every block's stochastic-depth rate (`drop_path_uniform`) or the end of a linear
+    ramp from 0 over depth; it acts in training mode only and adds no parameters.
+    """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
     if img_size % patch_size:
         raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+    if not 0 <= drop_path_rate < 1:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
     spec = ARCHS[arch]
     ffn = ffn_layer or spec.ffn_layer
     return DinoVisionTransformer(
@@ -252,4 +405,5 @@ def build_vit(
         layerscale_init=layerscale_init,
         interpolate_offset=interpolate_offset,
         interpolate_antialias=interpolate_antialias,
+        drop_path_rates=block_drop_path_rates(drop_path_rate, spec.depth, drop_path_uniform),
     )

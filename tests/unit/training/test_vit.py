@@ -115,3 +115,47 @@ def test_unknown_arch_and_bad_sizes_fail_clearly():
     with pytest.raises(ValueError, match="not a multiple"):
         build_vit("vit_test").forward_features(torch.randn(1, 3, 30, 28))
     assert set(ARCHS) >= {"vit_small", "vit_base", "vit_large", "vit_giant2", "vit_huge", "vit_test"}
+
+
+def manual_block_outputs(model, images):
+    """Every block's output, by running the blocks one by one on the prepared tokens."""
+    x = model.prepare_tokens(images)
+    outputs = []
+    for block in model.blocks:
+        x = block(x)
+        outputs.append(x)
+    return outputs
+
+
+def test_intermediate_layers_are_the_last_blocks_normed_without_cls_and_registers():
+    torch.manual_seed(0)
+    model = build_vit("vit_test", img_size=56, num_register_tokens=3).eval()
+    images = torch.randn(2, 3, 42, 70)  # 3 x 5 patches
+    first_patch = 1 + 3
+    with torch.no_grad():
+        blocks = manual_block_outputs(model, images)
+        last = model.get_intermediate_layers(images)
+        both = model.get_intermediate_layers(images, n=2)
+        listed = model.get_intermediate_layers(images, n=[0], norm=False)
+        features = model.forward_features(images)
+    assert len(last) == 1 and torch.allclose(last[0], features["x_norm_patchtokens"], atol=1e-6)
+    assert len(both) == 2
+    for out, block_out in zip(both, blocks, strict=True):
+        assert torch.allclose(out, model.norm(block_out)[:, first_patch:], atol=1e-6)
+    assert torch.equal(listed[0], blocks[0][:, first_patch:])
+
+
+def test_intermediate_layers_reshape_to_a_grid_and_return_class_tokens():
+    torch.manual_seed(0)
+    model = build_vit("vit_test", img_size=56, num_register_tokens=1).eval()
+    images = torch.randn(2, 3, 42, 70)
+    with torch.no_grad():
+        ((grid, cls),) = model.get_intermediate_layers(images, reshape=True, return_class_token=True)
+        (flat,) = model.get_intermediate_layers(images)
+        normed_last = model.norm(manual_block_outputs(model, images)[-1])
+    assert grid.shape == (2, 64, 3, 5)
+    row, column = 2, 4
+    assert torch.equal(grid[:, :, row, column], flat[:, row * 5 + column])
+    assert torch.allclose(cls, normed_last[:, 0], atol=1e-6)
+    with pytest.raises(ValueError, match="block indices"):
+        model.get_intermediate_layers(images, n=[2])

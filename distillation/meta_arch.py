@@ -1,0 +1,175 @@
+"""Distillation meta-architecture: a smaller student trained against a frozen teacher (recipe section 7).
+
+    global crops --frozen teacher backbone (+ heads)--> targets
+    [global crops, local crops] (never masked) --student--> DINO over the 18 crop pairs + iBOT on every
+      patch token of the two global crops + KoLeo      (objective "heads", the paper's method)
+                                                  or: cosine matching of CLS and patch features
+                                                      through linear maps   (objective "features")
+    after each step: student_ema <- m * student_ema + (1 - m) * student; student_ema is the final model
+
+The paper's changes to the pretraining loop: a frozen teacher, a spare EMA of the student as the result,
+no masking and no stochastic depth, and iBOT on the two global crops. For iBOT this follows the DINOv2
+maintainers' "all the tokens" (issue #176) rather than DINOv3's sampled positions: with no mask there
+is no reason to score a subset.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distillation.teacher import FrozenTeacher
+from pipelines.train_config import DistillConfig
+from training.checkpoint import backbone_options
+from training.losses import koleo_loss
+from training.ssl import LOGGED_HALVED, NUM_GLOBAL_CROPS, SSLMetaArch, build_backbone, build_heads, ema_update
+
+Objective = Literal["heads", "features"]
+FEATURE_HEAD = "feature_head"
+
+
+class FeatureProjection(nn.Module):
+    """Linear maps from the student's width to the teacher's, one for CLS and one for patch tokens."""
+
+    def __init__(self, student_dim: int, teacher_dim: int):
+        super().__init__()
+        self.cls_proj = nn.Linear(student_dim, teacher_dim)
+        self.patch_proj = nn.Linear(student_dim, teacher_dim)
+
+    def forward(
+        self, cls_BD: torch.Tensor, patches_BPD: torch.Tensor, local_cls_BD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # One call for all three: under FSDP2 a module's weights are gathered around its forward only.
+        return self.cls_proj(cls_BD), self.patch_proj(patches_BPD), self.cls_proj(local_cls_BD)
+
+
+def cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """mean(1 - cos) over rows, in fp32."""
+    return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+def check_compatible(cfg: DistillConfig, teacher: FrozenTeacher, objective: Objective) -> None:
+    """A student that cannot learn from this teacher is a config error, said before any training."""
+    recipe = cfg.recipe
+    if teacher.options["patch_size"] != recipe.student.patch_size:
+        raise ValueError(
+            f"teacher patch size {teacher.options['patch_size']} != student {recipe.student.patch_size}: "
+            "patch-level targets need the same token grid"
+        )
+    if objective == "features":
+        return
+    if teacher.head_config is None or "dino_head" not in teacher.modules:
+        raise ValueError(f"objective 'heads' needs a teacher with heads; {teacher.source} has none")
+    own, theirs = recipe, teacher.head_config
+    if (own.dino.head_n_prototypes, own.ibot.head_n_prototypes, own.ibot.separate_head) != (
+        theirs.dino.head_n_prototypes,
+        theirs.ibot.head_n_prototypes,
+        theirs.ibot.separate_head,
+    ):
+        raise ValueError(
+            "the student's heads must score the teacher's prototypes: set distill.recipe.dino/ibot "
+            f"head_n_prototypes to {theirs.dino.head_n_prototypes}/{theirs.ibot.head_n_prototypes} "
+            f"and ibot.separate_head to {theirs.ibot.separate_head}"
+        )
+
+
+class DistillMetaArch(SSLMetaArch):
+    """Student, frozen teacher, the student's EMA, and the distillation objective."""
+
+    def __init__(self, cfg: DistillConfig, teacher: FrozenTeacher, objective: Objective):
+        check_compatible(cfg, teacher, objective)
+        recipe = cfg.recipe
+        backbone = build_backbone(recipe, drop_path_rate=0.0)
+        if objective == "heads":
+            heads = build_heads(recipe, backbone.embed_dim)
+        else:
+            heads = {
+                FEATURE_HEAD: FeatureProjection(backbone.embed_dim, teacher.modules["backbone"].embed_dim)
+            }
+        backbone.mask_token.requires_grad_(False)  # the student is never masked: nothing trains it
+        student = nn.ModuleDict({"backbone": backbone, **heads})
+        super().__init__(recipe, (student, teacher.modules))
+        self.objective = objective
+        self.student_ema = copy.deepcopy(student).requires_grad_(False)
+
+    def train(self, mode: bool = True) -> DistillMetaArch:
+        super().train(mode)
+        self.student_ema.eval()
+        return self
+
+    def ibot_positions(
+        self, batch: Mapping[str, torch.Tensor], device: torch.device
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """No mask for the student; iBOT scores every patch of the global crops, each image's mean."""
+        tokens = batch["collated_masks"].numel()
+        per_image = batch["collated_masks"].shape[1]
+        return (
+            None,
+            torch.arange(tokens, device=device),
+            torch.full((tokens,), 1.0 / per_image, device=device),
+        )
+
+    def forward_backward(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        teacher_temp: float,
+        backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    ) -> dict[str, float]:
+        if self.objective == "heads":
+            return super().forward_backward(batch, teacher_temp, backward)
+        terms = self.feature_terms(batch)
+        backward(terms["objective"])
+        return {name: float(value.detach()) for name, value in terms.items()}
+
+    def feature_terms(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Cosine distances to the teacher's normed features, under the metrics' column names: global CLS
+        (same view) -> dino_global, local CLS vs both global views -> dino_local, patches -> ibot."""
+        device = next(self.student.parameters()).device
+        global_crops = batch["collated_global_crops"].to(device, non_blocking=True)
+        local_crops = batch["collated_local_crops"].to(device, non_blocking=True)
+        with torch.no_grad():
+            target = self.teacher["backbone"](global_crops, is_training=True)
+            if hasattr(self.teacher["backbone"], "reshard"):
+                self.teacher["backbone"].reshard()
+        groups = [global_crops, local_crops] if local_crops.shape[0] else [global_crops]
+        outputs = self.student["backbone"](groups, masks=[None] * len(groups), is_training=True)
+        global_cls = outputs[0]["x_norm_clstoken"]
+        local_cls = outputs[1]["x_norm_clstoken"] if len(outputs) > 1 else global_cls[:0]
+        cls, patches, local = self.student[FEATURE_HEAD](
+            global_cls, outputs[0]["x_norm_patchtokens"], local_cls
+        )
+        cls_term = cosine_distance(cls, target["x_norm_clstoken"])
+        patch_term = cosine_distance(patches, target["x_norm_patchtokens"])
+        local_term = cls_term.new_zeros(())
+        if local.shape[0]:
+            local = local.unflatten(0, (-1, global_cls.shape[0] // NUM_GLOBAL_CROPS))  # (n_local, B, D)
+            views = target["x_norm_clstoken"].chunk(NUM_GLOBAL_CROPS)
+            local_term = torch.stack([cosine_distance(local, view.expand_as(local)) for view in views]).mean()
+        koleo = self.cfg.dino.koleo_loss_weight * sum(
+            koleo_loss(v) for v in global_cls.chunk(NUM_GLOBAL_CROPS)
+        )
+        return {
+            "dino_local_crops_loss": local_term,
+            "dino_global_crops_loss": cls_term,
+            "koleo_loss": koleo * LOGGED_HALVED,
+            "ibot_loss": patch_term,
+            "objective": cls_term + local_term + patch_term + koleo,
+        }
+
+    # -- training-loop interface ------------------------------------------------------------------------
+
+    def shard_groups(self) -> list[nn.ModuleDict]:
+        return [self.student, self.student_ema, self.teacher]
+
+    def exportable_backbones(self) -> dict[str, dict[str, Any]]:
+        """The student's EMA is the distilled model (the first entry: the default export)."""
+        options = backbone_options(self.cfg.student, self.cfg.crops.global_crops_size)
+        return {"student_ema": options, "student": options}
+
+    def update_ema(self, momentum: float) -> None:
+        ema_update(self.student_ema, self.student, momentum)

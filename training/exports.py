@@ -1,0 +1,84 @@
+"""Rows of the `exports` manifest: a hub-format backbone file with the options that rebuild it.
+
+backbone.pth + backbone.pth.json (build_vit options) --export_row--> {model, path, sha256, ...}
+any backbone + its build options --save_backbone--> backbone.pth + backbone.pth.json
+exports row --load_exported_backbone--> build_vit(**options) with the weights, strict, weights_only
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.checkpoint import EXPORT_INFO_SUFFIX, write_text_atomic
+from training.models.vit import build_vit
+
+HASH_CHUNK_BYTES = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_backbone(backbone: nn.Module, options: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Writes `backbone`'s weights as a hub-format `.pth` and `options` as its sidecar JSON, atomically.
+
+    `options` are the `build_vit` arguments that rebuild it, `arch` included (`backbone_options` layout);
+    the pair is what `export_backbone` writes, so `export_row` and `load_exported_backbone` read it.
+    """
+    if "arch" not in options:
+        raise ValueError(f"backbone options need an 'arch' entry, got {sorted(options)}")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().cpu() for name, tensor in backbone.state_dict().items()}
+    temp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    torch.save(state, temp)
+    os.replace(temp, out)
+    write_text_atomic(out.with_name(out.name + EXPORT_INFO_SUFFIX), json.dumps(options, indent=2))
+    return out
+
+
+def export_row(
+    model: str,
+    path: str | Path,
+    *,
+    checkpoint: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The exports-manifest row of a backbone file.
+
+    `options` default to the sidecar JSON that `export_backbone` / `save_backbone` write; pass them for a
+    file without one (a user's official DINOv2 backbone). `checkpoint` names the training checkpoint
+    (backbone and heads) the file was exported from.
+    """
+    path = Path(path)
+    if options is None:
+        options = json.loads(path.with_name(path.name + EXPORT_INFO_SUFFIX).read_text())
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {
+        "model": model,
+        "path": str(path),
+        "sha256": file_sha256(path),
+        "arch": options["arch"],
+        "build_options": json.dumps(options, sort_keys=True),
+        "parameters": sum(tensor.numel() for tensor in state.values()),
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+    }
+
+
+def load_exported_backbone(row: dict[str, Any]) -> nn.Module:
+    """The backbone of an exports row, loaded with strict=True (a key mismatch is an error)."""
+    options = json.loads(row["build_options"])
+    backbone = build_vit(options.pop("arch"), **options)
+    backbone.load_state_dict(torch.load(row["path"], map_location="cpu", weights_only=True), strict=True)
+    return backbone.eval()
