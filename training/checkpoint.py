@@ -219,24 +219,21 @@ def backbone_options(student: StudentConfig, img_size: int) -> dict[str, Any]:
 
 
 def load_initial_weights(model: nn.Module, source: str | os.PathLike, grid: int) -> None:
-    """Starts a run from earlier weights (the high-resolution phase): student and teacher both.
+    """Starts a run from earlier weights (the high-resolution phase).
 
-    `source` is a checkpoint (root or step folder: backbones and heads) or a hub-format backbone `.pth`
-    (backbones only; heads keep their fresh init). pos_embed is resized to `grid` when it differs.
+    `source` is a checkpoint (root or step folder): student and teacher continue from their own weights,
+    heads included; or a hub-format backbone `.pth`: both backbones start from it, heads keep their fresh
+    init. Every pos_embed is resized to `grid` when it differs. Optimizer state and centres start afresh.
     """
     path = Path(source)
     if path.is_dir():
         tensors = read_model_tensors(resolve_checkpoint(path))
-        student_state = {
-            n.removeprefix("student."): t for n, t in tensors.items() if n.startswith("student.")
-        }
+        full = {name: t for name, t in tensors.items() if name.startswith(("student.", "teacher."))}
     else:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-        student_state = {f"backbone.{name}": tensor for name, tensor in loaded.items()}
-    student_state["backbone.pos_embed"] = resize_pos_embed(student_state["backbone.pos_embed"], grid)
-    full = {
-        f"{part}.{name}": tensor for part in ("student", "teacher") for name, tensor in student_state.items()
-    }
+        full = {f"{part}.backbone.{name}": t for part in ("student", "teacher") for name, t in loaded.items()}
+    for name in [name for name in full if name.endswith(".backbone.pos_embed")]:
+        full[name] = resize_pos_embed(full[name], grid)
     # Why not strict: a hub file has no heads. Names must still all match: a renamed key silently left at
     # random init is the classic evaluation bug (recipe 9.2).
     result = set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))

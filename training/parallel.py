@@ -72,6 +72,10 @@ def init_distributed(preference: TrainDevice = "auto") -> DistributedEnv:
 
 def shutdown(env: DistributedEnv) -> None:
     if env.owns_process_group and dist.is_initialized():
+        if env.world_size > 1:
+            # Why: a rank that tears its gloo pairs down while a peer still finishes its last collective
+            # can abort that peer; leave together.
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -10,6 +10,7 @@ the last block's patch tokens. Shapes: N images, L blocks (oldest first), P patc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -102,6 +103,8 @@ def extract_features(
     transform: ImageTransform | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    description: str = "features",
+    num_images: int | None = None,
 ) -> FeatureSet:
     """Features of every image from one pass of the frozen `backbone` (in eval mode, no autograd).
 
@@ -113,6 +116,8 @@ def extract_features(
         autocast_dtype: run the backbone under autocast in this dtype (the official eval uses fp16 on
             GPU); features are returned as float32 either way.
         progress: show a tqdm bar over batches.
+        description: the bar's label, e.g. "teacher train".
+        num_images: how many `images` there are, for the bar's total (iterators have no length).
     """
     if batch_size < 1 or n_last_blocks < 1:
         raise ValueError(f"batch_size ({batch_size}) and n_last_blocks ({n_last_blocks}) must be >= 1")
@@ -121,7 +126,11 @@ def extract_features(
     backbone.eval().to(device)
     block_cls, patch_mean = [], []
     with torch.inference_mode():
-        for batch in tqdm(_batches(images, batch_size), desc="features", unit="batch", disable=not progress):
+        total = None if num_images is None else math.ceil(num_images / batch_size)
+        batches = tqdm(
+            _batches(images, batch_size), desc=description, total=total, unit="batch", disable=not progress
+        )
+        for batch in batches:
             images_BCHW = torch.stack([transform(image) for image in batch]).to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 outputs = backbone.get_intermediate_layers(

@@ -89,6 +89,8 @@ def evaluate_backbone(
             backbone,
             split.images(),
             batch_size=cfg.batch_size,
+            description=f"{export['model']} {name}",
+            num_images=len(split),
             n_last_blocks=min(LINEAR_PROBE_BLOCKS, depth),
             device=device,
             transform=transform,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from tests.training_helpers import fashion_manifest, tiny_pretrain_config
-from training.checkpoint import export_backbone, latest_checkpoint
+from training.checkpoint import export_backbone, latest_checkpoint, load_initial_weights, resize_pos_embed
 from training.models.vit import build_vit
+from training.parallel import init_distributed, local_tensor, shutdown
 from training.ssl import build_backbone
-from training.trainer import CHECKPOINTS_DIR, train
+from training.trainer import CHECKPOINTS_DIR, build_model, train
 
 LOSS_COLUMNS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "objective")
 
@@ -63,3 +64,29 @@ def test_training_moves_the_teacher_and_logs_the_schedules(tmp_path):
     # The EMA teacher moved away from the shared initial weights (the student took 3 non-zero lr steps).
     moved = [name for name in initial if not torch.equal(initial[name], exported[name])]
     assert "blocks.0.attn.qkv.weight" in moved
+
+
+def test_the_high_resolution_phase_starts_from_the_earlier_run_with_a_resized_position_table(tmp_path):
+    images = fashion_manifest(tmp_path / "images", 16)
+    train(tiny_pretrain_config(train={"max_steps": 2}), images, tmp_path / "low", show_progress=False)
+    low = teacher_weights(tmp_path / "low")
+    # 42-px global crops: a 6 x 6 grid instead of 4 x 4; the run starts from the 28-px checkpoint.
+    high_cfg = tiny_pretrain_config(
+        crops={"global_crops_size": 42},
+        train={"max_steps": 1, "init_from": str(tmp_path / "low" / CHECKPOINTS_DIR)},
+    )
+    env = init_distributed("cpu")
+    try:
+        model = build_model(high_cfg, env)
+        load_initial_weights(model, high_cfg.train.init_from, grid=6)
+        teacher = {name: local_tensor(p).detach() for name, p in model.teacher["backbone"].named_parameters()}
+    finally:
+        shutdown(env)
+    assert teacher["pos_embed"].shape == (1, 1 + 36, 64)
+    torch.testing.assert_close(teacher["pos_embed"], resize_pos_embed(low["pos_embed"], 6))
+    for name, tensor in low.items():
+        if name != "pos_embed":
+            assert torch.equal(teacher[name], tensor), name
+    # And the whole loop runs from there at the new resolution.
+    result = train(high_cfg, images, tmp_path / "high", show_progress=False)
+    assert result.metrics.num_rows == 1
