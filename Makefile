@@ -5,10 +5,11 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DEMO_DATA := build/demo-data
 PREFECT_PORT ?= 4200
-# Debian packages holding the real images of the demo (see ../shared/reference/offline-data.md).
-DEBIAN_PACKAGES := dataset-fashion-mnist openclipart-png tuxpaint-stamps-default adwaita-icon-theme
+# Debian packages holding the real images of the demo (see ../shared/reference/offline-data.md), and
+# Chromium, which the report's browser test opens the page in (headless).
+DEBIAN_PACKAGES := dataset-fashion-mnist openclipart-png tuxpaint-stamps-default adwaita-icon-theme chromium
 DEBIAN_MARKERS := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/tuxpaint/stamps \
-	/usr/share/icons/Adwaita /usr/share/doc/openclipart-png
+	/usr/share/icons/Adwaita /usr/share/doc/openclipart-png /usr/bin/chromium
 
 .PHONY: demo test bench serve setup system-deps clean
 

@@ -1,4 +1,4 @@
-"""The `lvd` command: run, stage, manifest, serve, demo-data.
+"""The `lvd` command: run, ablate-data, stage, manifest, serve, report, demo-data.
 
 User errors (bad config, missing inputs, unknown manifests) print one line and exit with status 2;
 only real bugs print a traceback.
@@ -14,14 +14,23 @@ from pathlib import Path
 
 from rich.console import Console
 
-from flows.dag import UnknownStageError, UpstreamMissingError, nodes_until, run_single_stage
-from flows.summary import print_runs
-from pipelines.config import ConfigError, resolve_config
+from flows.dag import (
+    ABLATE_DATA_UPSTREAM,
+    UnknownStageError,
+    UpstreamMissingError,
+    nodes_until,
+    run_single_stage,
+)
+from flows.summary import accuracy_table, print_runs
+from pipelines.config import ConfigError, PipelineConfig, resolve_config
 from pipelines.manifest import ManifestError
+from pipelines.stage import StageRun
 
 USER_ERROR_EXIT = 2
 DEFAULT_HEAD_ROWS = 10
 DEFAULT_DEMO_DATA_DIR = "build/demo-data"
+DEFAULT_REPORT_PATH = "build/report.html"
+ABLATE_DATA_STAGE = "ablate_data"
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run curate-and-train in this process (Prefect flow, no server)")
     _add_config_options(run)
     run.add_argument("--until", metavar="STAGE", help="stop after this stage (default: run the whole DAG)")
+    run.add_argument(
+        "--ablate-data",
+        action="store_true",
+        help="then pretrain on a random pool sample of the curated set's size and compare (paper Table 2)",
+    )
+
+    ablate = commands.add_parser(
+        "ablate-data",
+        help="curate, pretrain on the curated set and on a same-size random pool sample, evaluate both",
+    )
+    _add_config_options(ablate)
 
     stage = commands.add_parser("stage", help="run one stage against committed upstream outputs")
     stage.add_argument("name")
@@ -68,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the Prefect deployments (needs PREFECT_API_URL)")
     _add_config_options(serve)
+
+    report = commands.add_parser("report", help="write one self-contained HTML page of the committed runs")
+    _add_config_options(report)
+    report.add_argument(
+        "--out", default=DEFAULT_REPORT_PATH, help=f"the page (default: {DEFAULT_REPORT_PATH})"
+    )
 
     demo = commands.add_parser("demo-data", help="build the demo scenario from real offline images")
     demo.add_argument("--out", default=DEFAULT_DEMO_DATA_DIR)
@@ -101,10 +127,24 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         nodes_until(args.until)  # an unknown stage name fails here, before Prefect starts
         from flows.prefect_flows import curate_and_train
 
-        print_runs(curate_and_train(args.preset, args.config_file, args.overrides, args.until), console)
+        runs = curate_and_train(args.preset, args.config_file, args.overrides, args.until, args.ablate_data)
+        _print_with_ablation(runs, cfg, console)
+        return 0
+    if args.command == "ablate-data":
+        from flows.prefect_flows import curate_and_train
+
+        runs = curate_and_train(
+            args.preset, args.config_file, args.overrides, ABLATE_DATA_UPSTREAM, ablate_data=True
+        )
+        _print_with_ablation(runs, cfg, console)
         return 0
     if args.command == "stage":
         print_runs({args.name: run_single_stage(args.name, cfg)}, console)
+        return 0
+    if args.command == "report":
+        from flows.report import build_report
+
+        console.print(f"report written to {build_report(cfg, args.out)}", soft_wrap=True, highlight=False)
         return 0
     if args.command == "serve":
         from flows.prefect_flows import serve_deployments
@@ -112,6 +152,19 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         serve_deployments(args.preset, args.config_file, args.overrides)
         return 0
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _print_with_ablation(runs: dict[str, StageRun], cfg: PipelineConfig, console: Console) -> None:
+    """The run summary, the ablation's table when it ran, and where the flow wrote the report."""
+    from flows.report import store_report_path
+
+    print_runs(runs, console)
+    if ABLATE_DATA_STAGE in runs:
+        console.print("pretraining data ablation: curated vs uncurated random", highlight=False)
+        console.print(accuracy_table(runs[ABLATE_DATA_STAGE].outputs["results"].read()))
+    report = store_report_path(cfg)
+    if report is not None:
+        console.print(f"report: {report}", soft_wrap=True, highlight=False)
 
 
 def _manifest(args: argparse.Namespace, console: Console) -> int:

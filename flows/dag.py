@@ -3,6 +3,10 @@
     ingest -> exact_dedup -> phash_dedup -> copy_dedup -> decontaminate -> embed -> cluster
       -> retrieve -> assemble -> pretrain -> distill -> evaluate
 
+and, only when asked, the data ablation (the paper's Table 2 in miniature):
+
+    decontaminate + assemble -> random_pool -> pretrain_random -> ablate_data <- pretrain
+
 Each node names its stage, the section of PipelineConfig that configures it, and which upstream
 outputs feed which of its inputs. The Prefect flows walk the same nodes, one task per node.
 """
@@ -13,9 +17,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import curation  # noqa: F401  (registers the curation stages)
+import curation  # noqa: F401  (registers the curation stages, random_pool included)
 import distillation  # noqa: F401  (registers the distill stage)
-import training  # noqa: F401  (registers the pretrain and evaluate stages)
+import training  # noqa: F401  (registers pretrain, evaluate and the ablation stages)
 from pipelines.config import PipelineConfig
 from pipelines.executor import Executor, build_executor
 from pipelines.stage import Manifest, StageRun, get_stage, load_committed, run_stage, stage_key
@@ -69,6 +73,23 @@ CURATE_AND_TRAIN: tuple[DagNode, ...] = (
 )
 NODES = {node.stage: node for node in CURATE_AND_TRAIN}
 
+# The data ablation reads curate-and-train's outputs up to this node.
+ABLATE_DATA_UPSTREAM = "pretrain"
+ABLATE_DATA: tuple[DagNode, ...] = (
+    DagNode(
+        "random_pool",
+        lambda cfg: cfg.ablate_data,
+        {"images": ("decontaminate", "images"), "curated": ("assemble", "curated")},
+    ),
+    # The same config section as `pretrain`: only the data differs.
+    DagNode("pretrain_random", lambda cfg: cfg.pretrain, {"curated": ("random_pool", "curated")}),
+    DagNode(
+        "ablate_data",
+        lambda cfg: cfg.evaluate,
+        {"curated_exports": ("pretrain", "exports"), "random_exports": ("pretrain_random", "exports")},
+    ),
+)
+
 
 class UpstreamMissingError(RuntimeError):
     """A stage was asked to run alone before the stages it reads from were committed."""
@@ -114,14 +135,28 @@ def nodes_until(until: str | None) -> tuple[DagNode, ...]:
     return CURATE_AND_TRAIN[: stages.index(until) + 1]
 
 
+def nodes_to_run(until: str | None = None, ablate_data: bool = False) -> tuple[DagNode, ...]:
+    """The DAG's nodes up to `until`; with `ablate_data`, then the ablation's nodes (after at least
+    ABLATE_DATA_UPSTREAM, which they read from)."""
+    nodes = nodes_until(until)
+    if not ablate_data:
+        return nodes
+    upstream = nodes_until(ABLATE_DATA_UPSTREAM)
+    return (nodes if len(nodes) > len(upstream) else upstream) + ABLATE_DATA
+
+
 def run_pipeline(
-    cfg: PipelineConfig, executor: Executor | None = None, until: str | None = None
+    cfg: PipelineConfig,
+    executor: Executor | None = None,
+    until: str | None = None,
+    ablate_data: bool = False,
 ) -> dict[str, StageRun]:
-    """Runs the nodes in order (up to `until`); committed stages are reused, so a rerun costs key checks."""
+    """Runs the nodes in order (up to `until`, then the ablation's with `ablate_data`); committed stages
+    are reused, so a rerun costs key checks."""
     store = Store(cfg.store)
     executor = executor or executor_for(cfg)
     runs: dict[str, StageRun] = {}
-    for node in nodes_until(until):
+    for node in nodes_to_run(until, ablate_data):
         runs[node.stage] = run_node(node, cfg, runs, store, executor)
     return runs
 

@@ -16,9 +16,10 @@ from flows.dag import (
     DagNode,
     committed_upstream,
     executor_for,
-    nodes_until,
+    nodes_to_run,
     run_node,
 )
+from flows.report import build_report, report_markdown, store_report_path
 from flows.summary import stage_markdown
 from pipelines.config import PipelineConfig, resolve_config
 from pipelines.executor import Executor
@@ -28,6 +29,7 @@ from pipelines.store import Store
 CURATE_AND_TRAIN_FLOW = "curate-and-train"
 RUN_STAGE_FLOW = "run-stage"
 DEFAULT_DEPLOYMENT = "default"
+REPORT_ARTIFACT_KEY = "lvd-report"
 
 
 @task(task_run_name="{node.stage}", cache_policy=NO_CACHE, persist_result=False)
@@ -43,6 +45,19 @@ def stage_task(
     return run
 
 
+@task(task_run_name="report", cache_policy=NO_CACHE, persist_result=False)
+def report_task(cfg: PipelineConfig) -> None:
+    """The HTML page in the store folder (local stores); its stage table and accuracies as markdown."""
+    path = store_report_path(cfg)
+    if path is not None:
+        build_report(cfg, path)
+    create_markdown_artifact(
+        key=REPORT_ARTIFACT_KEY,
+        markdown=report_markdown(cfg, path),
+        description="lvd curate-and-train report",
+    )
+
+
 def _config(preset: str, config_file: str | None, overrides: list[str] | None) -> PipelineConfig:
     return resolve_config(preset=preset or None, config_file=config_file, overrides=overrides or [])
 
@@ -53,14 +68,17 @@ def curate_and_train(
     config_file: str | None = None,
     overrides: list[str] | None = None,
     until: str | None = None,
+    ablate_data: bool = False,
 ) -> dict[str, StageRun]:
-    """Runs every stage of the DAG (or up to `until`), reusing committed ones; returns each stage's run."""
+    """Runs every stage of the DAG (or up to `until`), then with `ablate_data` the data ablation, reusing
+    committed stages; returns each stage's run."""
     cfg = _config(preset, config_file, overrides)
     store = Store(cfg.store)
     executor = executor_for(cfg)
     runs: dict[str, StageRun] = {}
-    for node in nodes_until(until):
+    for node in nodes_to_run(until, ablate_data):
         runs[node.stage] = stage_task(node, cfg, dict(runs), store, executor)
+    report_task(cfg)
     return runs
 
 

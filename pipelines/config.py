@@ -352,6 +352,18 @@ class AssembleConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class AblateDataConfig:
+    """The paper's Table 2 in miniature, run only when asked (`lvd ablate-data`, `lvd run --ablate-data`).
+
+    The same pretraining on a uniform random sample of the uncurated pool as large as the curated set,
+    then both teachers evaluated alike (the `evaluate` section).
+    """
+
+    seed: int = 0
+    """Seeds the random pool sample; the pretraining and evaluation seeds are those of their sections."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class RuntimeConfig:
     executor: ExecutorKind = "serial"
     num_workers: int = 2
@@ -384,6 +396,7 @@ class PipelineConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ablate_data: AblateDataConfig = field(default_factory=AblateDataConfig)
 
 
 # -- building from plain data ------------------------------------------------------------------------

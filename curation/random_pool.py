@@ -1,0 +1,93 @@
+"""The `random_pool` stage: the uncurated baseline of the paper's Table 2, as a curated-shaped manifest.
+
+images (decontaminated) --uncurated rows, in (image_id, uri) order--> seeded uniform sample without
+replacement, as many rows as the curated manifest has --> curated (IMAGES columns + provenance:
+curation_mode "random", no query, similarity, rank or cluster)
+
+Pretraining on this manifest and on assemble's `curated` with the same recipe isolates what curation
+buys. The pool comes after dedup and decontamination, like the curated set, so only retrieval differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.config import AblateDataConfig
+from pipelines.manifest import CURATED, IMAGES, ROW_KEY_COLUMNS
+from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
+
+POOL_ROLE = "uncurated"
+RANDOM_MODE = "random"
+# CURATED requires a seed source; a random row answers to no seed set, so it names the mode instead.
+RANDOM_SEED_SOURCE = RANDOM_MODE
+
+
+class PoolTooSmallError(ValueError):
+    """The uncurated pool has fewer rows than the sample must hold."""
+
+
+def uncurated_pool(images: pa.Table) -> pa.Table:
+    """The uncurated rows of `images` in (image_id, uri) order.
+
+    Why sorted: a sample drawn from them then depends on the pool's content only, not on how upstream
+    shards happened to order it.
+    """
+    pool = images.filter(pc.equal(images.column("role"), POOL_ROLE))
+    return pool.sort_by([(column, "ascending") for column in ROW_KEY_COLUMNS])
+
+
+def random_pool_rows(images: pa.Table, count: int, seed: int) -> pa.Table:
+    """`count` uncurated rows of `images`, drawn uniformly without replacement, as CURATED rows.
+
+    Raises:
+        PoolTooSmallError: fewer than `count` uncurated rows.
+    """
+    pool = uncurated_pool(images)
+    if pool.num_rows < count:
+        raise PoolTooSmallError(
+            f"random_pool: the uncurated pool has {pool.num_rows} rows, fewer than the {count} curated rows"
+        )
+    chosen = np.sort(np.random.default_rng(seed).choice(pool.num_rows, size=count, replace=False))
+    rows = pool.take(pa.array(chosen, pa.int64()))
+    provenance = {
+        "seed_source": pa.array([RANDOM_SEED_SOURCE] * count, pa.string()),
+        "curation_mode": pa.array([RANDOM_MODE] * count, pa.string()),
+        "query_image_id": pa.nulls(count, pa.string()),
+        "similarity": pa.nulls(count, pa.float32()),
+        "rank": pa.nulls(count, pa.int32()),
+        "cluster": pa.nulls(count, pa.int32()),
+    }
+    for name, column in provenance.items():
+        rows = rows.append_column(name, column)
+    return CURATED.validate(rows)
+
+
+def run_random_pool(
+    cfg: AblateDataConfig, inputs: Mapping[str, Manifest], ctx: StageContext
+) -> dict[str, Any]:
+    images = inputs["images"].read(IMAGES)
+    count = inputs["curated"].num_rows
+    rows = random_pool_rows(images, count, cfg.seed)
+    ctx.write_output("curated", rows)
+    return {
+        "rows": rows.num_rows,
+        "pool_rows": uncurated_pool(images).num_rows,
+    }
+
+
+RANDOM_POOL = register_stage(
+    StageSpec(
+        name="random_pool",
+        version=1,
+        config_type=AblateDataConfig,
+        fn=run_random_pool,
+        inputs=("images", "curated"),
+        outputs={"curated": CURATED},
+        description="a seeded uniform sample of the uncurated pool, as many rows as the curated set",
+    )
+)

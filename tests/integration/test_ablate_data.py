@@ -1,0 +1,80 @@
+"""The paper's Table 2 in miniature on the small demo: pretraining on curated vs random pool data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from curation.random_pool import RANDOM_MODE, random_pool_rows
+from flows.dag import ABLATE_DATA, ABLATE_DATA_UPSTREAM, nodes_until, run_pipeline
+from pipelines.manifest import EXPORTS, ROW_KEY_COLUMNS
+from pipelines.stage import ARTIFACTS_DIR
+from tests.integration.demo_dag import small_demo_dag
+from training.ablate import CURATED_MODEL, RANDOM_MODEL, TABLE_FILE
+from training.eval.stage import KNN_PROTOCOL, PERCENT
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    cfg, first = small_demo_dag(tmp_path_factory.getbasetemp())
+    return cfg, first, run_pipeline(cfg, until=ABLATE_DATA_UPSTREAM, ablate_data=True)
+
+
+def row_keys(table: pa.Table) -> list[tuple[str, str]]:
+    return list(zip(*(table.column(name).to_pylist() for name in ROW_KEY_COLUMNS), strict=True))
+
+
+def test_only_the_ablation_is_computed_and_curated_pretraining_is_reused(ablation):
+    _, first, runs = ablation
+    upstream = [node.stage for node in nodes_until(ABLATE_DATA_UPSTREAM)]
+    assert list(runs) == upstream + [node.stage for node in ABLATE_DATA]
+    assert all(runs[stage].reused and runs[stage].key == first[stage].key for stage in upstream)
+    assert not any(runs[node.stage].reused for node in ABLATE_DATA)
+
+
+def test_random_pool_is_a_seeded_sample_of_uncurated_rows_of_the_curated_size(ablation):
+    cfg, _, runs = ablation
+    sample = runs["random_pool"].outputs["curated"].read()
+    images = runs["decontaminate"].outputs["images"].read()
+    assert sample.num_rows == runs["assemble"].outputs["curated"].num_rows > 0
+    uncurated = {
+        key
+        for key, role in zip(row_keys(images), images.column("role").to_pylist(), strict=True)
+        if role == "uncurated"
+    }
+    keys = row_keys(sample)
+    assert len(set(keys)) == len(keys) and set(keys) <= uncurated  # without replacement, pool rows only
+    assert set(sample.column("curation_mode").to_pylist()) == {RANDOM_MODE}
+    assert sample.column("query_image_id").null_count == sample.num_rows
+    again = random_pool_rows(images, sample.num_rows, cfg.ablate_data.seed)
+    assert row_keys(again) == keys
+    other = random_pool_rows(images, sample.num_rows, cfg.ablate_data.seed + 1)
+    assert set(row_keys(other)) != set(keys)
+
+
+def test_both_teachers_are_evaluated_alike_and_tabulated(ablation):
+    cfg, first, runs = ablation
+    teachers = {
+        stage: runs[stage].outputs["exports"].read(EXPORTS).to_pylist()
+        for stage in ("pretrain", "pretrain_random")
+    }
+    assert teachers["pretrain"][0]["sha256"] != teachers["pretrain_random"][0]["sha256"]
+    results = runs["ablate_data"].outputs["results"].read().to_pylist()
+    knn = {(row["model"], row["setting"]): row["top1"] for row in results if row["protocol"] == KNN_PROTOCOL}
+    settings = [f"k={k}" for k in cfg.evaluate.knn_ks]
+    assert set(knn) == {(model, setting) for model in (CURATED_MODEL, RANDOM_MODEL) for setting in settings}
+    assert all(0.0 <= top1 <= 1.0 for top1 in knn.values())
+    # The curated teacher is the one `evaluate` scored (it rides along in distill's exports): same numbers.
+    evaluated = {
+        row["setting"]: row["top1"]
+        for row in first["evaluate"].outputs["results"].read().to_pylist()
+        if row["model"] == teachers["pretrain"][0]["model"] and row["protocol"] == KNN_PROTOCOL
+    }
+    assert evaluated == {setting: knn[(CURATED_MODEL, setting)] for setting in settings}
+    table = (Path(runs["ablate_data"].uri) / ARTIFACTS_DIR / TABLE_FILE).read_text()
+    for model in (CURATED_MODEL, RANDOM_MODEL):
+        (line,) = [line for line in table.splitlines() if line.startswith(f"| {model} |")]
+        percents = [f"{PERCENT * knn[(model, setting)]:.1f}" for setting in settings]
+        assert " | ".join(percents) in line, line

@@ -1,0 +1,228 @@
+"""The report page on a real store (ingest and exact dedup committed), and its HTML and table pieces."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from flows import prefect_flows
+from flows.cli import main
+from flows.dag import CURATE_AND_TRAIN, run_pipeline
+from flows.report import (
+    NOT_RUN,
+    StageRow,
+    ablation_section,
+    accuracy_cells,
+    build_report,
+    committed_runs,
+    composition_table,
+    html_figure,
+    html_table,
+    report_markdown,
+    stage_row,
+    stage_table,
+)
+from pipelines.config import resolve_config
+from pipelines.manifest import COMPOSITION, EVAL_RESULTS
+from pipelines.stage import Manifest, StageRun
+from pipelines.store import Store
+from tests.helpers import three_source_config
+
+IMAGES_WRITTEN = 36  # three_source_config's distinct images
+COMMITTED = ("ingest", "exact_dedup")
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """36 distinct images, a file that is not an image, and in an uncurated folder an exact copy of a
+    seed image; the config file and the runs of ingest and exact_dedup."""
+    root = tmp_path_factory.mktemp("report")
+    ingest = three_source_config(root / "data")
+    seeds = root / "data" / "folder"
+    (seeds / "broken.jpg").write_text("not a jpeg")
+    copies = root / "data" / "copies"
+    copies.mkdir()
+    shutil.copy(next(seeds.rglob("*.png")), copies / "copy.png")
+    config_file = root / "job.yaml"
+    sources = [{"name": s.name, "role": s.role, "kind": s.kind, "path": s.path} for s in ingest.sources]
+    sources.append({"name": "copies", "role": "uncurated", "kind": "folder", "path": str(copies)})
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "store": str(root / "store"),
+                "runtime": {"executor": "serial", "show_progress": False},
+                "ingest": {"sources": sources, "files_per_shard": 5},
+            }
+        )
+    )
+    cfg = resolve_config("demo", str(config_file), [])
+    return root, config_file, cfg, run_pipeline(cfg, until=COMMITTED[-1])
+
+
+def test_committed_runs_resolve_the_dag_keys_and_leave_the_rest_not_run(job):
+    _, _, cfg, runs = job
+    found = committed_runs(cfg, Store(cfg.store))
+    assert [found[stage].key for stage in COMMITTED] == [runs[stage].key for stage in COMMITTED]
+    later = [node.stage for node in CURATE_AND_TRAIN if node.stage not in COMMITTED]
+    assert all(found[stage] is None for stage in later)
+    assert found["ablate_data"] is None
+
+
+def _cells(page: str, stage: str) -> list[str]:
+    row = re.search(rf"<tr><td>{stage}</td>(.*?)</tr>", page).group(1)
+    return re.findall(r"<td[^>]*>(.*?)</td>", row)
+
+
+def test_page_is_self_contained_with_the_stage_table_and_the_duplicate_sheet(job):
+    root, _, cfg, runs = job
+    page = build_report(cfg, root / "out" / "report.html").read_text()
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    sources = re.findall(r'<img src="([^"]*)"', page)
+    assert len(sources) == 1 and sources[0].startswith("data:image/png;base64,")
+    png = base64.b64decode(sources[0].split(",", 1)[1])
+    assert Image.open(io.BytesIO(png)).format == "PNG"
+    # ingest: every file in, the broken one rejected; exact dedup: the copy rejected.
+    assert _cells(page, "ingest") == [
+        "committed",
+        f"{IMAGES_WRITTEN + 2}",
+        f"images {IMAGES_WRITTEN + 1}, rejected 1",
+        "not_an_image 1",
+        f"{runs['ingest'].record['timings']['seconds']:.1f}",
+    ]
+    assert _cells(page, "exact_dedup")[:4] == [
+        "committed",
+        f"{IMAGES_WRITTEN + 1}",
+        f"images {IMAGES_WRITTEN}, rejected 1",
+        "exact_duplicate 1",
+    ]
+    assert _cells(page, "evaluate")[0] == NOT_RUN
+    for anchor in ("stages", "duplicates", "retrieval", "training", "evaluation", "picture", "ablation"):
+        assert f'href="#{anchor}"' in page and f'<section id="{anchor}">' in page
+
+
+def test_report_markdown_has_the_stage_table_and_the_page_location(job):
+    root, _, cfg, _ = job
+    path = root / "store" / "report.html"
+    markdown = report_markdown(cfg, path)
+    assert f"| ingest | committed | {IMAGES_WRITTEN + 2} |" in markdown
+    assert "| pretrain | not run |" in markdown and "random_pool" not in markdown
+    assert path.resolve().as_uri() in markdown
+
+
+def test_cli_report_writes_the_page_and_says_where(job, capsys):
+    root, config_file, _, _ = job
+    out = root / "cli" / "page.html"
+    assert main(["report", "--config", str(config_file), "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out.replace("\n", "")
+    assert out.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_html_table_escapes_every_cell_and_marks_numbers():
+    page = html_table(["<name>"], [["a & <b>"], ["1,234.5"]])
+    assert "<name>" not in page and "&lt;name&gt;" in page
+    assert "<b>" not in page and "a &amp; &lt;b&gt;" in page
+    assert '<td class="num">1,234.5</td>' in page
+
+
+def test_html_figure_inlines_the_png_bytes_and_escapes_the_caption():
+    png = b"\x89PNG fake bytes"
+    figure = html_figure(png, 'a "quoted" <caption>')
+    source = re.search(r'src="data:image/png;base64,([^"]*)"', figure).group(1)
+    assert base64.b64decode(source) == png
+    assert "&quot;quoted&quot; &lt;caption&gt;" in figure
+
+
+def test_rows_in_count_the_main_input_of_the_dag_node_not_the_first_recorded_one():
+    # Records keep their inputs in name order; retrieve's main input, embeddings, comes last there.
+    record = {
+        "inputs": {
+            "assignments": {"num_rows": 70},
+            "centroids": {"num_rows": 32},
+            "embeddings": {"num_rows": 108},
+        },
+        "stats": {},
+        "timings": {"seconds": 0.5},
+    }
+    assert stage_row("retrieve", StageRun("retrieve", "key", "uri", {}, record, True)).rows_in == 108
+
+
+def test_stage_table_totals_the_seconds_of_committed_stages():
+    rows = [
+        StageRow("ingest", "committed", 10, {"images": 9, "rejected": 1}, {"too_small": 1}, 1.25),
+        StageRow("embed", "committed", 9, {"embeddings": 9}, {}, 2.5),
+        StageRow("pretrain", NOT_RUN, None, {}, {}, None),
+    ]
+    header, cells = stage_table(rows)
+    assert header[-1] == "seconds"
+    assert cells[0] == ["ingest", "committed", "10", "images 9, rejected 1", "too_small 1", "1.2"]
+    assert cells[2] == ["pretrain", NOT_RUN, "", "", "", ""]
+    assert cells[-1] == ["total", "", "", "", "", f"{1.25 + 2.5:.1f}"]
+
+
+def _results_rows() -> list[dict]:
+    common = {"dataset": "fashion_mnist", "parameters": 1234567}
+    return [
+        {**common, "model": "teacher", "protocol": "knn", "setting": "k=10", "top1": 0.5512},
+        {**common, "model": "teacher", "protocol": "knn", "setting": "k=20", "top1": 0.5601},
+        {**common, "model": "teacher", "protocol": "linear", "setting": "cls_last1 lr=0.1", "top1": 0.7},
+        {**common, "model": "student", "protocol": "knn", "setting": "k=10", "top1": 0.4},
+    ]
+
+
+def test_accuracy_cells_give_percent_per_k_and_the_probe():
+    header, cells = accuracy_cells(EVAL_RESULTS.table_from_rows(_results_rows()))
+    assert header == ["model", "parameters", "k-NN k=10 (%)", "k-NN k=20 (%)", "linear (%)", "probe"]
+    assert cells == [
+        ["teacher", "1,234,567", "55.1", "56.0", "70.0", "cls_last1 lr=0.1"],
+        ["student", "1,234,567", "40.0", "", "", ""],
+    ]
+
+
+def test_composition_table_follows_table_15_with_a_total():
+    rows = [
+        {"seed_source": "seeds", "mode": "as_is", "seed_images": 12, "retrieved": None, "final": 12},
+        {"seed_source": "seeds", "mode": "sample", "seed_images": 12, "retrieved": 1500, "final": 1200},
+    ]
+    header, cells = composition_table(COMPOSITION.table_from_rows(rows))
+    assert header == ["seed set", "retrieval", "images", "retrieved", "final"]
+    assert cells == [
+        ["seeds", "as_is", "12", "", "12"],
+        ["seeds", "sample", "12", "1,500", "1,200"],
+        ["total", "", "", "", "1,212"],
+    ]
+
+
+def test_ablation_section_tabulates_a_committed_ablate_data_run(tmp_path):
+    results = EVAL_RESULTS.table_from_rows(
+        [{**row, "model": model} for row in _results_rows()[:1] for model in ("curated", "uncurated random")]
+    )
+    (tmp_path / "results").mkdir()
+    pq.write_table(results, tmp_path / "results" / "part-all.parquet")
+    manifest = Manifest(str(tmp_path / "results"), "eval_results", "digest", results.num_rows)
+    run = StageRun("ablate_data", "key", str(tmp_path), {"results": manifest}, {"artifacts": []}, True)
+    section = ablation_section({"ablate_data": run}, Store(tmp_path))
+    assert "<td>curated</td>" in section.body and "<td>uncurated random</td>" in section.body
+    assert section.body.count('<td class="num">55.1</td>') == 2
+    assert NOT_RUN in ablation_section({"ablate_data": None}, Store(tmp_path)).body
+
+
+def test_flow_report_task_writes_the_page_in_the_store_and_publishes_its_summary(job, monkeypatch):
+    root, _, cfg, _ = job
+    published = []
+    monkeypatch.setattr(prefect_flows, "create_markdown_artifact", lambda **kwargs: published.append(kwargs))
+    prefect_flows.report_task.fn(cfg)
+    page = root / "store" / "report.html"
+    assert page.read_text().startswith("<!DOCTYPE html>")
+    (artifact,) = published
+    assert artifact["key"] == prefect_flows.REPORT_ARTIFACT_KEY
+    assert (
+        "| exact_dedup | committed |" in artifact["markdown"]
+        and page.resolve().as_uri() in artifact["markdown"]
+    )

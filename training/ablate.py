@@ -1,0 +1,107 @@
+"""The paper's Table 2 in miniature: the same pretraining on curated and on random pool data, compared.
+
+    random_pool's curated-shaped sample --pretrain_random (pretrain's function, same `pretrain` section)-->
+      exports (its teacher)
+    pretrain's exports + pretrain_random's exports --ablate_data: evaluate_backbone on each teacher,
+      with the `evaluate` section--> `results` manifest (models "curated" and "uncurated random"),
+      artifacts/table2.md
+
+A second stage name for the random-data pretraining keeps its runs apart from the curated one's in the
+store and in every summary, while the function and its config stay exactly those of `pretrain`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from pipelines.manifest import EVAL_RESULTS, EXPORTS
+from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
+from pipelines.train_config import EvaluateConfig
+from training.eval.datasets import dataset_name, load_eval_split
+from training.eval.stage import (
+    REPORTED_K,
+    SECONDS_DIGITS,
+    choose_device,
+    evaluate_backbone,
+    model_stats,
+    result_rows,
+    results_markdown,
+)
+from training.stages import PRETRAIN, TEACHER_MODEL
+
+TABLE_FILE = "table2.md"
+CURATED_MODEL = "curated"
+RANDOM_MODEL = "uncurated random"
+# Input name -> the model name its teacher gets in the results, in table order.
+COMPARED_INPUTS = {"curated_exports": CURATED_MODEL, "random_exports": RANDOM_MODEL}
+
+PRETRAIN_RANDOM = register_stage(
+    dataclasses.replace(
+        PRETRAIN,
+        name="pretrain_random",
+        description="the pretrain stage on a random sample of the uncurated pool (the ablation's baseline)",
+    )
+)
+
+
+def teacher_export(exports: Manifest, input_name: str) -> dict[str, Any]:
+    """The teacher row of a pretraining run's exports manifest."""
+    rows = [row for row in exports.read(EXPORTS).to_pylist() if row["model"] == TEACHER_MODEL]
+    if len(rows) != 1:
+        raise ValueError(f"ablate_data: {input_name} must hold one {TEACHER_MODEL!r} row, found {len(rows)}")
+    return rows[0]
+
+
+def run_ablate_data(cfg: EvaluateConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
+    started = time.perf_counter()
+    train = load_eval_split(cfg.dataset, "train", cfg.seed)
+    test = load_eval_split(cfg.dataset, "test", cfg.seed)
+    seconds_data = round(time.perf_counter() - started, SECONDS_DIGITS)
+    dataset = dataset_name(cfg.dataset)
+    device = choose_device()
+    results = [
+        dataclasses.replace(
+            evaluate_backbone(
+                teacher_export(inputs[name], name),
+                train,
+                test,
+                cfg,
+                device=device,
+                show_progress=ctx.show_progress,
+            ),
+            model=model,
+        )
+        for name, model in COMPARED_INPUTS.items()
+    ]
+    rows = [row for result in results for row in result_rows(result, dataset)]
+    ctx.write_output("results", EVAL_RESULTS.table_from_rows(rows))
+    title = (
+        f"Pretraining data, curated vs uncurated random (same size, same recipe): "
+        f"{dataset}, {len(train)} train / {len(test)} test images"
+    )
+    ctx.write_artifact(TABLE_FILE, results_markdown(results, cfg.knn_ks, title).encode())
+    reported_k = REPORTED_K if REPORTED_K in cfg.knn_ks else cfg.knn_ks[0]
+    return {
+        "dataset": dataset,
+        "train_images": len(train),
+        "test_images": len(test),
+        "device": device.type,
+        "seconds_data": seconds_data,
+        "models": {result.model: model_stats(result, reported_k) for result in results},
+    }
+
+
+ABLATE_DATA = register_stage(
+    StageSpec(
+        name="ablate_data",
+        version=1,
+        config_type=EvaluateConfig,
+        fn=run_ablate_data,
+        inputs=tuple(COMPARED_INPUTS),
+        outputs={"results": EVAL_RESULTS},
+        description="k-NN and linear probe of the teachers pretrained on curated and on random pool data",
+    )
+)
