@@ -4,7 +4,9 @@ pool    = embeddings rows with role `uncurated` that the cluster stage assigned 
 queries = embeddings rows whose `source` is a configured seed source, sorted by key
 sample mode:  queries --key-sorted shards of rows_per_shard--> ctx.map_shards(search_shard): the N pool
               images nearest to each query (cosine; exact Faiss, or IVF from ivf_min_rows), one
-              `neighbours` part per shard (resumable; every worker holds the pool index once)
+              `neighbours` part per shard (resumable; every worker holds the pool index once, or with
+              search_shards > 1 the index is split over the executor's workers and the query shards
+              run from here, each searching all of them: see curation.sharded_knn)
               --per source: the shards' parts read back--> collision policy --> `retrieved`
 cluster mode: queries go to their nearest centroid; every cluster holding more than T queries gives up
               to M of its pool images (a seeded random sample, as the paper's "sample M images"),
@@ -19,11 +21,13 @@ which `assemble` turns into the composition table.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import time
 import zlib
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +37,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.cluster import uri_tile
-from curation.dedup.knn import knn_search, pool_index
+from curation.dedup.knn import Searcher, choose_index, knn_search
 from curation.pictures import Tile, contact_sheet
+from curation.sharded_knn import SINGLE_INDEX, database_index
 from curation.vectors import RowVectors, embedding_matrix, vector_shards
 from pipelines.config import RetrievalSourceConfig, RetrieveConfig
+from pipelines.executor import SerialExecutor
 from pipelines.manifest import ASSIGNMENTS, CENTROIDS, COMPOSITION, EMBEDDINGS, RETRIEVED, align_rows
 from pipelines.stage import Manifest, Shard, ShardResult, StageContext, StageSpec, register_stage
 
@@ -83,7 +89,7 @@ class Hits:
         return Hits(self.pool[rows], self.query[rows], self.similarity[rows], self.rank[rows])
 
 
-def sample_hits(queries: np.ndarray, searcher: faiss.Index, num_neighbours: int) -> Hits:
+def sample_hits(queries: np.ndarray, searcher: Searcher, num_neighbours: int) -> Hits:
     """The `num_neighbours` nearest pool rows of every query, query by query, nearest first."""
     similarity, neighbours = knn_search(searcher, queries, num_neighbours)
     query, rank = np.nonzero(neighbours >= 0)  # IVF leaves -1 where a probe found too few rows
@@ -169,7 +175,7 @@ def hits_table(hits: Hits, pool: pa.Table, queries: pa.Table, seed_source: str, 
 class PoolSearch:
     """What every search worker holds once: the pool's index and its rows (keys, source, cluster)."""
 
-    searcher: faiss.Index
+    searcher: Searcher
     pool: pa.Table
 
 
@@ -278,6 +284,18 @@ def examples_sheet(retrieved: pa.Table) -> bytes:
     return contact_sheet(rows, "seed images (red) and their retrieved neighbours (cosine)")
 
 
+def search_queries(
+    ctx: StageContext, cfg: RetrieveConfig, shards: list[Shard], searcher: Searcher | None, pool: pa.Table
+) -> dict[str, Any]:
+    """Writes every query shard's `neighbours` part; returns the shards' summed stats."""
+    # Why: a sharded index already spreads each search over the executor's workers, and query shards
+    # fanned out to workers of their own could wait forever for the CPUs the index shards hold.
+    runner = ctx if cfg.search_shards == SINGLE_INDEX else dataclasses.replace(ctx, executor=SerialExecutor())
+    return runner.map_shards(
+        search_shard, shards, outputs=["neighbours"], state=functools.partial(PoolSearch, searcher, pool)
+    )
+
+
 def run_retrieve(cfg: RetrieveConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
     embeddings = inputs["embeddings"].read(EMBEDDINGS)
     pool, pool_vectors = load_pool(embeddings, inputs["assignments"].read(ASSIGNMENTS))
@@ -290,11 +308,15 @@ def run_retrieve(cfg: RetrieveConfig, inputs: Mapping[str, Manifest], ctx: Stage
         for shard in query_shards(source, queries[source.source], cfg.rows_per_shard)
     ]
     # One index over the pool for every sample-mode source: an IVF build costs more than its searches.
-    searcher = pool_index(pool_vectors, cfg.index, cfg.ivf_min_rows, cfg.ivf_nprobe) if shards else None
-    del pool_vectors  # the index holds its own copy
-    search_stats = ctx.map_shards(
-        search_shard, shards, outputs=["neighbours"], state=functools.partial(PoolSearch, searcher, pool)
+    kind = choose_index(len(pool_vectors), cfg.index, cfg.ivf_min_rows)
+    index = (
+        database_index(pool_vectors, cfg.search_shards, kind, ctx.executor, cfg.ivf_nprobe)
+        if shards
+        else nullcontext(None)
     )
+    del pool_vectors  # the index holds its own copy
+    with index as searcher:
+        search_stats = search_queries(ctx, cfg, shards, searcher, pool)
     neighbours = ctx.read_output("neighbours")
     centroids_table = inputs["centroids"].read(CENTROIDS).sort_by("cluster")
     centroids = embedding_matrix(centroids_table, "centroid")

@@ -215,6 +215,9 @@ class CopyDedupConfig:
     ivf_nprobe: int = 32
     """IVF cells searched per query (recall against speed); copies sit close, so a few dozen suffice."""
     rows_per_shard: int = 256
+    search_shards: int = 1
+    """k-NN index shards, each held by one executor worker (Ray: an actor per node or GPU), merged to the
+    exact top-k; 1 keeps one index in the stage's process. Same output for any value (flat index)."""
     keep: KeepRuleConfig = field(default_factory=KeepRuleConfig)
 
     def __post_init__(self) -> None:
@@ -224,6 +227,7 @@ class CopyDedupConfig:
         )
         _require(self.ivf_nprobe >= 1, f"ivf_nprobe must be >= 1, got {self.ivf_nprobe}")
         _require(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        _require(self.search_shards >= 1, f"search_shards must be >= 1, got {self.search_shards}")
         _require(bool(self.roles), "roles must name at least one role")
 
 
@@ -335,12 +339,16 @@ class RetrieveConfig:
     seed: int = 0
     rows_per_shard: int = 65_536
     """Sample mode: queries per search shard, the unit of fan-out and resume."""
+    search_shards: int = 1
+    """Pool index shards, each held by one executor worker (Ray: an actor per node or GPU), merged to the
+    exact top-N; 1 gives every search worker the whole index. Same output for any value (flat index)."""
 
     def __post_init__(self) -> None:
         names = [source.source for source in self.sources]
         _require(len(names) == len(set(names)), f"retrieval sources must be unique, got {names}")
         _require(self.ivf_nprobe >= 1, f"ivf_nprobe must be >= 1, got {self.ivf_nprobe}")
         _require(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        _require(self.search_shards >= 1, f"search_shards must be >= 1, got {self.search_shards}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -6,12 +6,16 @@ finishes. Stages never depend on the order results arrive in: shard outputs are 
     map_unordered(fn, items)               fn(item): one task per item (Ray tasks)
     map_with_state(make_state, fn, items)  fn(state, item): `make_state()` runs once per worker, so a
                                            model loads once (Ray actors, each with its CPUs and GPUs)
+    hold_states(make_states)               one worker per factory, each holding its own state (a shard
+                                           of an index) for a `with` block; `broadcast(fn, item)` then
+                                           runs fn(state, item) on every one of them (scatter-gather)
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,6 +23,14 @@ RAY_ADDRESS_ENV = "RAY_ADDRESS"
 # Why: keeping a few tasks queued per worker hides scheduling latency without pinning every shard's
 # arguments in the object store at once.
 TASKS_IN_FLIGHT_PER_WORKER = 2
+# Held states are shards of one whole (an index): on a cluster each should get a node of its own.
+HELD_STATE_SCHEDULING = "SPREAD"
+
+
+class HeldStates(Protocol):
+    def broadcast(self, fn: Callable[[Any, Any], Any], item: Any) -> list[Any]:
+        """`fn(state, item)` for every held state, in the order of the factories that built them."""
+        ...
 
 
 class Executor(Protocol):
@@ -29,6 +41,16 @@ class Executor(Protocol):
     def map_with_state(
         self, make_state: Callable[[], Any], fn: Callable[[Any, Any], Any], items: Sequence[Any]
     ) -> Iterator[tuple[int, Any]]: ...
+
+    def hold_states(self, make_states: Sequence[Callable[[], Any]]) -> AbstractContextManager[HeldStates]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _LocalStates:
+    states: list[Any]
+
+    def broadcast(self, fn: Callable[[Any, Any], Any], item: Any) -> list[Any]:
+        return [fn(state, item) for state in self.states]
 
 
 @dataclass
@@ -50,6 +72,11 @@ class SerialExecutor:
         state = make_state()
         for index, item in enumerate(items):
             yield index, fn(state, item)
+
+    @contextmanager
+    def hold_states(self, make_states: Sequence[Callable[[], Any]]) -> Iterator[HeldStates]:
+        """Every state built here, up front; `broadcast` visits them one after another."""
+        yield _LocalStates([make_state() for make_state in make_states])
 
 
 @dataclass
@@ -127,6 +154,35 @@ class RayExecutor:
             # Why: an actor holds its model (and GPU) until killed; a stage's workers end with it.
             for actor in actors:
                 ray.kill(actor)
+
+    @contextmanager
+    def hold_states(self, make_states: Sequence[Callable[[], Any]]) -> Iterator[HeldStates]:
+        """One actor per factory for the `with` block, each reserving `cpus_per_task` CPUs and
+        `gpus_per_worker` GPUs, spread over the cluster's nodes; `broadcast` runs on all at once."""
+        ray = self.start()
+        actor_class = ray.remote(
+            num_cpus=self.cpus_per_task,
+            num_gpus=self.gpus_per_worker,
+            max_restarts=0,
+            scheduling_strategy=HELD_STATE_SCHEDULING,
+        )(_StatefulWorker)
+        actors = [actor_class.remote(make_state) for make_state in make_states]
+        try:
+            yield _ActorStates(ray, actors)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+
+
+@dataclass(frozen=True, slots=True)
+class _ActorStates:
+    ray: Any  # the initialised ray module
+    actors: list[Any]
+
+    def broadcast(self, fn: Callable[[Any, Any], Any], item: Any) -> list[Any]:
+        fn_ref, item_ref = self.ray.put(fn), self.ray.put(item)  # stored once, read by every actor
+        calls = [actor.run.remote(fn_ref, position, item_ref) for position, actor in enumerate(self.actors)]
+        return [result for _, result in self.ray.get(calls)]
 
 
 def _apply(fn: Callable[[Any], Any], item: Any) -> Any:

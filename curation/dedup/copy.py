@@ -3,6 +3,9 @@
 images --per shard: embedder--> descriptors (every input row; resumable)
   --rows of `roles` only: Faiss k-NN (k neighbours, cosine > threshold)--> edges --union-find--> components
   --keep rule--> images (one per component, plus protected rows), rejected (naming the kept row)
+
+The k-NN index is one Faiss index here, or with `search_shards` > 1 split over the executor's workers
+(`curation.sharded_knn`): the same edges either way for a flat index.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from curation.dedup.components import (
     resolve_groups,
 )
 from curation.dedup.descriptors import aligned_vectors, describe_shard
-from curation.dedup.knn import choose_index, knn_edges
+from curation.dedup.knn import choose_index, searched_edges
 from curation.dedup.sheets import duplicate_groups_sheet
 from curation.embedders import stage_weights_fingerprint
+from curation.sharded_knn import database_index
 from pipelines.config import CopyDedupConfig
 from pipelines.manifest import DESCRIPTORS, DUPLICATES_REJECTED, IMAGES
 from pipelines.shards import row_shards
@@ -48,9 +52,11 @@ def run_copy_dedup(cfg: CopyDedupConfig, inputs: Mapping[str, Manifest], ctx: St
     scope = np.flatnonzero(
         np.isin(np.asarray(images.column("role").to_pylist(), dtype=object), list(cfg.roles))
     )
-    edges = knn_edges(
-        vectors[scope], cfg.num_neighbours, cfg.threshold, cfg.index, cfg.ivf_min_rows, cfg.ivf_nprobe
-    )
+    compared = vectors[scope]
+    kind = choose_index(len(scope), cfg.index, cfg.ivf_min_rows)
+    with database_index(compared, cfg.search_shards, kind, ctx.executor, cfg.ivf_nprobe) as searcher:
+        edges = searched_edges(compared, searcher, cfg.num_neighbours, cfg.threshold)
+    del compared  # a copy of the compared rows; the search was all it was for
     labels = connected_components(images.num_rows, scope[edges.sources], scope[edges.targets])
     knn_seconds = time.perf_counter() - started
 
@@ -73,7 +79,7 @@ def run_copy_dedup(cfg: CopyDedupConfig, inputs: Mapping[str, Manifest], ctx: St
         "rejected": len(dropped),
         "edges": len(edges),
         "rows_compared": len(scope),
-        "index": choose_index(len(scope), cfg.index, cfg.ivf_min_rows),
+        "index": kind,
         "knn_seconds": round(knn_seconds, 3),
         **shard_stats,
         **component_stats(labels),

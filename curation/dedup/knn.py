@@ -5,13 +5,21 @@
 
 Vectors are L2-normalised, so inner product is cosine. An edge is kept when either end has the other
 among its k nearest (the paper's k-NN graph). Each kept edge's cosine is recomputed from the vectors,
-so flat and IVF searches report the same number for the same pair.
+so flat and IVF searches report the same number for the same pair. The searches take any `Searcher`:
+a Faiss index built here, or `curation.sharded_knn.ShardedIndex` (shards on executor workers).
+
+Ties: rows with equal scores rank by row id, the higher first, the order Faiss lists them in
+(`ranked_search`). Which of several rows tied at the k-th place a Faiss heap keeps depends on the
+order it meets them in, so on how the rows are laid out; searching one row more tells whether a tie
+crosses the cut, and only then is the search widened: one index and any number of shards give the
+same rows.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -28,6 +36,17 @@ DEFAULT_IVF_NPROBE = 32
 # Queries per search call: bounds the [batch, k] result arrays, whatever N is.
 SEARCH_BATCH_ROWS = 65_536
 TRAIN_SAMPLE_SEED = 0
+
+
+class Searcher(Protocol):
+    """What the searches here need of an index; `faiss.Index` has it."""
+
+    @property
+    def ntotal(self) -> int: ...
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [Q, k] float32, row ids [Q, k] int64), best first; slots it cannot fill: id -1."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +75,7 @@ def ivf_lists(num_rows: int) -> int:
 
 def build_index(vectors: np.ndarray, kind: str, nprobe: int = DEFAULT_IVF_NPROBE) -> faiss.Index:
     dim = vectors.shape[1]
-    if kind == "flat":
+    if kind == "flat" or (kind == "ivf" and len(vectors) == 0):  # no rows to train IVF lists on
         index = faiss.IndexFlatIP(dim)
     elif kind == "ivf":
         nlist = ivf_lists(len(vectors))
@@ -90,15 +109,22 @@ def knn_edges(
         nprobe: IVF cells searched per query; the number of lists searches exhaustively.
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if len(vectors) < 2:
+        return _no_edges()
+    searcher = build_index(vectors, choose_index(len(vectors), index, ivf_min_rows), nprobe)
+    return searched_edges(vectors, searcher, num_neighbours, threshold)
+
+
+def searched_edges(vectors: np.ndarray, searcher: Searcher, num_neighbours: int, threshold: float) -> Edges:
+    """`knn_edges` with the index given: `searcher` holds exactly the rows of `vectors`, in order."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     num_rows = len(vectors)
-    empty = Edges(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     if num_rows < 2:
-        return empty
-    searcher = build_index(vectors, choose_index(num_rows, index, ivf_min_rows), nprobe)
+        return _no_edges()
     k = min(num_neighbours + 1, num_rows)  # +1: each row finds itself first
     pairs = []
     for start in range(0, num_rows, SEARCH_BATCH_ROWS):
-        scores, neighbours = searcher.search(vectors[start : start + SEARCH_BATCH_ROWS], k)
+        scores, neighbours = ranked_search(searcher, vectors[start : start + SEARCH_BATCH_ROWS], k)
         rows = np.arange(start, start + len(scores), dtype=np.int64)[:, None].repeat(k, axis=1)
         # neighbours == -1 marks slots IVF could not fill; self matches are not edges.
         hit = (scores > threshold) & (neighbours >= 0) & (neighbours != rows)
@@ -111,6 +137,35 @@ def knn_edges(
     return Edges(unique[keep, 0], unique[keep, 1], similarity[keep].astype(np.float32))
 
 
+def ranked_search(
+    searcher: Searcher, queries: np.ndarray, k: int, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` best rows of `searcher` per query by (score desc, row id desc); 1 <= k <= searcher.ntotal.
+
+    Searches `width` rows (default k + 1). Where the last of them scores as high as the k-th, rows of
+    that score may lie past the cut: those queries are searched again, twice as wide.
+
+    Returns:
+        (scores [Q, k] float32, rows [Q, k] int64); slots an IVF index cannot fill: row -1, last.
+    """
+    width = min(k + 1 if width is None else width, searcher.ntotal)
+    scores, rows = searcher.search(queries, width)
+    order = np.lexsort((-rows, -scores), axis=-1)[:, :k]
+    best_scores = np.take_along_axis(scores, order, axis=1).astype(np.float32)
+    best_rows = np.take_along_axis(rows, order, axis=1).astype(np.int64)
+    if width < searcher.ntotal:
+        # An index returns its rows best first, so the last is the lowest score it returned.
+        open_rows = np.flatnonzero((scores[:, -1] == best_scores[:, -1]) & (rows[:, -1] >= 0))
+        if len(open_rows):
+            wider = ranked_search(searcher, queries[open_rows], k, 2 * width)
+            best_scores[open_rows], best_rows[open_rows] = wider
+    return best_scores, best_rows
+
+
+def _no_edges() -> Edges:
+    return Edges(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+
 def pool_index(
     pool: np.ndarray, index: IndexKind = "auto", ivf_min_rows: int = 200_000, nprobe: int = DEFAULT_IVF_NPROBE
 ) -> faiss.Index:
@@ -120,14 +175,12 @@ def pool_index(
     )
 
 
-def knn_search(
-    searcher: faiss.Index, queries: np.ndarray, num_neighbours: int
-) -> tuple[np.ndarray, np.ndarray]:
+def knn_search(searcher: Searcher, queries: np.ndarray, num_neighbours: int) -> tuple[np.ndarray, np.ndarray]:
     """The `num_neighbours` rows of the index (see `pool_index`) nearest to each query by cosine.
 
     Returns:
-        (similarity [Q, k] float32, neighbour [Q, k] int64), best first; k = min(num_neighbours, rows).
-        IVF may leave slots it could not fill: neighbour -1.
+        (similarity [Q, k] float32, neighbour [Q, k] int64), best first, equal scores by row id (see
+        `ranked_search`); k = min(num_neighbours, rows). IVF may leave slots it could not fill: -1.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = min(num_neighbours, searcher.ntotal)
@@ -135,7 +188,9 @@ def knn_search(
         return np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
     scores, neighbours = [], []
     for start in range(0, len(queries), SEARCH_BATCH_ROWS):
-        batch_scores, batch_neighbours = searcher.search(queries[start : start + SEARCH_BATCH_ROWS], k)
+        batch_scores, batch_neighbours = ranked_search(
+            searcher, queries[start : start + SEARCH_BATCH_ROWS], k
+        )
         scores.append(batch_scores)
         neighbours.append(batch_neighbours)
-    return np.concatenate(scores).astype(np.float32), np.concatenate(neighbours).astype(np.int64)
+    return np.concatenate(scores), np.concatenate(neighbours)

@@ -1,0 +1,138 @@
+"""k-NN search over a database split into shards, each held by its own executor worker, merged to one top-k.
+
+    database [N, d] --contiguous row ranges--> S shards, each a Faiss index (flat or IVF) on one worker
+      (Ray: one actor per shard, spread over the nodes, each reserving the runtime's gpus_per_worker;
+      the index itself is a CPU Faiss index for now; serial: every shard in this process)
+    queries [Q, d] --broadcast to every shard--> per shard: its k best (scores, database row ids)
+      --merge: order by (score desc, row id desc), keep k--> (scores [Q, k], row ids [Q, k])
+
+Exactness: the global top-k rows that live in a shard are among that shard's own top-k, so the merge
+loses nothing, and a flat shard scores a pair exactly as one flat index over all rows does: flat shards
+return what that index returns, ids and scores alike. Where equal scores straddle the k-th place, which
+tied rows an index keeps depends on its layout; `knn.ranked_search`, which the stages search through,
+settles those by row id for one index and shards alike. IVF shards each train their own lists: as
+approximate as one IVF index, not equal to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from curation.dedup.knn import DEFAULT_IVF_NPROBE, Searcher, build_index
+from pipelines.executor import Executor, HeldStates
+
+# The default: one index in this process, searched as before sharding existed.
+SINGLE_INDEX = 1
+
+
+def shard_bounds(num_rows: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous `[start, stop)` row ranges, sizes differing by at most one; never an empty shard
+    (fewer shards than asked for when there are fewer rows), and one empty shard for no rows."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    count = max(1, min(num_shards, num_rows))
+    edges = [num_rows * shard // count for shard in range(count + 1)]
+    return list(itertools.pairwise(edges))
+
+
+@dataclass(frozen=True, slots=True)
+class IndexShard:
+    """What one shard's worker holds: an index over database rows `first_row`, `first_row + 1`, ..."""
+
+    index: faiss.Index
+    first_row: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShardQuery:
+    """One broadcast: every shard searches the same queries for its `k` best rows."""
+
+    queries: np.ndarray  # [Q, d] float32
+    k: int
+
+
+def build_shard(rows: np.ndarray, first_row: int, kind: str, nprobe: int) -> IndexShard:
+    """A worker's state factory: indexes its rows (`kind` is `flat` or `ivf`, as for the whole)."""
+    return IndexShard(build_index(np.ascontiguousarray(rows, dtype=np.float32), kind, nprobe), first_row)
+
+
+def search_in_shard(shard: IndexShard, query: ShardQuery) -> tuple[np.ndarray, np.ndarray]:
+    """The shard's `k` best rows for each query, as database row ids; Faiss pads short rows with id -1."""
+    scores, local_rows = shard.index.search(query.queries, query.k)
+    rows = np.where(local_rows >= 0, local_rows + shard.first_row, local_rows)
+    return scores.astype(np.float32), rows.astype(np.int64)
+
+
+def merge_top_k(
+    scores: Sequence[np.ndarray], rows: Sequence[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` best of every shard's candidates per query: score, then row id, both descending (as Faiss).
+
+    Args:
+        scores: One [Q, k_s] float32 array per shard.
+        rows: The matching [Q, k_s] int64 database row ids (-1: an empty slot, scored -FLT_MAX by Faiss).
+        k: At most the total number of candidates per query.
+    """
+    all_scores = np.concatenate(scores, axis=1)
+    all_rows = np.concatenate(rows, axis=1)
+    # lexsort's last key is the primary one. Empty slots score -FLT_MAX: they come last.
+    order = np.lexsort((-all_rows, -all_scores), axis=-1)[:, :k]
+    return np.take_along_axis(all_scores, order, axis=1), np.take_along_axis(all_rows, order, axis=1)
+
+
+class ShardedIndex:
+    """A `Searcher` whose rows live in shards held by executor workers (see `sharded_index`)."""
+
+    def __init__(self, shards: HeldStates, num_rows: int):
+        self._shards = shards
+        self._num_rows = num_rows
+
+    @property
+    def ntotal(self) -> int:
+        return self._num_rows
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `k` database rows nearest each query, best first, as one index over all rows gives them."""
+        query = ShardQuery(np.ascontiguousarray(queries, dtype=np.float32), k)
+        found = self._shards.broadcast(search_in_shard, query)
+        return merge_top_k([scores for scores, _ in found], [rows for _, rows in found], k)
+
+
+@contextmanager
+def sharded_index(
+    vectors: np.ndarray, num_shards: int, kind: str, executor: Executor, nprobe: int = DEFAULT_IVF_NPROBE
+) -> Iterator[ShardedIndex]:
+    """`vectors` split into `num_shards` indexes held by the executor's workers for the `with` block.
+
+    Args:
+        vectors: [N, d] database rows (unit length for cosine); row i keeps id i.
+        num_shards: Workers (Ray: actors) holding one contiguous part each.
+        kind: `flat` (exact) or `ivf`, as `knn.choose_index` picks it for all N rows.
+        executor: Serial builds every shard here; Ray holds each on an actor.
+        nprobe: IVF cells searched per query in each shard.
+    """
+    factories = [
+        functools.partial(build_shard, vectors[start:stop], start, kind, nprobe)
+        for start, stop in shard_bounds(len(vectors), num_shards)
+    ]
+    with executor.hold_states(factories) as shards:
+        yield ShardedIndex(shards, len(vectors))
+
+
+def database_index(
+    vectors: np.ndarray, num_shards: int, kind: str, executor: Executor, nprobe: int = DEFAULT_IVF_NPROBE
+) -> AbstractContextManager[Searcher]:
+    """The stages' seam: one Faiss index in this process for `SINGLE_INDEX`, else a `sharded_index`.
+
+    The single index is built at once and keeps no reference to `vectors`: the caller may free them.
+    """
+    if num_shards == SINGLE_INDEX:
+        return nullcontext(build_index(np.ascontiguousarray(vectors, dtype=np.float32), kind, nprobe))
+    return sharded_index(vectors, num_shards, kind, executor, nprobe)
