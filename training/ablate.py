@@ -22,11 +22,10 @@ from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
 from pipelines.train_config import EvaluateConfig
 from training.eval.datasets import dataset_name, load_eval_split
 from training.eval.stage import (
-    REPORTED_K,
     SECONDS_DIGITS,
     choose_device,
     evaluate_backbone,
-    model_stats,
+    evaluation_stats,
     result_rows,
     results_markdown,
 )
@@ -83,15 +82,7 @@ def run_ablate_data(cfg: EvaluateConfig, inputs: Mapping[str, Manifest], ctx: St
         f"{dataset}, {len(train)} train / {len(test)} test images"
     )
     ctx.write_artifact(TABLE_FILE, results_markdown(results, cfg.knn_ks, title).encode())
-    reported_k = REPORTED_K if REPORTED_K in cfg.knn_ks else cfg.knn_ks[0]
-    return {
-        "dataset": dataset,
-        "train_images": len(train),
-        "test_images": len(test),
-        "device": device.type,
-        "seconds_data": seconds_data,
-        "models": {result.model: model_stats(result, reported_k) for result in results},
-    }
+    return evaluation_stats(cfg, dataset, (len(train), len(test)), device, seconds_data, results)
 
 
 ABLATE_DATA = register_stage(

@@ -235,11 +235,23 @@ def run_evaluate(cfg: EvaluateConfig, inputs: Mapping[str, Manifest], ctx: Stage
     title = f"{dataset}: {len(train)} train / {len(test)} test images"
     ctx.write_artifact(RESULTS_TABLE_FILE, results_markdown(results, cfg.knn_ks, title).encode())
     ctx.write_artifact(RESULTS_CHART_FILE, results_chart_png(results, cfg.knn_ks, title))
+    return evaluation_stats(cfg, dataset, (len(train), len(test)), device, seconds_data, results)
+
+
+def evaluation_stats(
+    cfg: EvaluateConfig,
+    dataset: str,
+    split_sizes: tuple[int, int],
+    device: torch.device,
+    seconds_data: float,
+    results: Sequence[ModelResult],
+) -> dict[str, Any]:
+    """The stage stats of an evaluation: data, device, and per model its k-NN (reported k) and probe."""
     reported_k = REPORTED_K if REPORTED_K in cfg.knn_ks else cfg.knn_ks[0]
     return {
         "dataset": dataset,
-        "train_images": len(train),
-        "test_images": len(test),
+        "train_images": split_sizes[0],
+        "test_images": split_sizes[1],
         "device": device.type,
         "seconds_data": seconds_data,
         "models": {result.model: model_stats(result, reported_k) for result in results},
