@@ -39,9 +39,11 @@ test: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
+# Every benchmark beside its baseline, one table; quick sizes by default (minutes on 2 cores),
+# `make bench BENCH_ARGS=--full` for the sizes each benchmark documents (long).
 bench: setup
 	$(BIN)/lvd demo-data --out $(DEMO_DATA)
-	$(BIN)/python -m benchmarks.ingest_throughput
+	$(BIN)/python -m benchmarks.run_all $(BENCH_ARGS)
 
 # A local Prefect server plus the served deployments; then, in another shell:
 #   PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api prefect deployment run curate-and-train/default

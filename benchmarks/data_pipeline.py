@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from functools import partial
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -52,6 +53,8 @@ SYNTHETIC_SIDE = 256
 SYNTHETIC_COUNT = 64
 BATCH_SIZE = 8
 WORKER_COUNTS = (0, 2)
+DEFAULT_BATCHES = 16
+DEFAULT_REPEATS = 2
 PATCH_SIZE = 14
 CROPS = CropsConfig(global_crops_size=224, local_crops_size=98, local_crops_number=8, blur="official")
 CONFIG = PretrainConfig(
@@ -187,41 +190,57 @@ def images_per_second(batches: Iterator[dict], num_batches: int) -> float:
     return timed * BATCH_SIZE / (time.perf_counter() - started)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--batches", type=int, default=16, help="batches per run (the first is not timed)")
-    parser.add_argument("--repeats", type=int, default=2, help="best of N runs per pipeline")
-    parser.add_argument(
-        "--synthetic", action="store_true", help="use the 256 x 256 images even with demo data"
-    )
-    args = parser.parse_args()
+def measure(
+    batches: int = DEFAULT_BATCHES, repeats: int = DEFAULT_REPEATS, synthetic: bool = False
+) -> dict[str, Any]:
+    """Images/s of the official-style and the lvd loader for each worker count (best of `repeats`)."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as scratch:
-        if DEMO_DATA.is_dir() and not args.synthetic:
+        if DEMO_DATA.is_dir() and not synthetic:
             source = f"demo images under {DEMO_DATA}"
             table = image_table(DEMO_DATA)
         else:
             source = f"{SYNTHETIC_SIDE}x{SYNTHETIC_SIDE} images from {TUXPAINT_STAMPS}"
             synthesise_images(Path(scratch))
             table = image_table(Path(scratch))
-        print(
-            f"{table.num_rows} {source}; 2 x 224 + 8 x 98 crops, batch {BATCH_SIZE}, {args.batches} batches"
-        )
+        by_workers = []
         for num_workers in WORKER_COUNTS:
             official, ours = 0.0, 0.0
-            for _ in range(args.repeats):  # alternated, so a busy spell on the machine hits both
-                official_batches = official_style_loader(table, num_workers, args.batches)
-                official = max(official, images_per_second(official_batches, args.batches))
+            for _ in range(repeats):  # alternated, so a busy spell on the machine hits both
+                official_batches = official_style_loader(table, num_workers, batches)
+                official = max(official, images_per_second(official_batches, batches))
                 our_batches = make_train_loader(
                     table, CONFIG, rank=0, world_size=1, start_step=0, num_workers=num_workers
                 )
-                ours = max(ours, images_per_second(our_batches, args.batches))
-            print(
-                f"num_workers {num_workers}: official style {official:6.1f} images/s   "
-                f"lvd {ours:6.1f} images/s   ratio {ours / official:.2f}x"
+                ours = max(ours, images_per_second(our_batches, batches))
+            by_workers.append(
+                {"num_workers": num_workers, "official": official, "lvd": ours, "ratio": ours / official}
             )
+    return {"images": table.num_rows, "source": source, "batches": batches, "by_workers": by_workers}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--batches", type=int, default=DEFAULT_BATCHES, help="batches per run (the first is not timed)"
+    )
+    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="best of N runs per pipeline")
+    parser.add_argument(
+        "--synthetic", action="store_true", help="use the 256 x 256 images even with demo data"
+    )
+    args = parser.parse_args()
+    result = measure(args.batches, args.repeats, args.synthetic)
+    print(
+        f"{result['images']} {result['source']}; 2 x 224 + 8 x 98 crops, batch {BATCH_SIZE}, "
+        f"{args.batches} batches"
+    )
+    for row in result["by_workers"]:
+        print(
+            f"num_workers {row['num_workers']}: official style {row['official']:6.1f} images/s   "
+            f"lvd {row['lvd']:6.1f} images/s   ratio {row['ratio']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

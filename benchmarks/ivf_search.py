@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import numpy as np
@@ -43,6 +45,8 @@ SPEED_GOAL = 5.0
 SEED = 0
 BATCH_ROWS = 100_000
 DEFAULT_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)
+DEFAULT_ROWS = 1_000_000
+DEFAULT_QUERIES = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,56 +115,77 @@ def difficulty(scores: np.ndarray) -> str:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--queries", type=int, default=10_000)
-    parser.add_argument("--nprobe", type=int, nargs="+", default=list(DEFAULT_NPROBES))
-    args = parser.parse_args()
+def measure(
+    rows: int = DEFAULT_ROWS, queries: int = DEFAULT_QUERIES, nprobes: Sequence[int] = DEFAULT_NPROBES
+) -> dict[str, Any]:
+    """Exact and IVF timings, and per nprobe: search seconds, speed-up over exact, recall@K, goal met."""
     rng = np.random.default_rng(SEED)
     mixture = make_mixture(rng)
-    pool, clusters = sample_pool(mixture, args.rows, rng)
-    queries = sample_queries(mixture, pool, clusters, args.queries, rng)
-    threads = faiss.omp_get_max_threads()
-    print(
-        f"pool {args.rows:,} x {DIM} ({CLUSTERS:,} anisotropic clusters in {GROUPS} overlapping families), "
-        f"{args.queries:,} perturbed-pool-point queries, k = {K}, faiss threads {threads}"
-    )
+    pool, clusters = sample_pool(mixture, rows, rng)
+    query_rows = sample_queries(mixture, pool, clusters, queries, rng)
 
     started = time.perf_counter()
     flat = build_index(pool, "flat")
     flat_build = time.perf_counter() - started
     started = time.perf_counter()
-    scores, exact = flat.search(queries, K + 1)
+    scores, exact = flat.search(query_rows, K + 1)
     exact_seconds = time.perf_counter() - started
     exact = exact[:, :K]
-    print(f"exact IndexFlatIP: build {flat_build:.1f} s, search {exact_seconds:.2f} s")
-    print(f"difficulty: {difficulty(scores)}")
 
     started = time.perf_counter()
     ivf = pool_index(pool, "ivf")  # what the retrieve stage builds for a large pool
     build_seconds = time.perf_counter() - started
-    print(f"IVF (lvd knn.pool_index): nlist {ivf_lists(len(pool))}, build {build_seconds:.1f} s")
-    print(f"{'nprobe':>7} {'search s':>9} {'x exact':>8} {'recall@' + str(K):>9}  goal")
-    chosen = None
-    results = {}
-    for nprobe in args.nprobe:
+    sweep = []
+    for nprobe in nprobes:
         ivf.nprobe = nprobe
         started = time.perf_counter()
-        _, found = ivf.search(queries, K)
+        _, found = ivf.search(query_rows, K)
         seconds = time.perf_counter() - started
         value, speed = recall(found, exact), exact_seconds / seconds
         ok = value >= RECALL_GOAL and speed >= SPEED_GOAL
-        results[nprobe] = ok
-        if ok and chosen is None:
-            chosen = nprobe
-        print(f"{nprobe:>7} {seconds:>9.3f} {speed:>8.1f} {value:>9.4f}  {'met' if ok else '-'}")
-    default = RetrieveConfig().ivf_nprobe
+        sweep.append({"nprobe": nprobe, "seconds": seconds, "speedup": speed, "recall": value, "met": ok})
+    chosen = next((point["nprobe"] for point in sweep if point["met"]), None)
+    return {
+        "rows": rows,
+        "queries": queries,
+        "nlist": ivf_lists(rows),
+        "flat_build_seconds": flat_build,
+        "exact_seconds": exact_seconds,
+        "ivf_build_seconds": build_seconds,
+        "difficulty": difficulty(scores),
+        "sweep": sweep,
+        "smallest_nprobe_meeting_goal": chosen,
+        "default_nprobe": RetrieveConfig().ivf_nprobe,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS)
+    parser.add_argument("--queries", type=int, default=DEFAULT_QUERIES)
+    parser.add_argument("--nprobe", type=int, nargs="+", default=list(DEFAULT_NPROBES))
+    args = parser.parse_args()
+    result = measure(args.rows, args.queries, args.nprobe)
+    print(
+        f"pool {args.rows:,} x {DIM} ({CLUSTERS:,} anisotropic clusters in {GROUPS} overlapping families), "
+        f"{args.queries:,} perturbed-pool-point queries, k = {K}, faiss threads {faiss.omp_get_max_threads()}"
+    )
+    flat_build, exact_seconds = result["flat_build_seconds"], result["exact_seconds"]
+    print(f"exact IndexFlatIP: build {flat_build:.1f} s, search {exact_seconds:.2f} s")
+    print(f"difficulty: {result['difficulty']}")
+    print(f"IVF (lvd knn.pool_index): nlist {result['nlist']}, build {result['ivf_build_seconds']:.1f} s")
+    print(f"{'nprobe':>7} {'search s':>9} {'x exact':>8} {'recall@' + str(K):>9}  goal")
+    for point in result["sweep"]:
+        verdict = "met" if point["met"] else "-"
+        timing = f"{point['nprobe']:>7} {point['seconds']:>9.3f} {point['speedup']:>8.1f}"
+        print(f"{timing} {point['recall']:>9.4f}  {verdict}")
+    chosen, default = result["smallest_nprobe_meeting_goal"], result["default_nprobe"]
+    met_at = {point["nprobe"]: point["met"] for point in result["sweep"]}
     print(
         f"goal recall@{K} >= {RECALL_GOAL} at >= {SPEED_GOAL}x: "
         f"{f'met, smallest nprobe {chosen}' if chosen else 'MISSED'}; "
         f"retrieve default ivf_nprobe {default}: "
-        f"{'meets it' if results.get(default) else 'does not meet it' if default in results else 'not swept'}"
+        f"{'meets it' if met_at.get(default) else 'does not meet it' if default in met_at else 'not swept'}"
     )
 
 

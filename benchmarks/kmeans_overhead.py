@@ -4,13 +4,14 @@
                                               [--part-rows 65536] [--repeats 2]
 
 The stage reads an embeddings manifest (float16, written by the store in parts of --part-rows rows, as
-a stage writes it), samples, trains, assigns shard by shard through the executor, writes Parquet parts,
-counts sizes and draws its picture; the raw side trains and assigns one in-memory float32 array. The
-ratio is the stage's overhead; goal (issue 4): <= 1.1. The overhead is linear in rows (Parquet read,
-shard keys, writes) while k-means costs rows x clusters x iterations, so the ratio falls as num_clusters
-grows (the paper runs 100,000). Small parts cost more to read per row (Parquet's per-file overhead).
-Raw and stage runs alternate --repeats times (the stage into a fresh store each time) and each side
-keeps its fastest run: on a shared machine the minimum is the run least disturbed by other work.
+a stage writes it), samples, trains, assigns shard by shard through the executor (each shard reading its
+own rows), writes Parquet parts, counts sizes and draws its picture; the raw side trains and assigns one
+in-memory float32 array. The ratio is the stage's overhead; goal (issue 4): <= 1.1. The overhead is
+linear in rows (Parquet reads, shard keys, writes) while k-means costs rows x clusters x iterations, so
+the ratio falls as num_clusters grows (the paper runs 100,000). Small parts cost more to read per row
+(Parquet's per-file overhead). Raw and stage runs alternate --repeats times (the stage into a fresh store
+each time) and each side keeps its fastest run: on a shared machine the minimum is the run least
+disturbed by other work.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -36,6 +38,11 @@ CENTRES = 500
 NOISE = 0.35
 SEED = 0
 OVERHEAD_GOAL = 1.1
+DEFAULT_ROWS = 200_000
+DEFAULT_CLUSTERS = 1_000
+DEFAULT_ITERATIONS = 20
+DEFAULT_PART_ROWS = 65_536
+DEFAULT_REPEATS = 2
 
 
 def embeddings_manifest(root: Path, num_rows: int, part_rows: int) -> tuple[Manifest, np.ndarray]:
@@ -87,21 +94,21 @@ def _seconds(runs: list[float]) -> str:
     return ", ".join(f"{seconds:.2f}" for seconds in runs)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--clusters", type=int, default=1_000)
-    parser.add_argument("--iterations", type=int, default=20)
-    parser.add_argument("--part-rows", type=int, default=65_536)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
-    cfg = ClusterConfig(num_clusters=args.clusters, num_iterations=args.iterations, use_gpu=False)
+def measure(
+    rows: int = DEFAULT_ROWS,
+    clusters: int = DEFAULT_CLUSTERS,
+    iterations: int = DEFAULT_ITERATIONS,
+    part_rows: int = DEFAULT_PART_ROWS,
+    repeats: int = DEFAULT_REPEATS,
+) -> dict[str, Any]:
+    """Seconds of every raw and stage run, the fastest of each, their ratio and the fastest run's phases."""
+    cfg = ClusterConfig(num_clusters=clusters, num_iterations=iterations, use_gpu=False)
     raw: list[float] = []
     stage: list[float] = []
-    phases: dict[int, dict[str, float]] = {}
+    phases: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        manifest, vectors = embeddings_manifest(Path(tmp), args.rows, args.part_rows)
-        for repeat in range(args.repeats):
+        manifest, vectors = embeddings_manifest(Path(tmp), rows, part_rows)
+        for repeat in range(repeats):
             raw.append(raw_kmeans(vectors, cfg))
             started = time.perf_counter()
             run = run_stage(
@@ -112,18 +119,40 @@ def main() -> None:
                 show_progress=False,
             )
             stage.append(time.perf_counter() - started)
-            phases[repeat] = run.record["stats"]["seconds"]
+            phases.append(run.record["stats"]["seconds"])
+    return {
+        "rows": rows,
+        "clusters": clusters,
+        "iterations": iterations,
+        "part_rows": part_rows,
+        "raw_runs": raw,
+        "stage_runs": stage,
+        "raw_seconds": min(raw),
+        "stage_seconds": min(stage),
+        "ratio": min(stage) / min(raw),
+        "phases": phases[int(np.argmin(stage))],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS)
+    parser.add_argument("--clusters", type=int, default=DEFAULT_CLUSTERS)
+    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
+    parser.add_argument("--part-rows", type=int, default=DEFAULT_PART_ROWS)
+    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS)
+    args = parser.parse_args()
+    result = measure(args.rows, args.clusters, args.iterations, args.part_rows, args.repeats)
     print(
         f"{args.rows:,} x {DIM} in parts of {args.part_rows:,} rows, k = {args.clusters}, "
         f"{args.iterations} iterations, faiss threads {faiss.omp_get_max_threads()}"
     )
-    fastest = int(np.argmin(stage))
-    print(f"raw faiss.Kmeans train + assign: {min(raw):.2f} s  (runs: {_seconds(raw)})")
-    print(f"cluster stage (run_stage):       {min(stage):.2f} s  (runs: {_seconds(stage)})")
-    print(f"  phases of the fastest stage run: {phases[fastest]}")
-    ratio = min(stage) / min(raw)
-    verdict = "met" if ratio <= OVERHEAD_GOAL else "MISSED"
-    print(f"overhead ratio {ratio:.3f} (goal <= {OVERHEAD_GOAL}: {verdict})")
+    raw_runs, stage_runs = _seconds(result["raw_runs"]), _seconds(result["stage_runs"])
+    print(f"raw faiss.Kmeans train + assign: {result['raw_seconds']:.2f} s  (runs: {raw_runs})")
+    print(f"cluster stage (run_stage):       {result['stage_seconds']:.2f} s  (runs: {stage_runs})")
+    print(f"  phases of the fastest stage run: {result['phases']}")
+    verdict = "met" if result["ratio"] <= OVERHEAD_GOAL else "MISSED"
+    print(f"overhead ratio {result['ratio']:.3f} (goal <= {OVERHEAD_GOAL}: {verdict})")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +24,7 @@ from curation.dedup.hamming import hashes_to_hex, near_duplicate_pairs, plan_sea
 from pipelines.config import HASH_BITS, PhashDedupConfig
 
 DEFAULT_SIZES = (10_000, 100_000)
+DEFAULT_REPEATS = 3
 COPY_FRACTION = 0.1
 # Copies get up to this many bits more than the radius flipped: near misses that must not match.
 BEYOND_RADIUS = 2
@@ -74,24 +77,48 @@ def imagededup_pairs(hashes: np.ndarray, max_distance: int) -> tuple[float, set[
     return seconds, pairs
 
 
+def measure(sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = DEFAULT_REPEATS) -> dict[str, Any]:
+    """For each hash count: lvd and imagededup search seconds, their ratio, and whether the pairs agree."""
+    max_distance = PhashDedupConfig().max_distance
+    results = []
+    for size in sizes:
+        hashes = clustered_hashes(size, max_distance, np.random.default_rng(SEED))
+        lvd_seconds, lvd_found = lvd_pairs(hashes, max_distance, repeats)
+        theirs_seconds, theirs_found = imagededup_pairs(hashes, max_distance)
+        results.append(
+            {
+                "hashes": size,
+                "plan": plan_search(size, max_distance).describe(),
+                "lvd_seconds": lvd_seconds,
+                "imagededup_seconds": theirs_seconds,
+                "ratio": theirs_seconds / lvd_seconds,
+                "pairs": len(lvd_found),
+                "equal": lvd_found == theirs_found,
+            }
+        )
+    return {"max_distance": max_distance, "sizes": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="hash counts")
-    parser.add_argument("--repeats", type=int, default=3, help="best of N for lvd; imagededup runs once")
+    parser.add_argument(
+        "--repeats", type=int, default=DEFAULT_REPEATS, help="best of N for lvd; imagededup runs once"
+    )
     args = parser.parse_args()
-    max_distance = PhashDedupConfig().max_distance
-    print(f"radius {max_distance} bits (phash_dedup default), {COPY_FRACTION:.0%} planted near copies")
-    for size in args.sizes:
-        hashes = clustered_hashes(size, max_distance, np.random.default_rng(SEED))
-        plan = plan_search(size, max_distance).describe()
-        lvd_seconds, lvd_found = lvd_pairs(hashes, max_distance, args.repeats)
-        theirs_seconds, theirs_found = imagededup_pairs(hashes, max_distance)
-        same = "equal" if lvd_found == theirs_found else "DIFFERENT"
+    print(
+        f"radius {PhashDedupConfig().max_distance} bits (phash_dedup default), "
+        f"{COPY_FRACTION:.0%} planted near copies"
+    )
+    for size in args.sizes:  # one size at a time, printed as it finishes: 100k takes imagededup long
+        found = measure([size], args.repeats)["sizes"][0]
+        same = "equal" if found["equal"] else "DIFFERENT"
         print(
-            f"{size:>9,} hashes: lvd {lvd_seconds:8.3f} s [{plan}]  imagededup {theirs_seconds:9.2f} s"
-            f"  ratio {theirs_seconds / lvd_seconds:,.0f}x  pairs {len(lvd_found):,} ({same})",
+            f"{size:>9,} hashes: lvd {found['lvd_seconds']:8.3f} s [{found['plan']}]  "
+            f"imagededup {found['imagededup_seconds']:9.2f} s  ratio {found['ratio']:,.0f}x  "
+            f"pairs {found['pairs']:,} ({same})",
             flush=True,
         )
 

@@ -20,15 +20,16 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.peak_memory import peak_rss_mib
 from pipelines.config import build_config
 from training.data.augment import MultiCropAugmentation
 from training.data.collate import collate_crops_and_masks
@@ -42,6 +43,10 @@ WARMUP_STEPS = 1
 STEP_AFTER_WARMUP = 100  # schedules at a step past the lr warmup, so every update is non-zero
 DEFAULT_DROP_PATH = 0.3  # ssl_default_config
 KIB = 1024
+DEFAULT_ARCHS = ("vit_small",)
+DEFAULT_BATCH = 8
+DEFAULT_STEPS = 3
+DEFAULT_VARIANTS = ("lvd", "no-subset")
 VARIANTS = {
     "lvd": {"drop_path_rate": DEFAULT_DROP_PATH},
     "no-subset": {"drop_path_rate": 0.0},
@@ -88,7 +93,9 @@ def synthetic_batch(cfg, seed: int) -> dict:
     )
 
 
-def measure(arch: str, batch: int, steps: int, device: str, precision: str, drop_path_rate: float) -> dict:
+def measure_in_process(
+    arch: str, batch: int, steps: int, device: str, precision: str, drop_path_rate: float
+) -> dict:
     """Runs in the variant's own process; returns seconds per step, images/s and peak memory."""
     cfg = benchmark_config(arch, batch, drop_path_rate, device, precision)
     env = init_distributed(cfg.train.device)
@@ -119,21 +126,21 @@ def measure(arch: str, batch: int, steps: int, device: str, precision: str, drop
         if env.device.type == "cuda":
             peak_mib = torch.cuda.max_memory_allocated() / KIB / KIB
         else:
-            peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB  # Linux reports KiB
+            peak_mib = peak_rss_mib()
         return {"seconds_per_step": seconds, "images_per_s": batch / seconds, "peak_mib": peak_mib}
     finally:
         shutdown(env)
 
 
-def run_variant(variant: str, arch: str, args: argparse.Namespace) -> dict:
+def run_variant(variant: str, arch: str, batch: int, steps: int, device: str, precision: str) -> dict:
     options = VARIANTS[variant]
     env = {**os.environ, "LVD_ATTENTION": options.get("attention", "auto")}
     request = {
         "arch": arch,
-        "batch": args.batch,
-        "steps": args.steps,
-        "device": args.device,
-        "precision": args.precision,
+        "batch": batch,
+        "steps": steps,
+        "device": device,
+        "precision": precision,
         "drop_path_rate": options["drop_path_rate"],
     }
     command = [sys.executable, "-m", "benchmarks.train_step", "--worker", json.dumps(request)]
@@ -141,31 +148,47 @@ def run_variant(variant: str, arch: str, args: argparse.Namespace) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
+def measure(
+    archs: Sequence[str] = DEFAULT_ARCHS,
+    batch: int = DEFAULT_BATCH,
+    steps: int = DEFAULT_STEPS,
+    device: str = "cpu",
+    precision: str = "bf16",
+    variants: Sequence[str] = DEFAULT_VARIANTS,
+) -> dict[str, dict[str, dict]]:
+    """arch -> variant -> seconds per step, images/s and peak MiB, each variant in its own process."""
+    return {
+        arch: {variant: run_variant(variant, arch, batch, steps, device, precision) for variant in variants}
+        for arch in archs
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--arch", nargs="+", default=["vit_small"])
+    parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS))
     parser.add_argument(
-        "--batch", type=int, default=8, help="images per step (each: 2 global + 8 local crops)"
+        "--batch", type=int, default=DEFAULT_BATCH, help="images per step (each: 2 global + 8 local crops)"
     )
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (median)")
+    parser.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help="timed steps after one warm-up step (median)"
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
-    parser.add_argument("--variants", nargs="+", default=["lvd", "no-subset"], choices=sorted(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=sorted(VARIANTS))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(**json.loads(args.worker))))
+        print(json.dumps(measure_in_process(**json.loads(args.worker))))
         return
     print(f"{args.device}, {args.precision} (CPU computes fp32), batch {args.batch}: 2 x 224 + 8 x 98 crops")
     header = ("arch", "variant", "s/step", "images/s", "peak MiB", "time ratio", "mem ratio")
     print("".join(f"{name:<11}" if index < 2 else f"{name:>11}" for index, name in enumerate(header)))
-    for arch in args.arch:
-        baseline = None
-        for variant in args.variants:
-            result = run_variant(variant, arch, args)
-            baseline = baseline or result
+    results = measure(args.arch, args.batch, args.steps, args.device, args.precision, args.variants)
+    for arch, by_variant in results.items():
+        baseline = by_variant[args.variants[0]]
+        for variant, result in by_variant.items():
             time_ratio = result["seconds_per_step"] / baseline["seconds_per_step"]
             memory_ratio = result["peak_mib"] / baseline["peak_mib"]
             print(

@@ -1,13 +1,15 @@
-"""The `cluster` stage: spherical (cosine) k-means of the pool's embeddings.
+"""The `cluster` stage: spherical (cosine) k-means of the pool's embeddings, in bounded memory.
 
-embeddings (keys, role, embedding columns only) --rows of cfg.roles, in key order--> unit float32 rows
-   --seeded sample (<= k * max_points_per_centroid rows; all of them: no copy)--> faiss.Kmeans(spherical)
-   --> centroids
-   --ctx.map_shards over key-sorted shards (views of the rows): nearest centroid of each row--> assignments
-   --cluster sizes and the picture from one read of the assignments--> centroids (cluster, size, centroid)
+embeddings --keys and role only, part by part (never the embedding column)--> rows of cfg.roles, key order
+   --seeded sample (<= k * max_points_per_centroid rows): only those rows' embeddings read--> unit float32
+   --faiss.Kmeans(spherical)--> centroids
+   --ctx.map_shards over key-sorted shards: each worker reads its own rows from the parts holding them
+     (unless the sample was every row: then shards view it), nearest centroid of each row--> assignments
+   --part by part: cluster sizes, then the members nearest the largest clusters' centroids--> centroids
+     (cluster, size, centroid), the picture
 
-Vectors never pass through Python objects and are converted once, so the stage's cost beyond raw Faiss
-is one Parquet read of the keys and the embedding column, one float32 conversion, and the writes.
+Memory: the key columns, the training sample and the centroids; a shard worker adds one shard's rows.
+Beyond the sample's cap no copy of the embeddings is ever held, so the pool can outgrow one machine.
 """
 
 from __future__ import annotations
@@ -18,21 +20,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import faiss
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.pictures import Tile, contact_sheet
-from curation.vectors import (
-    RowVectors,
-    embedding_array,
-    float16_rows,
-    key_order,
-    read_columns,
-    unit_rows,
-    vector_shards,
-)
+from curation.vector_parts import LocatedRows, located_columns, located_shards, read_unit_rows
+from curation.vectors import embedding_array, key_order
 from pipelines.config import ClusterConfig
 from pipelines.images import read_image_bytes
 from pipelines.manifest import ASSIGNMENTS, CENTROIDS, EMBEDDINGS
@@ -44,12 +40,12 @@ SHEET_IMAGES_PER_CLUSTER = 10
 KEY_COLUMNS = ("image_id", "uri")
 
 
-def assign_shard(centroids: np.ndarray, rows: RowVectors) -> ShardResult:
-    """Shard worker: the nearest centroid (by cosine) of every row of an embeddings slice."""
+def assign_shard(centroids: np.ndarray, rows: LocatedRows) -> ShardResult:
+    """Shard worker: reads its rows' embeddings, and finds the nearest centroid (by cosine) of each."""
     started = time.perf_counter()
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(centroids)
-    similarity, nearest = index.search(rows.vectors, 1)
+    similarity, nearest = index.search(rows.unit_rows(), 1)
     table = pa.table(
         {
             "image_id": rows.keys.column("image_id"),
@@ -81,21 +77,42 @@ def train_centroids(vectors: np.ndarray, num_clusters: int, cfg: ClusterConfig) 
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
 
-def _assigned(ctx: StageContext) -> pa.Table:
-    """The cluster, similarity and uri columns of every assignments part this run wrote."""
-    directory = ctx.store.output_dir(ctx.spec.name, ctx.key, "assignments")
-    parts = ctx.store.list_parts(directory)
-    return pq.read_table(parts, filesystem=ctx.store.fs, columns=["cluster", "similarity", "uri"])
+def cluster_sizes(fs: fsspec.AbstractFileSystem, parts: list[str], num_clusters: int) -> np.ndarray:
+    """Rows per cluster [k] int64, from the cluster column of assignments `parts`, one part at a time."""
+    sizes = np.zeros(num_clusters, np.int64)
+    for part in parts:
+        clusters = pq.read_table(part, filesystem=fs, columns=["cluster"]).column("cluster")
+        sizes += np.bincount(np.asarray(clusters), minlength=num_clusters)
+    return sizes
 
 
-def _samples_sheet(assigned: pa.Table, largest: list[int]) -> bytes:
-    """One row per cluster (largest first): its members nearest to the centroid."""
-    members = assigned.filter(pc.is_in(assigned.column("cluster"), pa.array(largest, pa.int32())))
+def _nearest_first(members: pa.Table) -> pa.Table:
+    """Members by cluster, nearest to the centroid first; at most SHEET_IMAGES_PER_CLUSTER per cluster."""
     members = members.sort_by([("cluster", "ascending"), ("similarity", "descending"), ("uri", "ascending")])
     clusters = np.asarray(members.column("cluster"))
     rank = np.arange(len(clusters)) - np.searchsorted(clusters, clusters)  # position within its cluster
+    return members.filter(pa.array(rank < SHEET_IMAGES_PER_CLUSTER))
+
+
+def sheet_members(fs: fsspec.AbstractFileSystem, parts: list[str], largest: list[int]) -> pa.Table:
+    """The members of the `largest` clusters nearest their centroids, from assignments `parts`.
+
+    Only the best so far are kept after each part. The sort is stable and earlier parts' rows come
+    first, so ties resolve as in one sort of all parts.
+    """
+    wanted = pa.array(largest, pa.int32())
+    best = ASSIGNMENTS.empty_table().select(["cluster", "similarity", "uri"])
+    for part in parts:
+        table = pq.read_table(part, filesystem=fs, columns=["cluster", "similarity", "uri"])
+        members = table.filter(pc.is_in(table.column("cluster"), wanted))
+        best = _nearest_first(pa.concat_tables([best, members]))
+    return best
+
+
+def _samples_sheet(members: pa.Table, largest: list[int]) -> bytes:
+    """One row per cluster (largest first): its members nearest to the centroid."""
     picked: dict[int, list[Tile]] = {cluster: [] for cluster in largest}
-    for row in members.filter(pa.array(rank < SHEET_IMAGES_PER_CLUSTER)).to_pylist():
+    for row in members.to_pylist():
         picked[row["cluster"]].append(uri_tile(row["uri"], f"c{row['cluster']} {row['similarity']:.2f}"))
     return contact_sheet(
         [picked[cluster] for cluster in largest], "k-means clusters, largest first (cosine to centroid)"
@@ -114,52 +131,54 @@ def uri_tile(uri: str, caption: str) -> Tile:
 def run_cluster(cfg: ClusterConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    table = read_columns(inputs["embeddings"], EMBEDDINGS, [*KEY_COLUMNS, "role", "embedding"])
+    table, where = located_columns(inputs["embeddings"], EMBEDDINGS, [*KEY_COLUMNS, "role"])
     clustered = pc.is_in(table.column("role"), pa.array(list(cfg.roles), pa.string()))
-    keys = table.select(list(KEY_COLUMNS)).filter(clustered)
-    order = key_order(keys)
-    # Key order, not part order: the seeded sample below must not depend on how upstream wrote its parts.
-    rows = np.flatnonzero(np.asarray(clustered.combine_chunks()))[order]
-    vectors = unit_rows(float16_rows(table.column("embedding")), rows)
+    rows = np.flatnonzero(np.asarray(clustered.combine_chunks()))
+    keys = table.select(list(KEY_COLUMNS)).take(rows)
     del table
-    shards = vector_shards(keys.take(order), vectors, cfg.rows_per_shard)
-    num_rows = len(vectors)
+    # Key order, not part order: the seeded sample below must not depend on how upstream wrote its parts.
+    order = key_order(keys)
+    keys, where = keys.take(order), where.take(rows[order])
+    num_rows = keys.num_rows
     if num_rows == 0:
         ctx.write_output("centroids", CENTROIDS.empty_table())
         ctx.write_output("assignments", ASSIGNMENTS.empty_table())
         return {"rows": 0, "clusters": 0}
     num_clusters = min(cfg.num_clusters, num_rows)
     train_rows = min(num_rows, num_clusters * cfg.max_points_per_centroid)
-    training = vectors  # every row: no copy
+    sample = np.arange(num_rows)
     if train_rows < num_rows:
-        sample = np.random.default_rng(cfg.seed).choice(num_rows, train_rows, replace=False)
-        training = vectors[np.sort(sample)]
+        sample = np.sort(np.random.default_rng(cfg.seed).choice(num_rows, train_rows, replace=False))
+    training = read_unit_rows(where.take(sample))
     timings["read_and_sample"] = time.perf_counter() - started
 
     started = time.perf_counter()
     centroids = train_centroids(training, num_clusters, cfg)
+    # A sample of every row is every row in key order, within the sample's memory cap: no second read.
+    loaded = training if train_rows == num_rows else None
     del training
     timings["train"] = time.perf_counter() - started
 
     started = time.perf_counter()
+    shards = located_shards(keys, where, cfg.rows_per_shard, loaded)
     ctx.map_shards(functools.partial(assign_shard, centroids), shards, outputs=["assignments"])
     timings["assign"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    assigned = _assigned(ctx)
-    sizes = np.bincount(np.asarray(assigned.column("cluster")), minlength=num_clusters)
+    parts = ctx.store.list_parts(ctx.store.output_dir(ctx.spec.name, ctx.key, "assignments"))
+    sizes = cluster_sizes(ctx.store.fs, parts, num_clusters)
     ctx.write_output(
         "centroids",
         pa.table(
             {
                 "cluster": pa.array(np.arange(num_clusters, dtype=np.int32)),
-                "size": pa.array(sizes.astype(np.int64)),
+                "size": pa.array(sizes),
                 "centroid": embedding_array(centroids),
             }
         ),
     )
     largest = [int(c) for c in np.argsort(-sizes, kind="stable")[:SHEET_CLUSTERS] if sizes[c] > 0]
-    ctx.write_artifact(SHEET_NAME, _samples_sheet(assigned, largest))
+    ctx.write_artifact(SHEET_NAME, _samples_sheet(sheet_members(ctx.store.fs, parts, largest), largest))
     timings["sizes_and_picture"] = time.perf_counter() - started
     stats: dict[str, Any] = {
         "rows": num_rows,

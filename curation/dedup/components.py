@@ -1,6 +1,7 @@
 """What every dedup stage shares: components of a duplicate graph, the keep rule, rejected rows, stats.
 
-edges (row i ~ row j) --connected_components--> label per row (smallest row index of its component)
+edges (row i ~ row j) --connected_components, or ComponentLabels fed batch by batch as a search finds them-->
+  label per row (smallest row index of its component)
   --resolve_groups(keep rule)--> keep mask + for each dropped row the row it duplicates
   --duplicate_rejections--> `rejected` rows naming the kept image, the group and the similarity
 """
@@ -21,28 +22,59 @@ NO_MATCH = -1
 SIZE_BUCKETS = (2, 3, 4, 8, 16, 64, 256)
 
 
-def connected_components(num_rows: int, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Union-find over an edge list, vectorised: hook the larger root under the smaller, then compress.
+class ComponentLabels:
+    """Union-find fed edges a batch at a time, so no edge list is ever held whole (memory: 8 bytes a row).
 
-    Returns, for every row, the smallest row index of its component. Each round costs O(edges) in
-    numpy; the number of rounds grows with log of the longest chain, not with the number of rows.
+    A batch is merged vectorised, in rounds: find both ends' roots (halving the paths walked, so trees stay
+    shallow), hook each larger root under the smallest root it meets, and keep the edges whose ends still
+    have different roots. A batch's cost grows with its edges, not with the rows. Roots only ever move to
+    smaller roots, so `labels()` gives each row the smallest row index of its component, whatever the
+    batches and their order.
     """
-    parent = np.arange(num_rows, dtype=np.int64)
-    sources = np.asarray(sources, dtype=np.int64)
-    targets = np.asarray(targets, dtype=np.int64)
-    while True:
-        root_a, root_b = parent[sources], parent[targets]
-        differ = root_a != root_b
-        if not differ.any():
-            return parent
-        low = np.minimum(root_a[differ], root_b[differ])
-        high = np.maximum(root_a[differ], root_b[differ])
-        np.minimum.at(parent, high, low)  # hook: every root only ever moves to a smaller root
+
+    def __init__(self, num_rows: int) -> None:
+        self._parent = np.arange(num_rows, dtype=np.int64)
+
+    def add_edges(self, sources: np.ndarray, targets: np.ndarray) -> None:
+        """Joins row sources[i] with row targets[i] for every i."""
+        sources = np.asarray(sources, dtype=np.int64)
+        targets = np.asarray(targets, dtype=np.int64)
+        while len(sources):
+            root_a, root_b = self._roots(sources), self._roots(targets)
+            differ = root_a != root_b
+            low = np.minimum(root_a[differ], root_b[differ])
+            high = np.maximum(root_a[differ], root_b[differ])
+            np.minimum.at(self._parent, high, low)  # hook: every root only ever moves to a smaller root
+            sources, targets = sources[differ], targets[differ]
+
+    def _roots(self, rows: np.ndarray) -> np.ndarray:
+        """The root of each of `rows`; every row walked past is re-pointed at its grandparent on the way."""
+        parent = self._parent
+        while True:
+            up = parent[rows]
+            grand = parent[up]
+            if np.array_equal(up, grand):
+                return up
+            parent[rows] = grand  # path halving: still an ancestor, half as far from the root
+            rows = grand
+
+    def labels(self) -> np.ndarray:
+        """For every row, the smallest row index of its component (a copy)."""
+        parent = self._parent
         while True:  # compress: point every row straight at its root
             grandparent = parent[parent]
             if np.array_equal(grandparent, parent):
                 break
             parent = grandparent
+        self._parent = parent
+        return parent.copy()
+
+
+def connected_components(num_rows: int, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """For every row, the smallest row index of its component, from one whole edge list."""
+    components = ComponentLabels(num_rows)
+    components.add_edges(sources, targets)
+    return components.labels()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,390 @@
+"""Peak memory at 2M x 256: k-means assignment and the dedup graph, streamed over parts vs all at once.
+
+    nice python -m benchmarks.bounded_memory [--rows 2000000] [--dim 256] [--part-rows 65536]
+                                             [--clusters 256] [--iterations 5]
+
+Input: an embeddings manifest of float16 rows written part by part through the Store, with keys rising
+from part to part as the embed stage's content shards leave them (as benchmarks/kmeans_overhead.py writes
+its input). A COPY_FRACTION of each part's rows are near copies (cosine about 0.9) of other rows, so the
+dedup graph has real components. Each measurement runs in its own process and reports its peak RSS
+(VmHWM; see benchmarks/peak_memory.py for why not ru_maxrss):
+  floor             the interpreter with lvd, Faiss and pyarrow imported: every process pays it
+  k-means streamed  run_stage(cluster): keys, the training sample, centroids, then one shard at a time
+  k-means at once   the whole manifest as one float32 matrix, trained on the same seeded sample, every row
+                    assigned in one Faiss call (what the stage did before it streamed)
+  graph streamed    the index filled part by part; each part searched, its edges fed to ComponentLabels
+  graph at once     one float32 matrix, the index filled from it, every edge materialised
+                    (knn.searched_edges, copy_dedup's path), then connected_components
+Both graph runs use the same IVF index (built once here: rows / GRAPH_ROWS_PER_LIST cells found through
+HNSW, nprobe GRAPH_NPROBE) and copy_dedup's k and threshold; the index itself holds every vector in both.
+Peaks are high-water marks: "above floor" is approximate (memory freed after the imports is reused).
+The streamed and all-at-once results are compared (assignments, component labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+import curation  # noqa: F401  (registers the stages)
+from benchmarks.peak_memory import peak_rss_mib
+from curation.cluster import KEY_COLUMNS, train_centroids
+from curation.dedup.components import ComponentLabels, connected_components
+from curation.dedup.knn import searched_edges
+from curation.vector_parts import PartRows, manifest_parts, read_unit_rows
+from curation.vectors import (
+    embedding_array,
+    embedding_matrix,
+    float16_rows,
+    key_order,
+    read_columns,
+    unit_rows,
+)
+from pipelines.config import ClusterConfig, CopyDedupConfig
+from pipelines.manifest import EMBEDDINGS, part_name
+from pipelines.stage import Manifest, get_stage, run_stage
+from pipelines.store import Store
+
+DEFAULT_ROWS = 2_000_000
+DEFAULT_DIM = 256
+DEFAULT_PART_ROWS = 65_536
+DEFAULT_CLUSTERS = 256
+DEFAULT_ITERATIONS = 5
+COPY_FRACTION = 0.2
+COPY_NOISE = 0.5  # offset norm of a copy from its original: cosine about 1 / sqrt(1 + 0.5^2) = 0.89
+# Small cells found through HNSW (few links) keep the 2M-row graph to a couple of minutes on 2 cores;
+# 8 cells per query find most near copies.
+GRAPH_ROWS_PER_LIST = 64
+HNSW_LINKS = 16
+GRAPH_NPROBE = 8
+SEED = 0
+KIB = 1024
+MIB = KIB * KIB
+FLOAT16_BYTES = 2
+FLOAT32_BYTES = 4
+INT64_BYTES = 8
+EDGE_BYTES = 2 * INT64_BYTES + FLOAT32_BYTES  # source, target, cosine
+MODES = ("floor", "kmeans_streamed", "kmeans_at_once", "graph_streamed", "graph_at_once")
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What every measuring process needs: the input, the settings, where to leave results."""
+
+    manifest: Manifest
+    store_root: str
+    index_path: str
+    results_dir: str
+    clusters: int
+    iterations: int
+    rows_per_shard: int
+
+
+def write_manifest(root: Path, num_rows: int, dim: int, part_rows: int) -> tuple[Manifest, int]:
+    """The embeddings manifest, one part at a time (never all rows in memory); also its key bytes."""
+    store = Store(root)
+    folder = f"{store.root}/embeddings"
+    rng = np.random.default_rng(SEED)
+    key_bytes = 0
+    for start in range(0, num_rows, part_rows):
+        count = min(part_rows, num_rows - start)
+        vectors = rng.normal(size=(count, dim))
+        copies = rng.random(count) < COPY_FRACTION
+        originals = rng.integers(0, count, int(copies.sum()))
+        vectors[copies] = vectors[originals] + COPY_NOISE * rng.normal(size=(len(originals), dim))
+        rows = range(start, start + count)
+        table = pa.table(
+            {
+                "image_id": [f"{row:064x}" for row in rows],
+                "source": ["pool"] * count,
+                "role": ["uncurated"] * count,
+                "uri": [f"/pool/{row}.jpg" for row in rows],
+                "embedding": embedding_array(vectors / np.linalg.norm(vectors, axis=1, keepdims=True)),
+            }
+        )
+        key_bytes += table.select(list(KEY_COLUMNS)).nbytes
+        store.write_table_atomic(f"{folder}/{part_name(f'{start:012d}')}", EMBEDDINGS.validate(table))
+    manifest = Manifest(
+        uri=store.uri_of(folder), schema_name="embeddings", digest=f"bm-{num_rows}-{dim}", num_rows=num_rows
+    )
+    return manifest, key_bytes
+
+
+def whole_parts(manifest: Manifest) -> list[PartRows]:
+    """Every row of each part, as PartRows, in part order (the rows' global order)."""
+    fs, parts = manifest_parts(manifest)
+    located = []
+    for path in parts:
+        count = pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+        located.append(PartRows(fs, (path,), np.zeros(count, np.int64), np.arange(count, dtype=np.int64)))
+    return located
+
+
+def graph_index(manifest: Manifest, num_rows: int, path: Path) -> int:
+    """An empty IVF index over seeded sample rows as cells (HNSW finds a row's cell), written to `path`.
+
+    Returns the number of cells. Sample rows as cells, not k-means centroids: k-means over this many cells
+    would take longer than the measurement, and the cells only need to spread like the data.
+    """
+    nlist = max(1, num_rows // GRAPH_ROWS_PER_LIST)
+    parts = whole_parts(manifest)
+    rng = np.random.default_rng(SEED)
+    picked = np.sort(rng.choice(num_rows, nlist, replace=False))
+    bounds = np.cumsum([0] + [len(part) for part in parts])
+    cells = np.concatenate(
+        [
+            read_unit_rows(part.take(picked[(picked >= low) & (picked < high)] - low))
+            for part, low, high in zip(parts, bounds[:-1], bounds[1:], strict=True)
+            if ((picked >= low) & (picked < high)).any()
+        ]
+    )
+    quantizer = faiss.IndexHNSWFlat(cells.shape[1], HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
+    quantizer.add(cells)
+    index = faiss.IndexIVFFlat(quantizer, cells.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    index.is_trained = True  # why: the quantizer already holds the cells, there is nothing to train
+    faiss.write_index(index, str(path))
+    return nlist
+
+
+def _graph_index(job: Job) -> faiss.Index:
+    index = faiss.read_index(job.index_path)
+    index.nprobe = GRAPH_NPROBE
+    return index
+
+
+def kmeans_streamed(job: Job) -> dict[str, Any]:
+    cfg = ClusterConfig(
+        num_clusters=job.clusters,
+        num_iterations=job.iterations,
+        rows_per_shard=job.rows_per_shard,
+        use_gpu=False,
+    )
+    run = run_stage(
+        get_stage("cluster"),
+        cfg,
+        {"embeddings": job.manifest},
+        store=Store(job.store_root),
+        show_progress=False,
+    )
+    peak = peak_rss_mib()
+    # After the peak is taken: put the assignments in key order to compare them with the other run's.
+    assigned = run.outputs["assignments"].read().sort_by([(name, "ascending") for name in KEY_COLUMNS])
+    np.savez(
+        f"{job.results_dir}/kmeans_streamed.npz",
+        cluster=np.asarray(assigned.column("cluster")),
+        similarity=np.asarray(assigned.column("similarity")),
+    )
+    return {"peak_mib": peak, "stage_seconds": run.record["stats"]["seconds"]}
+
+
+def kmeans_at_once(job: Job) -> dict[str, Any]:
+    table = read_columns(job.manifest, EMBEDDINGS, [*KEY_COLUMNS, "role", "embedding"])
+    clustered = pc.is_in(table.column("role"), pa.array(list(ClusterConfig().roles), pa.string()))
+    rows = np.flatnonzero(np.asarray(clustered.combine_chunks()))
+    order = key_order(table.select(list(KEY_COLUMNS)).take(rows))
+    vectors = unit_rows(float16_rows(table.column("embedding")), rows[order])
+    cfg = ClusterConfig(num_clusters=job.clusters, num_iterations=job.iterations, use_gpu=False)
+    train_rows = min(len(vectors), cfg.num_clusters * cfg.max_points_per_centroid)
+    sample = np.sort(np.random.default_rng(cfg.seed).choice(len(vectors), train_rows, replace=False))
+    centroids = train_centroids(vectors[sample], cfg.num_clusters, cfg)
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    similarity, nearest = index.search(vectors, 1)
+    peak = peak_rss_mib()
+    np.savez(
+        f"{job.results_dir}/kmeans_at_once.npz",
+        cluster=nearest[:, 0].astype(np.int32),
+        similarity=similarity[:, 0],
+    )
+    return {"peak_mib": peak}
+
+
+def graph_streamed(job: Job) -> dict[str, Any]:
+    cfg = CopyDedupConfig()
+    parts = whole_parts(job.manifest)
+    index = _graph_index(job)
+    for part in parts:
+        index.add(read_unit_rows(part))
+    components = ComponentLabels(index.ntotal)
+    hits = 0
+    start = 0
+    for part in parts:
+        scores, neighbours = index.search(read_unit_rows(part), cfg.num_neighbours + 1)
+        rows = np.arange(start, start + len(part), dtype=np.int64)[:, None]
+        # Self matches and slots IVF could not fill are not edges; each found pair is an edge either way.
+        hit = (scores > cfg.threshold) & (neighbours >= 0) & (neighbours != rows)
+        components.add_edges(np.broadcast_to(rows, hit.shape)[hit], neighbours[hit])
+        hits += int(hit.sum())
+        start += len(part)
+    labels = components.labels()
+    peak = peak_rss_mib()
+    np.save(f"{job.results_dir}/graph_streamed.npy", labels)
+    return {"peak_mib": peak, "directed_hits": hits}
+
+
+def graph_at_once(job: Job) -> dict[str, Any]:
+    cfg = CopyDedupConfig()
+    vectors = embedding_matrix(read_columns(job.manifest, EMBEDDINGS, ["embedding"]))
+    index = _graph_index(job)
+    index.add(vectors)
+    edges = searched_edges(vectors, index, cfg.num_neighbours, cfg.threshold)
+    labels = connected_components(len(vectors), edges.sources, edges.targets)
+    peak = peak_rss_mib()
+    np.save(f"{job.results_dir}/graph_at_once.npy", labels)
+    return {"peak_mib": peak, "edges": len(edges)}
+
+
+def measure_in_process(mode: str, job: Job) -> dict[str, Any]:
+    """Runs one measurement in this process (a fresh one: its peak RSS is the measurement's own)."""
+    started = time.perf_counter()
+    if mode == "floor":
+        result = {"peak_mib": peak_rss_mib()}
+    else:
+        result = {
+            "kmeans_streamed": kmeans_streamed,
+            "kmeans_at_once": kmeans_at_once,
+            "graph_streamed": graph_streamed,
+            "graph_at_once": graph_at_once,
+        }[mode](job)
+    return result | {"seconds": time.perf_counter() - started}
+
+
+def _in_subprocess(mode: str, job: Job) -> dict[str, Any]:
+    request = json.dumps({"mode": mode, "job": _job_dict(job)})
+    command = [sys.executable, "-m", "benchmarks.bounded_memory", "--worker", request]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def _job_dict(job: Job) -> dict[str, Any]:
+    manifest = job.manifest
+    fields = {name: getattr(job, name) for name in Job.__slots__ if name != "manifest"}
+    return fields | {"manifest": [manifest.uri, manifest.schema_name, manifest.digest, manifest.num_rows]}
+
+
+def _job_from_dict(values: dict[str, Any]) -> Job:
+    return Job(**(values | {"manifest": Manifest(*values["manifest"])}))
+
+
+def theory_mib(num_rows: int, dim: int, key_bytes: int, job: Job, edges: int) -> dict[str, float]:
+    """The sizes that decide each run's memory, in MiB."""
+    cfg = ClusterConfig(num_clusters=job.clusters)
+    training_rows = min(num_rows, cfg.num_clusters * cfg.max_points_per_centroid)
+    return {
+        "float16_embeddings": num_rows * dim * FLOAT16_BYTES / MIB,
+        "float32_matrix": num_rows * dim * FLOAT32_BYTES / MIB,
+        "keys": key_bytes / MIB,
+        "training_sample": training_rows * dim * FLOAT32_BYTES / MIB,
+        "one_shard": min(num_rows, job.rows_per_shard) * dim * FLOAT32_BYTES / MIB,
+        "ivf_index": num_rows * (dim * FLOAT32_BYTES + INT64_BYTES) / MIB,
+        "labels": num_rows * INT64_BYTES / MIB,
+        "edges": edges * EDGE_BYTES / MIB,
+    }
+
+
+def measure(
+    rows: int = DEFAULT_ROWS,
+    dim: int = DEFAULT_DIM,
+    part_rows: int = DEFAULT_PART_ROWS,
+    clusters: int = DEFAULT_CLUSTERS,
+    iterations: int = DEFAULT_ITERATIONS,
+) -> dict[str, Any]:
+    """Every mode's peak RSS (MiB) and seconds, the theoretical sizes, and whether streamed == at once."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        manifest, key_bytes = write_manifest(root / "input", rows, dim, part_rows)
+        (root / "results").mkdir()
+        job = Job(
+            manifest=manifest,
+            store_root=str(root / "store"),
+            index_path=str(root / "graph.index"),
+            results_dir=str(root / "results"),
+            clusters=clusters,
+            iterations=iterations,
+            rows_per_shard=ClusterConfig().rows_per_shard,
+        )
+        nlist = graph_index(manifest, rows, Path(job.index_path))
+        runs = {mode: _in_subprocess(mode, job) for mode in MODES}
+        streamed = np.load(f"{job.results_dir}/kmeans_streamed.npz")
+        at_once = np.load(f"{job.results_dir}/kmeans_at_once.npz")
+        labels_streamed = np.load(f"{job.results_dir}/graph_streamed.npy")
+        labels_at_once = np.load(f"{job.results_dir}/graph_at_once.npy")
+        return {
+            "rows": rows,
+            "dim": dim,
+            "clusters": clusters,
+            "iterations": iterations,
+            "ivf_lists": nlist,
+            "runs": runs,
+            "theory_mib": theory_mib(rows, dim, key_bytes, job, runs["graph_at_once"]["edges"]),
+            "same_clusters": bool(np.array_equal(streamed["cluster"], at_once["cluster"])),
+            "max_similarity_difference": float(np.abs(streamed["similarity"] - at_once["similarity"]).max()),
+            "same_components": bool(np.array_equal(labels_streamed, labels_at_once)),
+            "groups": int(len(labels_at_once) - len(np.unique(labels_at_once))),
+        }
+
+
+def report(result: dict[str, Any]) -> None:
+    runs, theory = result["runs"], result["theory_mib"]
+    floor = runs["floor"]["peak_mib"]
+    dedup = CopyDedupConfig()
+    print(
+        f"{result['rows']:,} x {result['dim']} float16 rows; k-means k = {result['clusters']}, "
+        f"{result['iterations']} iterations; graph: IVF-HNSW {result['ivf_lists']:,} lists, "
+        f"nprobe {GRAPH_NPROBE}, k = {dedup.num_neighbours}, cosine > {dedup.threshold}"
+    )
+    print(f"{'run':<20}{'peak RSS MiB':>14}{'above floor':>13}{'seconds':>9}  what it holds (MiB, theory)")
+    held = {
+        "floor": "imports only",
+        "kmeans_streamed": f"keys {theory['keys']:.0f} + sample {theory['training_sample']:.0f} "
+        f"+ one shard {theory['one_shard']:.0f}",
+        "kmeans_at_once": f"float16 {theory['float16_embeddings']:.0f} "
+        f"+ float32 {theory['float32_matrix']:.0f} + keys {theory['keys']:.0f}",
+        "graph_streamed": f"index {theory['ivf_index']:.0f} + labels {theory['labels']:.0f} + one part",
+        "graph_at_once": f"index {theory['ivf_index']:.0f} + float32 {theory['float32_matrix']:.0f} "
+        f"+ edges {theory['edges']:.0f} (x2-3 while deduplicated)",
+    }
+    for mode in MODES:
+        peak = runs[mode]["peak_mib"]
+        print(f"{mode:<20}{peak:>14,.0f}{peak - floor:>13,.0f}{runs[mode]['seconds']:>9.1f}  {held[mode]}")
+    for name in ("kmeans", "graph"):
+        ratio = runs[f"{name}_streamed"]["peak_mib"] / runs[f"{name}_at_once"]["peak_mib"]
+        print(f"{name}: streamed / at once peak RSS = {ratio:.2f}")
+    print(
+        f"same assignments: {result['same_clusters']} (max similarity difference "
+        f"{result['max_similarity_difference']:.1e}); same components: {result['same_components']} "
+        f"({runs['graph_at_once']['edges']:,} edges; {result['groups']:,} rows duplicate another)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS)
+    parser.add_argument("--dim", type=int, default=DEFAULT_DIM)
+    parser.add_argument("--part-rows", type=int, default=DEFAULT_PART_ROWS)
+    parser.add_argument("--clusters", type=int, default=DEFAULT_CLUSTERS)
+    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        request = json.loads(args.worker)
+        print(json.dumps(measure_in_process(request["mode"], _job_from_dict(request["job"]))))
+        return
+    report(measure(args.rows, args.dim, args.part_rows, args.clusters, args.iterations))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Embedding rows read where they lie: a few rows at a time, never the whole embedding column at once.
+
+manifest --located_columns: small columns of every part (keys, role; not the embeddings)
+            + PartRows: for each row, its part and its row inside that part
+   --PartRows.take(positions): any subset, in any order (a training sample, one shard's rows)
+   --read_unit_rows: those rows' embeddings only, part by part --> [n, dim] unit float32, in take order
+   --located_shards: `row_shards` of sorted keys (the same shard ids) whose payloads carry PartRows
+     (or views of rows the caller already holds)
+
+Memory is the small columns plus the rows asked for: a shard worker reads its rows from the one or two
+parts holding them (upstream stages write key-sorted content shards, so key-ordered rows cluster in parts).
+The unit rows are computed exactly as `unit_rows` computes them from the whole column, row by row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.vectors import EMBEDDING_COLUMN, float16_rows, unit_rows
+from pipelines.manifest import PART_SUFFIX, ManifestError, ManifestSchema, resolve_manifest
+from pipelines.shards import row_shards
+from pipelines.stage import Manifest, Shard
+
+
+@dataclass(frozen=True, slots=True)
+class PartRows:
+    """Where rows of a manifest lie: row i is row `row[i]` of the Parquet file `parts[part[i]]`."""
+
+    fs: fsspec.AbstractFileSystem
+    parts: tuple[str, ...]
+    part: np.ndarray  # int64 [n], index into `parts`
+    row: np.ndarray  # int64 [n], row inside that part
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def take(self, positions: np.ndarray) -> PartRows:
+        """The rows at `positions`, in that order; `parts` shrinks to the files they use (small pickles)."""
+        part = self.part[positions]
+        used, part = np.unique(part, return_inverse=True)
+        return PartRows(self.fs, tuple(self.parts[index] for index in used), part, self.row[positions])
+
+
+@dataclass(frozen=True, slots=True)
+class LocatedRows:
+    """A shard's key columns and its embeddings, row i of `keys` being row i of `where` (and `loaded`)."""
+
+    keys: pa.Table
+    where: PartRows
+    loaded: np.ndarray | None = None  # [n, dim] unit float32 rows, when the caller holds them already
+
+    def unit_rows(self) -> np.ndarray:
+        """The rows' unit float32 embeddings: the loaded ones, else read from their parts."""
+        return self.loaded if self.loaded is not None else read_unit_rows(self.where)
+
+
+def manifest_parts(manifest: Manifest) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """The file system and the sorted Parquet parts of `manifest` (one part when it is a single file)."""
+    fs, location = resolve_manifest(manifest.uri)
+    if not fs.isdir(location):
+        return fs, [location]
+    return fs, sorted(fs.glob(f"{location.rstrip('/')}/*{PART_SUFFIX}"))
+
+
+def located_columns(
+    manifest: Manifest, schema: ManifestSchema, columns: Sequence[str]
+) -> tuple[pa.Table, PartRows]:
+    """`columns` of every row (typed as `schema` types them), and where each row lies; parts in name order."""
+    fs, parts = manifest_parts(manifest)
+    tables = []
+    for path in parts:
+        try:
+            table = pq.read_table(path, columns=list(columns), filesystem=fs)
+            tables.append(
+                table.cast(pa.schema([schema.resolved(table.schema).field(name) for name in columns]))
+            )
+        except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise ManifestError(f"{path}: columns {list(columns)} unlike {schema.name}'s: {err}") from err
+    if not tables:
+        nowhere = np.zeros(0, np.int64)
+        return schema.empty_table().select(list(columns)), PartRows(fs, (), nowhere, nowhere)
+    counts = [table.num_rows for table in tables]
+    part = np.repeat(np.arange(len(parts), dtype=np.int64), counts)
+    row = np.concatenate([np.arange(count, dtype=np.int64) for count in counts])
+    return pa.concat_tables(tables), PartRows(fs, tuple(parts), part, row)
+
+
+def read_unit_rows(where: PartRows, column: str = EMBEDDING_COLUMN) -> np.ndarray:
+    """[len(where), dim] unit float32 rows of the `column` embeddings at `where`, each part read once."""
+    out: np.ndarray | None = None
+    for index, path in enumerate(where.parts):
+        values = pq.read_table(path, columns=[column], filesystem=where.fs).column(column)
+        if not (pa.types.is_fixed_size_list(values.type) and values.type.value_type == pa.float16()):
+            raise ManifestError(f"{path}: {column} is {values.type}, not fixed_size_list<float16>")
+        if out is None:
+            out = np.empty((len(where), values.type.list_size), np.float32)
+        mine = _as_slice(np.flatnonzero(where.part == index))
+        rows = _as_slice(where.row[mine])
+        stored = float16_rows(values)
+        # Runs of rows (the usual case: key-sorted shards of key-sorted parts) copy without a gather.
+        out[mine] = unit_rows(stored[rows]) if isinstance(rows, slice) else unit_rows(stored, rows)
+    return out if out is not None else np.zeros((0, 0), np.float32)
+
+
+def _as_slice(positions: np.ndarray) -> np.ndarray | slice:
+    """`positions` as a slice when they are one ascending run, else unchanged."""
+    if (
+        len(positions)
+        and positions[-1] - positions[0] + 1 == len(positions)
+        and np.all(np.diff(positions) == 1)
+    ):
+        return slice(int(positions[0]), int(positions[-1]) + 1)
+    return positions
+
+
+def located_shards(
+    keys: pa.Table, where: PartRows, rows_per_shard: int, loaded: np.ndarray | None = None
+) -> list[Shard]:
+    """`row_shards` of `keys` (already in `key_order`; the same shard ids) with LocatedRows payloads.
+
+    With `loaded` (unit rows of every key, in the same order) the payloads view it instead of reading.
+    """
+    shards = []
+    start = 0
+    # Sorted keys stay put under row_shards' stable sort, so its shards are consecutive runs of rows.
+    for shard in row_shards(keys, rows_per_shard, keys.column_names):
+        stop = start + shard.payload.num_rows
+        rows = LocatedRows(
+            shard.payload,
+            where.take(np.arange(start, stop)),
+            None if loaded is None else loaded[start:stop],
+        )
+        shards.append(Shard(shard.shard_id, rows))
+        start = stop
+    return shards
