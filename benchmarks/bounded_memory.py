@@ -12,9 +12,10 @@ dedup graph has real components. Each measurement runs in its own process and re
   k-means streamed  run_stage(cluster): keys, the training sample, centroids, then one shard at a time
   k-means at once   the whole manifest as one float32 matrix, trained on the same seeded sample, every row
                     assigned in one Faiss call (what the stage did before it streamed)
-  graph streamed    the index filled part by part; each part searched, its edges fed to ComponentLabels
+  graph streamed    copy_dedup's path: the index filled a block at a time from the parts, each block of
+                    queries searched, its edges fed to ComponentLabels and counted by EdgeTally
   graph at once     one float32 matrix, the index filled from it, every edge materialised
-                    (knn.searched_edges, copy_dedup's path), then connected_components
+                    (knn.searched_edges, what copy_dedup did before it streamed), then connected_components
 Both graph runs use the same IVF index (built once here: rows / GRAPH_ROWS_PER_LIST cells found through
 HNSW, nprobe GRAPH_NPROBE) and copy_dedup's k and threshold; the index itself holds every vector in both.
 Peaks are high-water marks: "above floor" is approximate (memory freed after the imports is reused).
@@ -43,9 +44,11 @@ import curation  # noqa: F401  (registers the stages)
 from benchmarks.peak_memory import peak_rss_mib
 from curation.cluster import KEY_COLUMNS, train_centroids
 from curation.dedup.components import ComponentLabels, connected_components
-from curation.dedup.knn import searched_edges
-from curation.vector_parts import PartRows, manifest_parts, read_unit_rows
+from curation.dedup.graph import EdgeTally
+from curation.dedup.knn import SEARCH_BATCH_ROWS, edge_batches, searched_edges
+from curation.vector_parts import PartRows, located_columns, manifest_parts, read_unit_rows, stored_vectors
 from curation.vectors import (
+    EMBEDDING_COLUMN,
     embedding_array,
     embedding_matrix,
     float16_rows,
@@ -213,26 +216,24 @@ def kmeans_at_once(job: Job) -> dict[str, Any]:
 
 
 def graph_streamed(job: Job) -> dict[str, Any]:
+    """copy_dedup's streaming path (`graph.duplicate_graph`'s parts) on the benchmark's prebuilt index."""
     cfg = CopyDedupConfig()
-    parts = whole_parts(job.manifest)
+    _, where = located_columns(job.manifest, EMBEDDINGS, list(KEY_COLUMNS))
+    rows = stored_vectors(where, EMBEDDING_COLUMN)
     index = _graph_index(job)
-    for part in parts:
-        index.add(read_unit_rows(part))
+    for start in range(0, len(rows), SEARCH_BATCH_ROWS):
+        index.add(rows.read(start, min(len(rows), start + SEARCH_BATCH_ROWS)))
     components = ComponentLabels(index.ntotal)
-    hits = 0
-    start = 0
-    for part in parts:
-        scores, neighbours = index.search(read_unit_rows(part), cfg.num_neighbours + 1)
-        rows = np.arange(start, start + len(part), dtype=np.int64)[:, None]
-        # Self matches and slots IVF could not fill are not edges; each found pair is an edge either way.
-        hit = (scores > cfg.threshold) & (neighbours >= 0) & (neighbours != rows)
-        components.add_edges(np.broadcast_to(rows, hit.shape)[hit], neighbours[hit])
-        hits += int(hit.sum())
-        start += len(part)
+    with tempfile.TemporaryDirectory(prefix="lvd-bench-edges-") as spill:
+        tally = EdgeTally(len(rows), Path(spill))
+        for batch in edge_batches(rows, index, cfg.num_neighbours, cfg.threshold):
+            components.add_edges(batch.sources, batch.targets)
+            tally.add(batch.sources, batch.targets)
+        edges = tally.count()
     labels = components.labels()
     peak = peak_rss_mib()
     np.save(f"{job.results_dir}/graph_streamed.npy", labels)
-    return {"peak_mib": peak, "directed_hits": hits}
+    return {"peak_mib": peak, "edges": edges}
 
 
 def graph_at_once(job: Job) -> dict[str, Any]:
@@ -366,7 +367,8 @@ def report(result: dict[str, Any]) -> None:
     print(
         f"same assignments: {result['same_clusters']} (max similarity difference "
         f"{result['max_similarity_difference']:.1e}); same components: {result['same_components']} "
-        f"({runs['graph_at_once']['edges']:,} edges; {result['groups']:,} rows duplicate another)"
+        f"({result['groups']:,} rows duplicate another); distinct edges: streamed "
+        f"{runs['graph_streamed']['edges']:,}, at once {runs['graph_at_once']['edges']:,}"
     )
 
 

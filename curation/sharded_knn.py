@@ -1,6 +1,7 @@
 """k-NN search over a database split into shards, each held by its own executor worker, merged to one top-k.
 
-    database [N, d] --contiguous row ranges--> S shards, each a Faiss index (flat or IVF) on one worker
+    database [N, d] (an array, or rows in a manifest's parts) --contiguous row ranges--> S shards, each a
+      Faiss index (flat or IVF) on one worker, which reads its own rows
       (Ray: one actor per shard, spread over the nodes, each reserving the runtime's gpus_per_worker;
       the index itself is a CPU Faiss index for now; serial: every shard in this process)
     queries [Q, d] --broadcast to every shard--> per shard: its k best (scores, database row ids)
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from curation.dedup.knn import DEFAULT_IVF_NPROBE, Searcher, build_index
+from curation.dedup.knn import DEFAULT_IVF_NPROBE, Searcher, VectorSource, build_index, vector_source
 from pipelines.executor import Executor, HeldStates
 
 # The default: one index in this process, searched as before sharding existed.
@@ -58,9 +59,9 @@ class ShardQuery:
     k: int
 
 
-def build_shard(rows: np.ndarray, first_row: int, kind: str, nprobe: int) -> IndexShard:
+def build_shard(rows: VectorSource, first_row: int, kind: str, nprobe: int) -> IndexShard:
     """A worker's state factory: indexes its rows (`kind` is `flat` or `ivf`, as for the whole)."""
-    return IndexShard(build_index(np.ascontiguousarray(rows, dtype=np.float32), kind, nprobe), first_row)
+    return IndexShard(build_index(rows, kind, nprobe), first_row)
 
 
 def search_in_shard(shard: IndexShard, query: ShardQuery) -> tuple[np.ndarray, np.ndarray]:
@@ -107,32 +108,42 @@ class ShardedIndex:
 
 @contextmanager
 def sharded_index(
-    vectors: np.ndarray, num_shards: int, kind: str, executor: Executor, nprobe: int = DEFAULT_IVF_NPROBE
+    database: np.ndarray | VectorSource,
+    num_shards: int,
+    kind: str,
+    executor: Executor,
+    nprobe: int = DEFAULT_IVF_NPROBE,
 ) -> Iterator[ShardedIndex]:
-    """`vectors` split into `num_shards` indexes held by the executor's workers for the `with` block.
+    """`database` split into `num_shards` indexes held by the executor's workers for the `with` block.
 
     Args:
-        vectors: [N, d] database rows (unit length for cosine); row i keeps id i.
+        database: [N, d] rows (unit length for cosine); row i keeps id i. Given as stored rows, each
+            worker reads its own part and the caller never holds them.
         num_shards: Workers (Ray: actors) holding one contiguous part each.
         kind: `flat` (exact) or `ivf`, as `knn.choose_index` picks it for all N rows.
         executor: Serial builds every shard here; Ray holds each on an actor.
         nprobe: IVF cells searched per query in each shard.
     """
+    source = vector_source(database)
     factories = [
-        functools.partial(build_shard, vectors[start:stop], start, kind, nprobe)
-        for start, stop in shard_bounds(len(vectors), num_shards)
+        functools.partial(build_shard, source.part(start, stop), start, kind, nprobe)
+        for start, stop in shard_bounds(len(source), num_shards)
     ]
     with executor.hold_states(factories) as shards:
-        yield ShardedIndex(shards, len(vectors))
+        yield ShardedIndex(shards, len(source))
 
 
 def database_index(
-    vectors: np.ndarray, num_shards: int, kind: str, executor: Executor, nprobe: int = DEFAULT_IVF_NPROBE
+    database: np.ndarray | VectorSource,
+    num_shards: int,
+    kind: str,
+    executor: Executor,
+    nprobe: int = DEFAULT_IVF_NPROBE,
 ) -> AbstractContextManager[Searcher]:
     """The stages' seam: one Faiss index in this process for `SINGLE_INDEX`, else a `sharded_index`.
 
-    The single index is built at once and keeps no reference to `vectors`: the caller may free them.
+    The single index is filled a block at a time and keeps no reference to `database`.
     """
     if num_shards == SINGLE_INDEX:
-        return nullcontext(build_index(np.ascontiguousarray(vectors, dtype=np.float32), kind, nprobe))
-    return sharded_index(vectors, num_shards, kind, executor, nprobe)
+        return nullcontext(build_index(database, kind, nprobe))
+    return sharded_index(database, num_shards, kind, executor, nprobe)

@@ -6,6 +6,7 @@ manifest --located_columns: small columns of every part (keys, role; not the emb
    --read_unit_rows: those rows' embeddings only, part by part --> [n, dim] unit float32, in take order
    --located_shards: `row_shards` of sorted keys (the same shard ids) whose payloads carry PartRows
      (or views of rows the caller already holds)
+   --StoredVectors: PartRows as a `knn.VectorSource`, so a Faiss index fills a block at a time
 
 Memory is the small columns plus the rows asked for: a shard worker reads its rows from the one or two
 parts holding them (upstream stages write key-sorted content shards, so key-ordered rows cluster in parts).
@@ -60,16 +61,16 @@ class LocatedRows:
         return self.loaded if self.loaded is not None else read_unit_rows(self.where)
 
 
-def manifest_parts(manifest: Manifest) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """The file system and the sorted Parquet parts of `manifest` (one part when it is a single file)."""
-    fs, location = resolve_manifest(manifest.uri)
+def manifest_parts(manifest: Manifest | str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """The file system and the sorted Parquet parts of `manifest` (or of the folder or file at a URI)."""
+    fs, location = resolve_manifest(manifest if isinstance(manifest, str) else manifest.uri)
     if not fs.isdir(location):
         return fs, [location]
     return fs, sorted(fs.glob(f"{location.rstrip('/')}/*{PART_SUFFIX}"))
 
 
 def located_columns(
-    manifest: Manifest, schema: ManifestSchema, columns: Sequence[str]
+    manifest: Manifest | str, schema: ManifestSchema, columns: Sequence[str]
 ) -> tuple[pa.Table, PartRows]:
     """`columns` of every row (typed as `schema` types them), and where each row lies; parts in name order."""
     fs, parts = manifest_parts(manifest)
@@ -117,6 +118,37 @@ def _as_slice(positions: np.ndarray) -> np.ndarray | slice:
     ):
         return slice(int(positions[0]), int(positions[-1]) + 1)
     return positions
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVectors:
+    """A `curation.dedup.knn.VectorSource` over stored rows: row i is row i of `where`, column `column`."""
+
+    where: PartRows
+    column: str
+    dim: int
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.read_rows(np.arange(start, stop))
+
+    def read_rows(self, positions: np.ndarray) -> np.ndarray:
+        rows = read_unit_rows(self.where.take(positions), self.column)
+        return rows if len(rows) else np.zeros((0, self.dim), np.float32)
+
+    def part(self, start: int, stop: int) -> StoredVectors:
+        return StoredVectors(self.where.take(np.arange(start, stop)), self.column, self.dim)
+
+
+def stored_vectors(where: PartRows, column: str) -> StoredVectors:
+    """`where`'s rows of the fixed-size-list `column`, its width read from the first part's schema."""
+    dim = 0
+    if where.parts:
+        field = pq.read_schema(where.parts[0], filesystem=where.fs).field(column)
+        dim = field.type.list_size if pa.types.is_fixed_size_list(field.type) else 0
+    return StoredVectors(where, column, dim)
 
 
 def located_shards(

@@ -240,6 +240,8 @@ class DecontaminateConfig:
     index: IndexKind = "auto"
     ivf_min_rows: int = 200_000
     ivf_nprobe: int = 32
+    search_shards: int = 1
+    """k-NN index shards held by executor workers, as copy_dedup.search_shards (same output for any value)."""
 
     def __post_init__(self) -> None:
         _require(self.num_neighbours >= 1, f"num_neighbours must be >= 1, got {self.num_neighbours}")
@@ -247,6 +249,7 @@ class DecontaminateConfig:
             -1.0 <= self.threshold <= 1.0, f"threshold must be a cosine in [-1, 1], got {self.threshold}"
         )
         _require(self.ivf_nprobe >= 1, f"ivf_nprobe must be >= 1, got {self.ivf_nprobe}")
+        _require(self.search_shards >= 1, f"search_shards must be >= 1, got {self.search_shards}")
         _require(
             "eval" not in self.drop_roles, "drop_roles must not contain eval: eval images are the references"
         )

@@ -164,6 +164,10 @@ class StageContext:
             return self.spec.outputs[output].empty_table()
         return read_manifest(self.store.uri_of(directory), self.spec.outputs[output])
 
+    def output_uri(self, output: str) -> str:
+        """Where this run writes `output`: read its parts where they lie (`curation.vector_parts`)."""
+        return self.store.uri_of(self.store.output_dir(self.spec.name, self.key, output))
+
     def write_artifact(self, name: str, data: bytes) -> str:
         """Stores a file beside the outputs (a picture, a report); returns its location."""
         path = f"{self.store.stage_dir(self.spec.name, self.key)}/{ARTIFACTS_DIR}/{name}"

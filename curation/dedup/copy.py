@@ -1,33 +1,28 @@
 """The `copy_dedup` stage: near-copies by copy-detection descriptors (the paper's SSCD self-dedup).
 
 images --per shard: embedder--> descriptors (every input row; resumable)
-  --rows of `roles` only: Faiss k-NN (k neighbours, cosine > threshold)--> edges --union-find--> components
+  --rows of `roles` only: `graph.duplicate_graph` (Faiss k-NN, k neighbours, cosine > threshold, edges
+    streamed into a union-find)--> components
   --keep rule--> images (one per component, plus protected rows), rejected (naming the kept row)
 
 The k-NN index is one Faiss index here, or with `search_shards` > 1 split over the executor's workers
-(`curation.sharded_knn`): the same edges either way for a flat index.
+(`curation.sharded_knn`): the same edges either way for a flat index. Descriptors are read where they
+lie, a block at a time: the stage holds the index and the rows it rejects, not the descriptor column.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from curation.dedup.components import (
-    component_stats,
-    connected_components,
-    duplicate_rejections,
-    resolve_groups,
-)
-from curation.dedup.descriptors import aligned_vectors, describe_shard
-from curation.dedup.knn import choose_index, searched_edges
+from curation.dedup.components import component_stats, duplicate_rejections, resolve_groups
+from curation.dedup.descriptors import describe_shard
+from curation.dedup.graph import GraphSearch, duplicate_graph, locate_descriptors, pair_cosines
 from curation.dedup.sheets import duplicate_groups_sheet
 from curation.embedders import stage_weights_fingerprint
-from curation.sharded_knn import database_index
 from pipelines.config import CopyDedupConfig
 from pipelines.manifest import DESCRIPTORS, DUPLICATES_REJECTED, IMAGES
 from pipelines.shards import row_shards
@@ -45,26 +40,20 @@ def run_copy_dedup(cfg: CopyDedupConfig, inputs: Mapping[str, Manifest], ctx: St
     if described.get("seconds"):
         described["seconds"] = round(described["seconds"], 3)  # a sum of per-shard times
         described["images_per_second"] = round(described["rows"] / described["seconds"], 2)
-    vectors = aligned_vectors(images, ctx.read_output("descriptors"))
-
-    started = time.perf_counter()
+    descriptors = locate_descriptors(images, ctx.output_uri("descriptors"))
     # Rows outside `roles` get no edges: each stays a component of its own and is kept.
     scope = np.flatnonzero(
         np.isin(np.asarray(images.column("role").to_pylist(), dtype=object), list(cfg.roles))
     )
-    compared = vectors[scope]
-    kind = choose_index(len(scope), cfg.index, cfg.ivf_min_rows)
-    with database_index(compared, cfg.search_shards, kind, ctx.executor, cfg.ivf_nprobe) as searcher:
-        edges = searched_edges(compared, searcher, cfg.num_neighbours, cfg.threshold)
-    del compared  # a copy of the compared rows; the search was all it was for
-    labels = connected_components(images.num_rows, scope[edges.sources], scope[edges.targets])
-    knn_seconds = time.perf_counter() - started
+    search = GraphSearch.of(cfg)
+    graph = duplicate_graph(images, descriptors, scope, search, ctx.executor)
+    labels = graph.labels
 
     resolution = resolve_groups(images, labels, cfg.keep)
     dropped = np.flatnonzero(~resolution.keep)
     match = resolution.match[dropped]
     # The match is the component's kept row, which may be reached only through others: measure directly.
-    similarity = np.einsum("ij,ij->i", vectors[dropped], vectors[match]).astype(np.float32)
+    similarity = pair_cosines(descriptors, dropped, match)
     rejected = duplicate_rejections(
         images, dropped, match, resolution.representative[dropped], similarity, REASON
     )
@@ -77,10 +66,10 @@ def run_copy_dedup(cfg: CopyDedupConfig, inputs: Mapping[str, Manifest], ctx: St
         "rows_in": images.num_rows,
         "rows_out": int(resolution.keep.sum()),
         "rejected": len(dropped),
-        "edges": len(edges),
+        "edges": graph.edges,
         "rows_compared": len(scope),
-        "index": kind,
-        "knn_seconds": round(knn_seconds, 3),
+        "index": graph.index,
+        "knn_seconds": round(graph.seconds, 3),
         **shard_stats,
         **component_stats(labels),
     }
@@ -89,7 +78,7 @@ def run_copy_dedup(cfg: CopyDedupConfig, inputs: Mapping[str, Manifest], ctx: St
 COPY_DEDUP = register_stage(
     StageSpec(
         name="copy_dedup",
-        version=1,
+        version=2,
         config_type=CopyDedupConfig,
         fn=run_copy_dedup,
         inputs=("images",),

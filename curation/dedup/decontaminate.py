@@ -1,7 +1,8 @@
 """The `decontaminate` stage: pool images too close to an evaluation image go, whole component and all.
 
-images + descriptors (copy_dedup's, restricted to these images)
-  --Faiss k-NN (cosine > threshold)--> edges --union-find--> components
+images + descriptors (copy_dedup's, restricted to these images, read where they lie)
+  --`graph.duplicate_graph` (Faiss k-NN, cosine > threshold, one index or `search_shards` shards on the
+    executor's workers; edges streamed into a union-find)--> components
   --components holding an eval image--> their drop_roles rows are rejected, each naming the eval image
                                         of its component most similar to it
   --> images (the rest), rejected (reason eval_contamination), decontaminated.png
@@ -9,20 +10,18 @@ images + descriptors (copy_dedup's, restricted to these images)
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from curation.dedup.components import component_stats, connected_components, duplicate_rejections
-from curation.dedup.descriptors import aligned_vectors
-from curation.dedup.knn import choose_index, knn_edges
+from curation.dedup.components import component_stats, duplicate_rejections
+from curation.dedup.graph import GraphSearch, HeldRows, duplicate_graph, held_rows, locate_descriptors
 from curation.pictures import Tile, contact_sheet
 from pipelines.config import DecontaminateConfig
 from pipelines.images import read_image_bytes
-from pipelines.manifest import DESCRIPTORS, DUPLICATES_REJECTED, IMAGES
+from pipelines.manifest import DUPLICATES_REJECTED, IMAGES
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
 
 REASON = "eval_contamination"
@@ -35,7 +34,7 @@ MATCH_BLOCK_ROWS = 4096
 
 
 def best_eval_matches(
-    vectors: np.ndarray, labels: np.ndarray, dropped: np.ndarray, eval_rows: np.ndarray
+    vectors: HeldRows, labels: np.ndarray, dropped: np.ndarray, eval_rows: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each dropped row, the eval row of its component with the highest cosine, and that cosine."""
     match = np.empty(len(dropped), dtype=np.int64)
@@ -65,16 +64,17 @@ def run_decontaminate(
     cfg: DecontaminateConfig, inputs: Mapping[str, Manifest], ctx: StageContext
 ) -> dict[str, Any]:
     images = inputs["images"].read(IMAGES)
-    vectors = aligned_vectors(images, inputs["descriptors"].read(DESCRIPTORS))
-    started = time.perf_counter()
-    edges = knn_edges(vectors, cfg.num_neighbours, cfg.threshold, cfg.index, cfg.ivf_min_rows, cfg.ivf_nprobe)
-    labels = connected_components(images.num_rows, edges.sources, edges.targets)
-    knn_seconds = time.perf_counter() - started
+    descriptors = locate_descriptors(images, inputs["descriptors"])
+    search = GraphSearch.of(cfg)
+    graph = duplicate_graph(images, descriptors, np.arange(images.num_rows), search, ctx.executor)
+    labels = graph.labels
 
     roles = np.asarray(images.column("role").to_pylist(), dtype=object)
     eval_rows = np.flatnonzero(roles == EVAL_ROLE)
     contaminated = np.isin(labels, labels[eval_rows])
     dropped = np.flatnonzero(contaminated & np.isin(roles, list(cfg.drop_roles)))
+    # Only the rejected rows and the eval rows are ever compared again: read just those.
+    vectors = held_rows(descriptors, np.concatenate([dropped, eval_rows]))
     match, similarity = best_eval_matches(vectors, labels, dropped, eval_rows)
     # group_id names the eval image: the component's reason for going.
     rejected = duplicate_rejections(images, dropped, match, match, similarity, REASON)
@@ -91,9 +91,9 @@ def run_decontaminate(
         "eval_rows": len(eval_rows),
         "eval_images_matched": len(np.unique(match)),
         "contaminated_components": len(np.unique(labels[dropped])),
-        "edges": len(edges),
-        "index": choose_index(images.num_rows, cfg.index, cfg.ivf_min_rows),
-        "knn_seconds": round(knn_seconds, 3),
+        "edges": graph.edges,
+        "index": graph.index,
+        "knn_seconds": round(graph.seconds, 3),
         **component_stats(labels),
     }
 
@@ -127,7 +127,7 @@ def contamination_sheet(
 DECONTAMINATE = register_stage(
     StageSpec(
         name="decontaminate",
-        version=1,
+        version=2,
         config_type=DecontaminateConfig,
         fn=run_decontaminate,
         inputs=("images", "descriptors"),

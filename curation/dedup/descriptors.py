@@ -1,7 +1,7 @@
 """Copy-detection descriptors: one shard of images through an embedder, and back out of a manifest.
 
 images rows --read bytes, load_rgb, embedder (batched)--> descriptors rows (float16, unit length)
-images + descriptors --align on (image_id, uri)--> float32 matrix, row i = image i
+(`graph.locate_descriptors` reads them back where they lie, matched to images rows on (image_id, uri))
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pyarrow as pa
 from curation.embedders import build_embedder
 from pipelines.config import EmbedderConfig
 from pipelines.images import load_row_rgb
-from pipelines.manifest import DESCRIPTORS, align_rows, embedding_type
+from pipelines.manifest import DESCRIPTORS, embedding_type
 from pipelines.stage import ShardResult
 
 
@@ -36,18 +36,3 @@ def describe_shard(embedder_cfg: EmbedderConfig, rows: pa.Table) -> ShardResult:
     seconds = time.perf_counter() - started
     stats = {"descriptors": {"rows": rows.num_rows, "seconds": round(seconds, 3)}}
     return ShardResult(tables={"descriptors": descriptors_table(rows, vectors)}, stats=stats)
-
-
-def descriptor_matrix(descriptors: pa.Table) -> np.ndarray:
-    """[n, dim] float32, re-normalised: float16 storage leaves norms a hair off 1."""
-    column = descriptors.column("descriptor").combine_chunks()
-    dim = column.type.list_size if pa.types.is_fixed_size_list(column.type) else 0
-    flat = np.asarray(column.flatten(), dtype=np.float32)
-    vectors = flat.reshape(len(column), dim) if len(column) else np.zeros((0, dim), np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, np.finfo(np.float32).tiny)
-
-
-def aligned_vectors(images: pa.Table, descriptors: pa.Table) -> np.ndarray:
-    """Descriptors of `images`' rows, in `images`' order, matched on (image_id, uri)."""
-    return descriptor_matrix(descriptors.take(align_rows(images, descriptors)))

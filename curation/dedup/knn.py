@@ -4,9 +4,13 @@
       --drop self, keep cosine > threshold, one (i < j) per undirected pair--> edges (i, j, cosine)
 
 Vectors are L2-normalised, so inner product is cosine. An edge is kept when either end has the other
-among its k nearest (the paper's k-NN graph). Each kept edge's cosine is recomputed from the vectors,
-so flat and IVF searches report the same number for the same pair. The searches take any `Searcher`:
-a Faiss index built here, or `curation.sharded_knn.ShardedIndex` (shards on executor workers).
+among its k nearest (the paper's k-NN graph). `edge_batches` yields the edges one query batch at a time
+(the stages feed them to a union-find and never hold the edge list); `searched_edges` gathers them and
+recomputes each kept edge's cosine from the vectors, so flat and IVF searches report the same number for
+the same pair. The searches take any `Searcher`: a Faiss index built here, or
+`curation.sharded_knn.ShardedIndex` (shards on executor workers). Indexes fill from any `VectorSource`:
+an array in memory, or rows read a block at a time from a manifest's parts
+(`curation.vector_parts.StoredVectors`).
 
 Ties: rows with equal scores rank by row id, the higher first, the order Faiss lists them in
 (`ranked_search`). Which of several rows tied at the k-th place a Faiss heap keeps depends on the
@@ -18,6 +22,7 @@ same rows.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,6 +54,55 @@ class Searcher(Protocol):
         ...
 
 
+class VectorSource(Protocol):
+    """[len, dim] unit float32 rows, read a block at a time (so an index fills without a second copy)."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 as a [stop - start, dim] float32 array."""
+        ...
+
+    def read_rows(self, positions: np.ndarray) -> np.ndarray:
+        """The rows at sorted `positions` as a [len(positions), dim] float32 array."""
+        ...
+
+    def part(self, start: int, stop: int) -> VectorSource:
+        """Rows start..stop-1 as a source of their own (what one index shard's worker reads)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayVectors:
+    """A `VectorSource` over an array already in memory."""
+
+    vectors: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return np.ascontiguousarray(self.vectors[start:stop], dtype=np.float32)
+
+    def read_rows(self, positions: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self.vectors[positions], dtype=np.float32)
+
+    def part(self, start: int, stop: int) -> ArrayVectors:
+        return ArrayVectors(self.vectors[start:stop])
+
+
+def vector_source(database: np.ndarray | VectorSource) -> VectorSource:
+    """`database` as a VectorSource (an array is wrapped)."""
+    return ArrayVectors(database) if isinstance(database, np.ndarray) else database
+
+
 @dataclass(frozen=True, slots=True)
 class Edges:
     """Undirected edges of the duplicate graph, i < j, sorted by (i, j)."""
@@ -73,20 +127,28 @@ def ivf_lists(num_rows: int) -> int:
     return max(1, min(by_rows, num_rows // IVF_MIN_POINTS_PER_LIST))
 
 
-def build_index(vectors: np.ndarray, kind: str, nprobe: int = DEFAULT_IVF_NPROBE) -> faiss.Index:
-    dim = vectors.shape[1]
-    if kind == "flat" or (kind == "ivf" and len(vectors) == 0):  # no rows to train IVF lists on
+def build_index(
+    database: np.ndarray | VectorSource, kind: str, nprobe: int = DEFAULT_IVF_NPROBE
+) -> faiss.Index:
+    """A flat or IVF inner-product index over `database`, filled `SEARCH_BATCH_ROWS` rows at a time.
+
+    IVF lists train on a seeded sample of rows; only the sample and one block are ever read at once.
+    """
+    source = vector_source(database)
+    num_rows, dim = len(source), source.dim
+    if kind == "flat" or (kind == "ivf" and num_rows == 0):  # no rows to train IVF lists on
         index = faiss.IndexFlatIP(dim)
     elif kind == "ivf":
-        nlist = ivf_lists(len(vectors))
+        nlist = ivf_lists(num_rows)
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        train_rows = min(len(vectors), nlist * IVF_TRAIN_POINTS_PER_LIST)
-        sample = np.random.default_rng(TRAIN_SAMPLE_SEED).choice(len(vectors), train_rows, replace=False)
-        index.train(vectors[np.sort(sample)])
+        train_rows = min(num_rows, nlist * IVF_TRAIN_POINTS_PER_LIST)
+        sample = np.random.default_rng(TRAIN_SAMPLE_SEED).choice(num_rows, train_rows, replace=False)
+        index.train(source.read_rows(np.sort(sample)))
         index.nprobe = min(nprobe, nlist)
     else:
         raise ValueError(f"index must be 'flat' or 'ivf', got {kind!r}")
-    index.add(vectors)
+    for start in range(0, num_rows, SEARCH_BATCH_ROWS):
+        index.add(source.read(start, min(num_rows, start + SEARCH_BATCH_ROWS)))
     return index
 
 
@@ -118,23 +180,39 @@ def knn_edges(
 def searched_edges(vectors: np.ndarray, searcher: Searcher, num_neighbours: int, threshold: float) -> Edges:
     """`knn_edges` with the index given: `searcher` holds exactly the rows of `vectors`, in order."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    num_rows = len(vectors)
-    if num_rows < 2:
+    batches = list(edge_batches(ArrayVectors(vectors), searcher, num_neighbours, threshold))
+    if not batches:
         return _no_edges()
+    unique = np.unique(np.concatenate([np.stack([b.sources, b.targets], axis=1) for b in batches]), axis=0)
+    similarity = np.einsum("ij,ij->i", vectors[unique[:, 0]], vectors[unique[:, 1]])
+    keep = similarity > threshold  # the recomputed cosine decides pairs that sit on the threshold
+    return Edges(unique[keep, 0], unique[keep, 1], similarity[keep].astype(np.float32))
+
+
+def edge_batches(
+    queries: VectorSource, searcher: Searcher, num_neighbours: int, threshold: float
+) -> Iterator[Edges]:
+    """The graph's edges, one batch of `SEARCH_BATCH_ROWS` query rows at a time (`searcher` holds exactly
+    the rows of `queries`, in order).
+
+    Each batch's edges are distinct and sorted, scored as the index scored them (cosine > threshold). An
+    edge whose ends find each other from different batches comes once from each: a union-find does not
+    mind, and `EdgeTally` counts it once.
+    """
+    num_rows = len(queries)
+    if num_rows < 2:
+        return
     k = min(num_neighbours + 1, num_rows)  # +1: each row finds itself first
-    pairs = []
     for start in range(0, num_rows, SEARCH_BATCH_ROWS):
-        scores, neighbours = ranked_search(searcher, vectors[start : start + SEARCH_BATCH_ROWS], k)
-        rows = np.arange(start, start + len(scores), dtype=np.int64)[:, None].repeat(k, axis=1)
+        stop = min(num_rows, start + SEARCH_BATCH_ROWS)
+        scores, neighbours = ranked_search(searcher, queries.read(start, stop), k)
+        rows = np.arange(start, stop, dtype=np.int64)[:, None].repeat(k, axis=1)
         # neighbours == -1 marks slots IVF could not fill; self matches are not edges.
         hit = (scores > threshold) & (neighbours >= 0) & (neighbours != rows)
         low = np.minimum(rows[hit], neighbours[hit])
         high = np.maximum(rows[hit], neighbours[hit])
-        pairs.append(np.stack([low, high], axis=1))
-    unique = np.unique(np.concatenate(pairs), axis=0)
-    similarity = np.einsum("ij,ij->i", vectors[unique[:, 0]], vectors[unique[:, 1]])
-    keep = similarity > threshold  # the recomputed cosine decides pairs that sit on the threshold
-    return Edges(unique[keep, 0], unique[keep, 1], similarity[keep].astype(np.float32))
+        pairs, first = np.unique(np.stack([low, high], axis=1), axis=0, return_index=True)
+        yield Edges(pairs[:, 0], pairs[:, 1], scores[hit][first].astype(np.float32))
 
 
 def ranked_search(

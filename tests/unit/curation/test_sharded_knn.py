@@ -1,5 +1,6 @@
 """Sharded k-NN: shard layout, the exact merge (equal to one flat index, ties included), executors'
-held states, and copy_dedup / retrieve writing the same outputs with one index or several shards."""
+held states, and copy_dedup / decontaminate / retrieve writing the same outputs with one index or several
+shards."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ import pytest
 import curation  # noqa: F401  (registers the stages)
 from curation.dedup.knn import ivf_lists, knn_edges, knn_search, searched_edges
 from curation.sharded_knn import merge_top_k, shard_bounds, sharded_index
-from pipelines.config import ClusterConfig, CopyDedupConfig, RetrievalSourceConfig, RetrieveConfig
+from pipelines.config import (
+    ClusterConfig,
+    CopyDedupConfig,
+    DecontaminateConfig,
+    RetrievalSourceConfig,
+    RetrieveConfig,
+)
 from pipelines.executor import RayExecutor, SerialExecutor
 from pipelines.manifest import EMBEDDINGS
 from pipelines.stage import get_stage, run_stage
@@ -207,6 +214,27 @@ def test_copy_dedup_outputs_are_the_same_with_one_index_or_shards(tmp_path):
         for shards in (1, 3)
     ]
     assert runs[0].key != runs[1].key  # two real computations, not a reuse
+    assert runs[0].outputs["rejected"].num_rows > 0 and runs[0].record["stats"]["edges"] > 0
+    assert _digests(runs[0]) == _digests(runs[1])
+
+
+def test_decontaminate_outputs_are_the_same_with_one_index_or_shards(tmp_path):
+    _, store, images = ingest_copy_scenario(tmp_path)
+    # Why 0.999: copy_dedup keeps the eval copies, so decontaminate has them to find.
+    describe = CopyDedupConfig(embedder=TEST_EMBEDDER, threshold=0.999, rows_per_shard=16)
+    described = run_stage(get_stage("copy_dedup"), describe, {"images": images}, store=store)
+    inputs = {"images": described.outputs["images"], "descriptors": described.outputs["descriptors"]}
+    runs = [
+        run_stage(
+            get_stage("decontaminate"),
+            DecontaminateConfig(num_neighbours=16, threshold=TEST_THRESHOLD, search_shards=shards),
+            inputs,
+            store=store,
+            show_progress=False,
+        )
+        for shards in (1, 3)
+    ]
+    assert runs[0].key != runs[1].key
     assert runs[0].outputs["rejected"].num_rows > 0 and runs[0].record["stats"]["edges"] > 0
     assert _digests(runs[0]) == _digests(runs[1])
 

@@ -1,0 +1,157 @@
+"""The duplicate graph of `copy_dedup` and `decontaminate`, built in bounded memory.
+
+images rows in the graph --locate_descriptors: keys of the descriptors parts only--> where each row's
+  descriptor lies --key order (the search's row ids: the same graph whatever the part layout)-->
+  a Faiss index filled a block at a time (one here, or `search_shards` shards on executor workers, each
+  reading its own rows) --k-NN of each query block, cosine > threshold--> edge batches
+  --ComponentLabels (8 bytes a row) + EdgeTally (pairs spilled to local disk)--> a label per images row
+  (the smallest row index of its component), the number of distinct edges
+
+Memory: the index (its vectors; the stage never holds a second copy), one query block and its results,
+the labels. Never the edge list.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from curation.dedup.components import ComponentLabels
+from curation.dedup.knn import SEARCH_BATCH_ROWS, choose_index, edge_batches
+from curation.sharded_knn import database_index
+from curation.vector_parts import PartRows, StoredVectors, located_columns, stored_vectors
+from curation.vectors import key_order
+from pipelines.config import CopyDedupConfig, DecontaminateConfig, IndexKind
+from pipelines.executor import Executor
+from pipelines.manifest import DESCRIPTORS, ROW_KEY_COLUMNS, align_rows
+from pipelines.stage import Manifest
+
+DESCRIPTOR_COLUMN = "descriptor"
+
+
+def locate_descriptors(images: pa.Table, descriptors: Manifest | str) -> StoredVectors:
+    """Row i is the descriptor of images row i (matched on image_id and uri); nothing but keys is read."""
+    if images.num_rows == 0:  # a stage given no rows writes no descriptor parts to locate
+        nowhere = np.zeros(0, np.int64)
+        return StoredVectors(PartRows(None, (), nowhere, nowhere), DESCRIPTOR_COLUMN, 0)
+    keys, where = located_columns(descriptors, DESCRIPTORS, list(ROW_KEY_COLUMNS))
+    return stored_vectors(where.take(align_rows(images, keys)), DESCRIPTOR_COLUMN)
+
+
+@dataclass(frozen=True, slots=True)
+class GraphSearch:
+    """How the graph is searched: the stage config fields of the same names."""
+
+    num_neighbours: int
+    threshold: float
+    index: IndexKind
+    ivf_min_rows: int
+    ivf_nprobe: int
+    search_shards: int
+
+    @classmethod
+    def of(cls, cfg: CopyDedupConfig | DecontaminateConfig) -> GraphSearch:
+        return cls(
+            cfg.num_neighbours, cfg.threshold, cfg.index, cfg.ivf_min_rows, cfg.ivf_nprobe, cfg.search_shards
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicateGraph:
+    labels: np.ndarray  # int64 per images row: the smallest row index of its component
+    edges: int  # distinct undirected edges
+    index: str  # the index kind searched: flat | ivf
+    seconds: float
+
+
+def duplicate_graph(
+    images: pa.Table,
+    descriptors: StoredVectors,
+    graph_rows: np.ndarray,
+    search: GraphSearch,
+    executor: Executor,
+) -> DuplicateGraph:
+    """Components of the k-NN graph over `graph_rows` of `images`; every other row is alone.
+
+    Args:
+        images: The stage's rows (only the key columns are used).
+        descriptors: Row i is the descriptor of images row i (`locate_descriptors`).
+        graph_rows: Images row indices that form the graph.
+        search: The k-NN settings.
+        executor: Holds the index shards when `search.search_shards` > 1.
+    """
+    started = time.perf_counter()
+    # Key order: row ids (and so tie-breaks) do not depend on how upstream stages laid out their parts.
+    ordered = graph_rows[key_order(images.select(list(ROW_KEY_COLUMNS)).take(graph_rows))]
+    database = descriptors.where.take(ordered)
+    rows = StoredVectors(database, descriptors.column, descriptors.dim)
+    kind = choose_index(len(rows), search.index, search.ivf_min_rows)
+    components = ComponentLabels(images.num_rows)
+    with (
+        tempfile.TemporaryDirectory(prefix="lvd-edges-") as spill,
+        database_index(rows, search.search_shards, kind, executor, search.ivf_nprobe) as searcher,
+    ):
+        tally = EdgeTally(len(rows), Path(spill))
+        for batch in edge_batches(rows, searcher, search.num_neighbours, search.threshold):
+            components.add_edges(ordered[batch.sources], ordered[batch.targets])
+            tally.add(batch.sources, batch.targets)
+        edges = tally.count()
+    return DuplicateGraph(components.labels(), edges, kind, time.perf_counter() - started)
+
+
+class EdgeTally:
+    """Counts distinct undirected edges (low, high) fed batch by batch, where one may come twice.
+
+    Why spill: an edge found from both ends comes in two batches, and the edge list is what must not be
+    held. Each pair goes to a file chosen by its lower row, one file per `SEARCH_BATCH_ROWS` rows, and each
+    file is deduplicated on its own: memory is one file's pairs.
+    """
+
+    def __init__(self, num_rows: int, folder: Path) -> None:
+        self._num_rows = num_rows
+        self._folder = folder
+        self._files: set[int] = set()
+
+    def add(self, low: np.ndarray, high: np.ndarray) -> None:
+        if len(low) == 0:
+            return
+        pairs = low * self._num_rows + high  # one int64 per pair: < 2**63 for up to 3 billion rows
+        order = np.argsort(low // SEARCH_BATCH_ROWS, kind="stable")
+        buckets, starts = np.unique(low[order] // SEARCH_BATCH_ROWS, return_index=True)
+        for file, chunk in zip(buckets.tolist(), np.split(pairs[order], starts[1:]), strict=True):
+            with open(self._folder / f"{file}.bin", "ab") as handle:
+                handle.write(chunk.astype(np.int64).tobytes())
+            self._files.add(file)
+
+    def count(self) -> int:
+        return sum(
+            len(np.unique(np.fromfile(self._folder / f"{file}.bin", dtype=np.int64))) for file in self._files
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HeldRows:
+    """The descriptors of a few images rows, read once; `held[images_rows]` gives theirs."""
+
+    rows: np.ndarray  # sorted, distinct images row indices
+    vectors: np.ndarray  # [len(rows), dim] unit float32
+
+    def __getitem__(self, images_rows: np.ndarray) -> np.ndarray:
+        return self.vectors[np.searchsorted(self.rows, images_rows)]
+
+
+def held_rows(descriptors: StoredVectors, images_rows: np.ndarray) -> HeldRows:
+    """Reads the descriptors of `images_rows` (any order, repeats allowed) and nothing else."""
+    rows = np.unique(np.asarray(images_rows, dtype=np.int64))
+    return HeldRows(rows, descriptors.read_rows(rows))
+
+
+def pair_cosines(descriptors: StoredVectors, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """float32 cosine of images row first[i]'s descriptor with row second[i]'s."""
+    held = held_rows(descriptors, np.concatenate([first, second]))
+    return np.einsum("ij,ij->i", held[first], held[second]).astype(np.float32)
