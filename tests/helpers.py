@@ -111,3 +111,21 @@ def demo_job_config(data: Path, store: Path, **ingest_options) -> PipelineConfig
         ingest=replace(preset.ingest, sources=sources, **ingest_options),
         **{name: getattr(tiny, name) for name in ("pretrain", "distill", "evaluate")},
     )
+
+
+def images_row(name: str, source: str, role: str) -> dict:
+    """An IMAGES manifest row for a 32x32 PNG that need not exist (stages that never open the file)."""
+    return {
+        "image_id": f"id-{name}",
+        "source": source,
+        "role": role,
+        "uri": f"/nowhere/{name}.png",
+        "container": "file",
+        "byte_offset": None,
+        "byte_size": 100,
+        "width": 32,
+        "height": 32,
+        "format": "PNG",
+        "mode": "RGB",
+        "num_frames": 1,
+    }

@@ -13,19 +13,16 @@ store and in every summary, while the function and its config stay exactly those
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from pipelines.manifest import EVAL_RESULTS, EXPORTS
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
 from pipelines.train_config import EvaluateConfig
-from training.eval.datasets import dataset_name, load_eval_split
 from training.eval.stage import (
-    SECONDS_DIGITS,
-    choose_device,
     evaluate_backbone,
     evaluation_stats,
+    load_eval_data,
     result_rows,
     results_markdown,
 )
@@ -55,34 +52,29 @@ def teacher_export(exports: Manifest, input_name: str) -> dict[str, Any]:
 
 
 def run_ablate_data(cfg: EvaluateConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
-    started = time.perf_counter()
-    train = load_eval_split(cfg.dataset, "train", cfg.seed)
-    test = load_eval_split(cfg.dataset, "test", cfg.seed)
-    seconds_data = round(time.perf_counter() - started, SECONDS_DIGITS)
-    dataset = dataset_name(cfg.dataset)
-    device = choose_device()
+    data = load_eval_data(cfg)
     results = [
         dataclasses.replace(
             evaluate_backbone(
                 teacher_export(inputs[name], name),
-                train,
-                test,
+                data.train,
+                data.test,
                 cfg,
-                device=device,
+                device=data.device,
                 show_progress=ctx.show_progress,
             ),
             model=model,
         )
         for name, model in COMPARED_INPUTS.items()
     ]
-    rows = [row for result in results for row in result_rows(result, dataset)]
+    rows = [row for result in results for row in result_rows(result, data.name)]
     ctx.write_output("results", EVAL_RESULTS.table_from_rows(rows))
     title = (
         f"Pretraining data, curated vs uncurated random (same size, same recipe): "
-        f"{dataset}, {len(train)} train / {len(test)} test images"
+        f"{data.name}, {len(data.train)} train / {len(data.test)} test images"
     )
     ctx.write_artifact(TABLE_FILE, results_markdown(results, cfg.knn_ks, title).encode())
-    return evaluation_stats(cfg, dataset, (len(train), len(test)), device, seconds_data, results)
+    return evaluation_stats(cfg, data, results)
 
 
 ABLATE_DATA = register_stage(

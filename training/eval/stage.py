@@ -220,40 +220,49 @@ def run_evaluate(cfg: EvaluateConfig, inputs: Mapping[str, Manifest], ctx: Stage
     models = [export["model"] for export in exports]
     if len(set(models)) != len(models):
         raise ValueError(f"evaluate: model names in the exports manifest must be unique, got {models}")
+    data = load_eval_data(cfg)
+    results = [
+        evaluate_backbone(
+            export, data.train, data.test, cfg, device=data.device, show_progress=ctx.show_progress
+        )
+        for export in exports
+    ]
+    rows = [row for result in results for row in result_rows(result, data.name)]
+    ctx.write_output("results", EVAL_RESULTS.table_from_rows(rows))
+    title = f"{data.name}: {len(data.train)} train / {len(data.test)} test images"
+    ctx.write_artifact(RESULTS_TABLE_FILE, results_markdown(results, cfg.knn_ks, title).encode())
+    ctx.write_artifact(RESULTS_CHART_FILE, results_chart_png(results, cfg.knn_ks, title))
+    return evaluation_stats(cfg, data, results)
+
+
+@dataclass(frozen=True, slots=True)
+class EvalData:
+    """Both splits of the configured dataset, its name in results, and the device to evaluate on."""
+
+    train: LabelledImages
+    test: LabelledImages
+    name: str
+    device: torch.device
+    seconds: float  # to load both splits
+
+
+def load_eval_data(cfg: EvaluateConfig) -> EvalData:
     started = time.perf_counter()
     train = load_eval_split(cfg.dataset, "train", cfg.seed)
     test = load_eval_split(cfg.dataset, "test", cfg.seed)
-    seconds_data = round(time.perf_counter() - started, SECONDS_DIGITS)
-    dataset = dataset_name(cfg.dataset)
-    device = choose_device()
-    results = [
-        evaluate_backbone(export, train, test, cfg, device=device, show_progress=ctx.show_progress)
-        for export in exports
-    ]
-    rows = [row for result in results for row in result_rows(result, dataset)]
-    ctx.write_output("results", EVAL_RESULTS.table_from_rows(rows))
-    title = f"{dataset}: {len(train)} train / {len(test)} test images"
-    ctx.write_artifact(RESULTS_TABLE_FILE, results_markdown(results, cfg.knn_ks, title).encode())
-    ctx.write_artifact(RESULTS_CHART_FILE, results_chart_png(results, cfg.knn_ks, title))
-    return evaluation_stats(cfg, dataset, (len(train), len(test)), device, seconds_data, results)
+    seconds = round(time.perf_counter() - started, SECONDS_DIGITS)
+    return EvalData(train, test, dataset_name(cfg.dataset), choose_device(), seconds)
 
 
-def evaluation_stats(
-    cfg: EvaluateConfig,
-    dataset: str,
-    split_sizes: tuple[int, int],
-    device: torch.device,
-    seconds_data: float,
-    results: Sequence[ModelResult],
-) -> dict[str, Any]:
+def evaluation_stats(cfg: EvaluateConfig, data: EvalData, results: Sequence[ModelResult]) -> dict[str, Any]:
     """The stage stats of an evaluation: data, device, and per model its k-NN (reported k) and probe."""
     reported_k = REPORTED_K if REPORTED_K in cfg.knn_ks else cfg.knn_ks[0]
     return {
-        "dataset": dataset,
-        "train_images": split_sizes[0],
-        "test_images": split_sizes[1],
-        "device": device.type,
-        "seconds_data": seconds_data,
+        "dataset": data.name,
+        "train_images": len(data.train),
+        "test_images": len(data.test),
+        "device": data.device.type,
+        "seconds_data": data.seconds,
         "models": {result.model: model_stats(result, reported_k) for result in results},
     }
 

@@ -9,24 +9,8 @@ from pipelines.config import AssembleConfig
 from pipelines.manifest import COMPOSITION, IMAGES, RETRIEVED, ManifestError
 from pipelines.stage import get_stage, run_stage
 from pipelines.store import Store
+from tests.helpers import images_row
 from tests.unit.curation.embedding_data import write_manifest
-
-
-def _image(name: str, source: str, role: str) -> dict:
-    return {
-        "image_id": f"id-{name}",
-        "source": source,
-        "role": role,
-        "uri": f"/nowhere/{name}.png",
-        "container": "file",
-        "byte_offset": None,
-        "byte_size": 100,
-        "width": 32,
-        "height": 32,
-        "format": "PNG",
-        "mode": "RGB",
-        "num_frames": 1,
-    }
 
 
 def _hit(pool: str, seed_source: str, mode: str, query: str | None, rank: int, cluster: int) -> dict:
@@ -45,10 +29,10 @@ def _hit(pool: str, seed_source: str, mode: str, query: str | None, rank: int, c
 
 
 IMAGE_ROWS = [
-    _image("s1", "inet", "curated"),
-    _image("s2", "inet", "curated"),
-    _image("f1", "flowers", "curated"),
-    *(_image(f"w{row}", "web", "uncurated") for row in range(6)),
+    images_row("s1", "inet", "curated"),
+    images_row("s2", "inet", "curated"),
+    images_row("f1", "flowers", "curated"),
+    *(images_row(f"w{row}", "web", "uncurated") for row in range(6)),
 ]
 # inet: two queries, two neighbours each, w1 retrieved twice (multiplicity); flowers: cluster mode, capped.
 HITS = [

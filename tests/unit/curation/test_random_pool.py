@@ -7,6 +7,7 @@ import pytest
 
 from curation.random_pool import RANDOM_MODE, PoolTooSmallError, random_pool_rows
 from pipelines.manifest import CURATED, IMAGES
+from tests.helpers import images_row
 
 POOL_SIZE = 6
 SAMPLE_SIZE = 2
@@ -16,28 +17,11 @@ DRAWS = 600
 SHARE_TOLERANCE = 0.08
 
 
-def _image(name: str, role: str) -> dict:
-    return {
-        "image_id": f"id-{name}",
-        "source": "web" if role == "uncurated" else role,
-        "role": role,
-        "uri": f"/nowhere/{name}.png",
-        "container": "file",
-        "byte_offset": None,
-        "byte_size": 100,
-        "width": 32,
-        "height": 32,
-        "format": "PNG",
-        "mode": "RGB",
-        "num_frames": 1,
-    }
-
-
 IMAGES_TABLE = IMAGES.table_from_rows(
     [
-        _image("seed", "curated"),
-        *(_image(f"w{row}", "uncurated") for row in range(POOL_SIZE)),
-        _image("test", "eval"),
+        images_row("seed", "curated", "curated"),
+        *(images_row(f"w{row}", "web", "uncurated") for row in range(POOL_SIZE)),
+        images_row("test", "eval", "eval"),
     ]
 )
 POOL_IDS = {f"id-w{row}" for row in range(POOL_SIZE)}
