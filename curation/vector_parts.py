@@ -139,7 +139,11 @@ class StoredVectors:
         return rows if len(rows) else np.zeros((0, self.dim), np.float32)
 
     def part(self, start: int, stop: int) -> StoredVectors:
-        return StoredVectors(self.where.take(np.arange(start, stop)), self.column, self.dim)
+        return self.take(np.arange(start, stop))
+
+    def take(self, positions: np.ndarray) -> StoredVectors:
+        """The rows at `positions`, in that order, as a source of their own."""
+        return StoredVectors(self.where.take(positions), self.column, self.dim)
 
 
 def stored_vectors(where: PartRows, column: str) -> StoredVectors:

@@ -32,17 +32,22 @@ def row_shards(
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     ordered = table.sort_by([(column, "ascending") for column in key_columns])
-    lines = _key_lines(ordered, key_columns)
     shards = []
     for start in range(0, ordered.num_rows, rows_per_shard):
         chunk = ordered.slice(start, rows_per_shard)
-        if lines is None:
-            keys = zip(*(chunk.column(column).to_pylist() for column in key_columns), strict=True)
-            text = LINE_END.join(KEY_SEPARATOR.join(map(str, key)) for key in keys).encode()
-        else:
-            text = _joined_lines(lines, start, chunk.num_rows)
-        shards.append(Shard(hashlib.sha256(text).hexdigest()[:SHARD_ID_LENGTH], chunk.combine_chunks()))
+        shards.append(Shard(_digest(chunk, key_columns)[:SHARD_ID_LENGTH], chunk.combine_chunks()))
     return shards
+
+
+def _digest(chunk: pa.Table, key_columns: Sequence[str]) -> str:
+    """SHA-256 of the chunk's key lines; one chunk at a time, so memory stays one shard's keys."""
+    lines = _key_lines(chunk, key_columns)
+    if lines is None:
+        keys = zip(*(chunk.column(column).to_pylist() for column in key_columns), strict=True)
+        text = LINE_END.join(KEY_SEPARATOR.join(map(str, key)) for key in keys).encode()
+    else:
+        text = _joined_lines(lines)
+    return hashlib.sha256(text).hexdigest()
 
 
 def _key_lines(table: pa.Table, key_columns: Sequence[str]) -> pa.LargeStringArray | None:
@@ -65,9 +70,9 @@ def _key_lines(table: pa.Table, key_columns: Sequence[str]) -> pa.LargeStringArr
     return lines.combine_chunks() if isinstance(lines, pa.ChunkedArray) else lines
 
 
-def _joined_lines(lines: pa.LargeStringArray, start: int, count: int) -> bytes:
-    """The bytes of lines[start:start+count] joined by LINE_END (the last line's end dropped)."""
+def _joined_lines(lines: pa.LargeStringArray) -> bytes:
+    """The bytes of all `lines` joined by LINE_END (the last line's end dropped)."""
     _, offsets_buffer, data = lines.buffers()
     offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[lines.offset :]
-    begin, end = int(offsets[start]), int(offsets[start + count]) - len(LINE_END.encode())
+    begin, end = int(offsets[0]), int(offsets[len(lines)]) - len(LINE_END.encode())
     return memoryview(data)[begin:end].tobytes()

@@ -88,8 +88,7 @@ def duplicate_graph(
     started = time.perf_counter()
     # Key order: row ids (and so tie-breaks) do not depend on how upstream stages laid out their parts.
     ordered = graph_rows[key_order(images.select(list(ROW_KEY_COLUMNS)).take(graph_rows))]
-    database = descriptors.where.take(ordered)
-    rows = StoredVectors(database, descriptors.column, descriptors.dim)
+    rows = descriptors.take(ordered)
     kind = choose_index(len(rows), search.index, search.ivf_min_rows)
     components = ComponentLabels(images.num_rows)
     with (

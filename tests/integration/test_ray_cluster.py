@@ -209,6 +209,7 @@ def test_curation_on_a_two_node_cluster_equals_the_serial_run(tmp_path):
             serial_cfg.runtime, executor="ray", num_workers=NUM_NODES * CPUS_PER_NODE, ray_address=None
         ),
         copy_dedup=replace(serial_cfg.copy_dedup, search_shards=SEARCH_SHARDS),
+        decontaminate=replace(serial_cfg.decontaminate, search_shards=SEARCH_SHARDS),
         retrieve=replace(serial_cfg.retrieve, search_shards=SEARCH_SHARDS),
     )
     serial = _run_driver(serial_cfg, tmp_path / "serial.json", _process_env())
