@@ -14,6 +14,7 @@ dedup graph has real components. Each measurement runs in its own process and re
                     assigned in one Faiss call (what the stage did before it streamed)
   graph streamed    copy_dedup's path: the index filled a block at a time from the parts, each block of
                     queries searched, its edges fed to ComponentLabels and counted by EdgeTally
+                    (graph.streamed_components)
   graph at once     one float32 matrix, the index filled from it, every edge materialised
                     (knn.searched_edges, what copy_dedup did before it streamed), then connected_components
 Both graph runs use the same IVF index (built once here: rows / GRAPH_ROWS_PER_LIST cells found through
@@ -43,9 +44,9 @@ import pyarrow.parquet as pq
 import curation  # noqa: F401  (registers the stages)
 from benchmarks.peak_memory import peak_rss_mib
 from curation.cluster import KEY_COLUMNS, train_centroids
-from curation.dedup.components import ComponentLabels, connected_components
-from curation.dedup.graph import EdgeTally
-from curation.dedup.knn import SEARCH_BATCH_ROWS, edge_batches, searched_edges
+from curation.dedup.components import connected_components
+from curation.dedup.graph import streamed_components
+from curation.dedup.knn import fill_index, searched_edges
 from curation.vector_parts import PartRows, located_columns, manifest_parts, read_unit_rows, stored_vectors
 from curation.vectors import (
     EMBEDDING_COLUMN,
@@ -216,21 +217,13 @@ def kmeans_at_once(job: Job) -> dict[str, Any]:
 
 
 def graph_streamed(job: Job) -> dict[str, Any]:
-    """copy_dedup's streaming path (`graph.duplicate_graph`'s parts) on the benchmark's prebuilt index."""
+    """copy_dedup's streaming path (`graph.streamed_components`) on the benchmark's prebuilt index."""
     cfg = CopyDedupConfig()
     _, where = located_columns(job.manifest, EMBEDDINGS, list(KEY_COLUMNS))
     rows = stored_vectors(where, EMBEDDING_COLUMN)
-    index = _graph_index(job)
-    for start in range(0, len(rows), SEARCH_BATCH_ROWS):
-        index.add(rows.read(start, min(len(rows), start + SEARCH_BATCH_ROWS)))
-    components = ComponentLabels(index.ntotal)
-    with tempfile.TemporaryDirectory(prefix="lvd-bench-edges-") as spill:
-        tally = EdgeTally(len(rows), Path(spill))
-        for batch in edge_batches(rows, index, cfg.num_neighbours, cfg.threshold):
-            components.add_edges(batch.sources, batch.targets)
-            tally.add(batch.sources, batch.targets)
-        edges = tally.count()
-    labels = components.labels()
+    index = fill_index(_graph_index(job), rows)
+    ids = np.arange(len(rows))
+    labels, edges = streamed_components(rows, index, cfg.num_neighbours, cfg.threshold, ids, len(rows))
     peak = peak_rss_mib()
     np.save(f"{job.results_dir}/graph_streamed.npy", labels)
     return {"peak_mib": peak, "edges": edges}

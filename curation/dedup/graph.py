@@ -4,8 +4,8 @@ images rows in the graph --locate_descriptors: keys of the descriptors parts onl
   descriptor lies --key order (the search's row ids: the same graph whatever the part layout)-->
   a Faiss index filled a block at a time (one here, or `search_shards` shards on executor workers, each
   reading its own rows) --k-NN of each query block, cosine > threshold--> edge batches
-  --ComponentLabels (8 bytes a row) + EdgeTally (pairs spilled to local disk)--> a label per images row
-  (the smallest row index of its component), the number of distinct edges
+  --streamed_components: ComponentLabels (8 bytes a row) + EdgeTally (pairs spilled to local disk)-->
+  a label per images row (the smallest row index of its component), the number of distinct edges
 
 Memory: the index (its vectors; the stage never holds a second copy), one query block and its results,
 the labels. Never the edge list.
@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation.dedup.components import ComponentLabels
-from curation.dedup.knn import SEARCH_BATCH_ROWS, choose_index, edge_batches
+from curation.dedup.knn import SEARCH_BATCH_ROWS, Searcher, VectorSource, choose_index, edge_batches
 from curation.sharded_knn import database_index
 from curation.vector_parts import PartRows, StoredVectors, located_columns, stored_vectors
 from curation.vectors import key_order
@@ -90,17 +90,40 @@ def duplicate_graph(
     ordered = graph_rows[key_order(images.select(list(ROW_KEY_COLUMNS)).take(graph_rows))]
     rows = descriptors.take(ordered)
     kind = choose_index(len(rows), search.index, search.ivf_min_rows)
-    components = ComponentLabels(images.num_rows)
-    with (
-        tempfile.TemporaryDirectory(prefix="lvd-edges-") as spill,
-        database_index(rows, search.search_shards, kind, executor, search.ivf_nprobe) as searcher,
-    ):
+    with database_index(rows, search.search_shards, kind, executor, search.ivf_nprobe) as searcher:
+        labels, edges = streamed_components(
+            rows, searcher, search.num_neighbours, search.threshold, ordered, images.num_rows
+        )
+    return DuplicateGraph(labels, edges, kind, time.perf_counter() - started)
+
+
+def streamed_components(
+    rows: VectorSource,
+    searcher: Searcher,
+    num_neighbours: int,
+    threshold: float,
+    row_ids: np.ndarray,
+    num_ids: int,
+) -> tuple[np.ndarray, int]:
+    """Labels of the k-NN graph's components and its number of distinct edges, the edges never held.
+
+    Args:
+        rows: The graph's vectors; `searcher` holds exactly these rows, in order.
+        num_neighbours, threshold: k, and the cosine an edge must exceed.
+        row_ids: Row i of `rows` is node row_ids[i] of the labels (e.g. an images row index).
+        num_ids: Nodes in the labels; those not in `row_ids` stay components of their own.
+
+    Returns:
+        (labels [num_ids] int64: the smallest node of each node's component, distinct edges)
+    """
+    components = ComponentLabels(num_ids)
+    with tempfile.TemporaryDirectory(prefix="lvd-edges-") as spill:
         tally = EdgeTally(len(rows), Path(spill))
-        for batch in edge_batches(rows, searcher, search.num_neighbours, search.threshold):
-            components.add_edges(ordered[batch.sources], ordered[batch.targets])
+        for batch in edge_batches(rows, searcher, num_neighbours, threshold):
+            components.add_edges(row_ids[batch.sources], row_ids[batch.targets])
             tally.add(batch.sources, batch.targets)
         edges = tally.count()
-    return DuplicateGraph(components.labels(), edges, kind, time.perf_counter() - started)
+    return components.labels(), edges
 
 
 class EdgeTally:

@@ -147,8 +147,13 @@ def build_index(
         index.nprobe = min(nprobe, nlist)
     else:
         raise ValueError(f"index must be 'flat' or 'ivf', got {kind!r}")
-    for start in range(0, num_rows, SEARCH_BATCH_ROWS):
-        index.add(source.read(start, min(num_rows, start + SEARCH_BATCH_ROWS)))
+    return fill_index(index, source)
+
+
+def fill_index(index: faiss.Index, source: VectorSource) -> faiss.Index:
+    """Adds every row of `source` to a trained `index`, `SEARCH_BATCH_ROWS` rows at a time."""
+    for start in range(0, len(source), SEARCH_BATCH_ROWS):
+        index.add(source.read(start, min(len(source), start + SEARCH_BATCH_ROWS)))
     return index
 
 
