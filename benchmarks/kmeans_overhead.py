@@ -133,7 +133,8 @@ def measure(
     raw = [train + assign for train, assign in zip(raw_train, raw_assign, strict=True)]
     stage_rest = [total - phase["train"] for total, phase in zip(stage, phases, strict=True)]
     shared_train = min(raw_train)
-    paired = (shared_train + min(stage_rest)) / (shared_train + raw_assign[int(np.argmin(raw_train))])
+    paired_stage = shared_train + min(stage_rest)
+    paired_raw = shared_train + raw_assign[int(np.argmin(raw_train))]
     return {
         "rows": rows,
         "clusters": clusters,
@@ -146,7 +147,9 @@ def measure(
         "end_to_end_ratio": min(stage) / min(raw),
         "raw_train_seconds": shared_train,
         "stage_rest_seconds": min(stage_rest),
-        "ratio": paired,
+        "paired_stage_seconds": paired_stage,
+        "paired_raw_seconds": paired_raw,
+        "ratio": paired_stage / paired_raw,
         "phases": phases[int(np.argmin(stage))],
     }
 
