@@ -77,6 +77,7 @@ def distill(cfg: DistillConfig, images, run_dir: Path, *, show_progress: bool = 
         run_dir,
         show_progress=show_progress,
         model_factory=lambda: DistillMetaArch(cfg, teacher, objective),
+        progress_label="distill",
     )
 
 

@@ -159,12 +159,13 @@ def train(
     show_progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     model_factory: ModelFactory | None = None,
+    progress_label: str = "pretrain",
 ) -> TrainResult:
     """Trains (or resumes) a run in `out_dir` up to `cfg.steps_to_run` iterations.
 
     `model_factory` builds the meta-architecture (default: DINOv2 self-supervised `SSLMetaArch(cfg)`;
-    distillation passes its own). It must offer `student`, `shard_groups()`, `forward_backward`,
-    `update_ema`, `centers()` and `exportable_backbones()`.
+    distillation passes its own, and its `progress_label`). It must offer `student`, `shard_groups()`,
+    `forward_backward`, `update_ema`, `centers()` and `exportable_backbones()`.
     """
     env = init_distributed(cfg.train.device)
     try:
@@ -172,7 +173,9 @@ def train(
             # Why: the backbone's output dict holds views of one normed tensor (as the official model
             # does); FSDP2 warns in case someone edits them in place, which nothing here does.
             warnings.filterwarnings("ignore", message=FSDP_VIEW_WARNING)
-            return _train(cfg, images, Path(out_dir), env, show_progress, on_step, model_factory)
+            return _train(
+                cfg, images, Path(out_dir), env, show_progress, on_step, model_factory, progress_label
+            )
     finally:
         shutdown(env)
 
@@ -185,6 +188,7 @@ def _train(
     show_progress: bool,
     on_step: Callable[[dict[str, Any]], None] | None,
     model_factory: ModelFactory | None,
+    progress_label: str,
 ) -> TrainResult:
     checkpoints = root / CHECKPOINTS_DIR
     model = build_model(cfg, env, model_factory)
@@ -227,7 +231,7 @@ def _train(
     progress = tqdm(
         total=end_step,
         initial=start_step,
-        desc="pretrain",
+        desc=progress_label,
         unit="step",
         disable=not (show_progress and env.is_main),
     )
