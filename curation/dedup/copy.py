@@ -45,8 +45,7 @@ def run_copy_dedup(cfg: CopyDedupConfig, inputs: Mapping[str, Manifest], ctx: St
     scope = np.flatnonzero(
         np.isin(np.asarray(images.column("role").to_pylist(), dtype=object), list(cfg.roles))
     )
-    search = GraphSearch.of(cfg)
-    graph = duplicate_graph(images, descriptors, scope, search, ctx.executor)
+    graph = duplicate_graph(images, descriptors, scope, GraphSearch.of(cfg), ctx.executor)
     labels = graph.labels
 
     resolution = resolve_groups(images, labels, cfg.keep)

@@ -65,8 +65,8 @@ def run_decontaminate(
 ) -> dict[str, Any]:
     images = inputs["images"].read(IMAGES)
     descriptors = locate_descriptors(images, inputs["descriptors"])
-    search = GraphSearch.of(cfg)
-    graph = duplicate_graph(images, descriptors, np.arange(images.num_rows), search, ctx.executor)
+    every_row = np.arange(images.num_rows)
+    graph = duplicate_graph(images, descriptors, every_row, GraphSearch.of(cfg), ctx.executor)
     labels = graph.labels
 
     roles = np.asarray(images.column("role").to_pylist(), dtype=object)
