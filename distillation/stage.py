@@ -140,7 +140,7 @@ def run_distill(cfg: DistillConfig, inputs: Mapping[str, Manifest], ctx: StageCo
 DISTILL = register_stage(
     StageSpec(
         name="distill",
-        version=1,
+        version=2,
         config_type=DistillConfig,
         fn=run_distill,
         inputs=("curated", "exports"),

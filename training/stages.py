@@ -88,7 +88,7 @@ def run_pretrain(cfg: PretrainConfig, inputs: Mapping[str, Manifest], ctx: Stage
 PRETRAIN = register_stage(
     StageSpec(
         name="pretrain",
-        version=1,
+        version=2,
         config_type=PretrainConfig,
         fn=run_pretrain,
         inputs=("curated",),

@@ -17,6 +17,7 @@ from pipelines.manifest import IMAGES
 from pipelines.train_config import CropsConfig, PretrainConfig, StudentConfig, TrainConfig
 from training.data.augment import MultiCropAugmentation
 from training.data.dataset import (
+    TRAINING_ORDER,
     CuratedImages,
     ImageLoadError,
     derive_seed,
@@ -131,10 +132,23 @@ def test_batches_do_not_depend_on_workers_or_on_where_the_run_resumed(table):
     assert not torch.equal(fresh[0]["collated_global_crops"], fresh[1]["collated_global_crops"])
 
 
+def test_batches_do_not_depend_on_row_order_or_where_the_images_live(table, tmp_path):
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    rows = []
+    for row in reversed(table.to_pylist()):  # reversed rows, every file copied to another folder
+        path = moved / Path(row["uri"]).name
+        path.write_bytes(Path(row["uri"]).read_bytes())
+        rows.append({**row, "uri": str(path)})
+    for batch, moved_batch in zip(take(table, 3), take(IMAGES.table_from_rows(rows), 3), strict=True):
+        assert_same_batch(batch, moved_batch)
+
+
 def test_a_sample_is_its_image_augmented_under_its_position_seed(table):
     (batch,) = take(table, 1, start_step=1)
     position = step_positions(1, 0, 1, BATCH_SIZE)[0]
-    image = CuratedImages(table)[image_index(position, NUM_IMAGES, SEED)]
+    ordered = table.sort_by([(column, "ascending") for column in TRAINING_ORDER])
+    image = CuratedImages(ordered)[image_index(position, NUM_IMAGES, SEED)]
     torch.manual_seed(derive_seed(SEED, "augment", position))
     crops = MultiCropAugmentation(tiny_config().crops)(image)
     assert torch.equal(batch["collated_global_crops"][0], crops["global_crops"][0])
