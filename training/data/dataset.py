@@ -8,9 +8,8 @@ Every random choice is seeded from the run seed and a position or (step, rank), 
 so the batch of (step, rank) is a pure function of (seed, step, rank, W, B, the manifest's rows): the same
 with any `num_workers`, and the same whether a run started at step 0 or resumed at step k. Rows are put in
 (image_id, uri) order first: image_id hashes the bytes, so neither how upstream stages laid out their parts
-nor where the images live changes what a step sees. Each pass over the
-manifest is a fresh permutation, and a global batch is split across ranks, so every image is seen once per
-pass whatever W is.
+nor where the images live changes what a step sees. Each pass over the manifest is a fresh permutation,
+and a global batch is split across ranks, so every image is seen once per pass whatever W is.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines.images import load_row_rgb
+from pipelines.manifest import ROW_KEY_COLUMNS
 from pipelines.train_config import PretrainConfig
 from pipelines.validation import require
 from training.data.augment import MultiCropAugmentation
@@ -40,8 +40,6 @@ MASK_STREAM = "mask"
 LOADER_STREAM = "loader"
 # A batch may straddle two passes; keeping both permutations avoids redrawing one per sample.
 CACHED_PASSES = 2
-# Rows are trained on in this order: a content hash first, so the order does not depend on file paths.
-TRAINING_ORDER = ("image_id", "uri")
 
 
 class ImageLoadError(RuntimeError):
@@ -164,7 +162,7 @@ def make_train_loader(
     require(0 <= rank < world_size, f"rank {rank} is not in [0, {world_size})")
     require(start_step >= 0, f"start_step must be >= 0, got {start_step}")
     # Why: manifest row order follows part names, which hash keys that include each image's path.
-    table = table.sort_by([(column, "ascending") for column in TRAINING_ORDER])
+    table = table.sort_by([(column, "ascending") for column in ROW_KEY_COLUMNS])
     samples = MultiCropSamples(CuratedImages(table), MultiCropAugmentation(cfg.crops), cfg.train.seed)
     sampler = StepBatchSampler(
         start_step=start_step, rank=rank, world_size=world_size, batch_size=cfg.train.batch_size_per_gpu

@@ -13,11 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.manifest import IMAGES
+from pipelines.manifest import IMAGES, ROW_KEY_COLUMNS
 from pipelines.train_config import CropsConfig, PretrainConfig, StudentConfig, TrainConfig
 from training.data.augment import MultiCropAugmentation
 from training.data.dataset import (
-    TRAINING_ORDER,
     CuratedImages,
     ImageLoadError,
     derive_seed,
@@ -147,7 +146,7 @@ def test_batches_do_not_depend_on_row_order_or_where_the_images_live(table, tmp_
 def test_a_sample_is_its_image_augmented_under_its_position_seed(table):
     (batch,) = take(table, 1, start_step=1)
     position = step_positions(1, 0, 1, BATCH_SIZE)[0]
-    ordered = table.sort_by([(column, "ascending") for column in TRAINING_ORDER])
+    ordered = table.sort_by([(column, "ascending") for column in ROW_KEY_COLUMNS])
     image = CuratedImages(ordered)[image_index(position, NUM_IMAGES, SEED)]
     torch.manual_seed(derive_seed(SEED, "augment", position))
     crops = MultiCropAugmentation(tiny_config().crops)(image)
