@@ -43,22 +43,22 @@ import pyarrow.parquet as pq
 
 import curation  # noqa: F401  (registers the stages)
 from benchmarks.peak_memory import peak_rss_mib
-from curation.cluster import KEY_COLUMNS, train_centroids
+from curation.cluster import ClusterConfig, train_centroids
 from curation.dedup.components import connected_components
+from curation.dedup.copy import CopyDedupConfig
 from curation.dedup.graph import streamed_components
-from curation.dedup.knn import fill_index, searched_edges
+from curation.embed import EMBEDDINGS
+from curation.search.knn import fill_index, searched_edges
 from curation.vector_parts import PartRows, located_columns, manifest_parts, read_unit_rows, stored_vectors
 from curation.vectors import (
     EMBEDDING_COLUMN,
     embedding_array,
     embedding_matrix,
     float16_rows,
-    key_order,
     read_columns,
     unit_rows,
 )
-from pipelines.config import ClusterConfig, CopyDedupConfig
-from pipelines.manifest import EMBEDDINGS, part_name
+from pipelines.manifest import ROW_KEY_COLUMNS, part_name, row_order, sort_rows
 from pipelines.stage import Manifest, get_stage, run_stage
 from pipelines.store import Store
 
@@ -119,7 +119,7 @@ def write_manifest(root: Path, num_rows: int, dim: int, part_rows: int) -> tuple
                 "embedding": embedding_array(vectors / np.linalg.norm(vectors, axis=1, keepdims=True)),
             }
         )
-        key_bytes += table.select(list(KEY_COLUMNS)).nbytes
+        key_bytes += table.select(list(ROW_KEY_COLUMNS)).nbytes
         store.write_table_atomic(f"{folder}/{part_name(f'{start:012d}')}", EMBEDDINGS.validate(table))
     manifest = Manifest(
         uri=store.uri_of(folder), schema_name="embeddings", digest=f"bm-{num_rows}-{dim}", num_rows=num_rows
@@ -185,7 +185,7 @@ def kmeans_streamed(job: Job) -> dict[str, Any]:
     )
     peak = peak_rss_mib()
     # After the peak is taken: put the assignments in key order to compare them with the other run's.
-    assigned = run.outputs["assignments"].read().sort_by([(name, "ascending") for name in KEY_COLUMNS])
+    assigned = sort_rows(run.outputs["assignments"].read())
     np.savez(
         f"{job.results_dir}/kmeans_streamed.npz",
         cluster=np.asarray(assigned.column("cluster")),
@@ -195,10 +195,10 @@ def kmeans_streamed(job: Job) -> dict[str, Any]:
 
 
 def kmeans_at_once(job: Job) -> dict[str, Any]:
-    table = read_columns(job.manifest, EMBEDDINGS, [*KEY_COLUMNS, "role", "embedding"])
+    table = read_columns(job.manifest, EMBEDDINGS, [*ROW_KEY_COLUMNS, "role", "embedding"])
     clustered = pc.is_in(table.column("role"), pa.array(list(ClusterConfig().roles), pa.string()))
     rows = np.flatnonzero(np.asarray(clustered.combine_chunks()))
-    order = key_order(table.select(list(KEY_COLUMNS)).take(rows))
+    order = row_order(table.select(list(ROW_KEY_COLUMNS)).take(rows))
     vectors = unit_rows(float16_rows(table.column("embedding")), rows[order])
     cfg = ClusterConfig(num_clusters=job.clusters, num_iterations=job.iterations, use_gpu=False)
     train_rows = min(len(vectors), cfg.num_clusters * cfg.max_points_per_centroid)
@@ -219,7 +219,7 @@ def kmeans_at_once(job: Job) -> dict[str, Any]:
 def graph_streamed(job: Job) -> dict[str, Any]:
     """copy_dedup's streaming path (`graph.streamed_components`) on the benchmark's prebuilt index."""
     cfg = CopyDedupConfig()
-    _, where = located_columns(job.manifest, EMBEDDINGS, list(KEY_COLUMNS))
+    _, where = located_columns(job.manifest, EMBEDDINGS, list(ROW_KEY_COLUMNS))
     rows = stored_vectors(where, EMBEDDING_COLUMN)
     index = fill_index(_graph_index(job), rows)
     ids = np.arange(len(rows))

@@ -31,9 +31,11 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision import transforms as v1
 from torchvision.transforms import InterpolationMode
 
-from pipelines.config import IngestConfig
+from curation.ingest import IngestConfig
 from pipelines.images import (
     IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DecodeLimits,
     ProbedImage,
     iter_folder_files,
@@ -41,7 +43,7 @@ from pipelines.images import (
     probe_image,
 )
 from pipelines.manifest import IMAGES
-from pipelines.train_config import CropsConfig, PretrainConfig, StudentConfig, TrainConfig
+from training.config import CropsConfig, PretrainConfig, StudentConfig, TrainConfig
 from training.data import augment
 from training.data.collate import collate_crops_and_masks
 from training.data.dataset import CuratedImages, make_train_loader
@@ -128,7 +130,7 @@ def official_style_crop(
     ]
     if solarize:
         steps.append(v1.RandomSolarize(augment.SOLARIZE_THRESHOLD, p=augment.SOLARIZE_PROBABILITY))
-    steps += [v1.ToTensor(), v1.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)]
+    steps += [v1.ToTensor(), v1.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return v1.Compose(steps)
 
 

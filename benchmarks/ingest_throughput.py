@@ -15,7 +15,8 @@ from dataclasses import replace
 from typing import Any
 
 import curation  # noqa: F401  (registers ingest)
-from pipelines.config import IngestConfig, resolve_config
+from curation.ingest import IngestConfig
+from flows.curate_and_train import CURATE_AND_TRAIN
 from pipelines.executor import Executor, RayExecutor, SerialExecutor
 from pipelines.stage import get_stage, run_stage
 from pipelines.store import Store
@@ -25,7 +26,7 @@ DEFAULT_REPEATS = 2
 
 
 def _pool_config() -> IngestConfig:
-    demo = resolve_config("demo").ingest
+    demo = CURATE_AND_TRAIN.resolve_config("demo").ingest
     return replace(demo, sources=tuple(source for source in demo.sources if source.role == "uncurated"))
 
 

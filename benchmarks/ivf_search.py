@@ -11,7 +11,7 @@ The pool imitates SSL embeddings rather than well-separated blobs:
 Recall@k is the share of the exact top-k that IVF finds. Index building is timed apart from search: the
 retrieve stage builds once and searches every query shard. The sweep shows each nprobe's speed and
 recall; the smallest nprobe meeting the goal (issue 4: recall@4 >= 0.95 at >= 5x exact) is the pick,
-set beside the retrieve stage's default (RetrieveConfig.ivf_nprobe).
+set beside the retrieve stage's default (SearchConfig.ivf_nprobe).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from curation.dedup.knn import build_index, ivf_lists, pool_index
-from pipelines.config import RetrieveConfig
+from curation.retrieve import RetrieveConfig
+from curation.search.knn import build_index, ivf_lists
 
 DIM = 128
 CLUSTERS = 5_000
@@ -133,7 +133,7 @@ def measure(
     exact = exact[:, :K]
 
     started = time.perf_counter()
-    ivf = pool_index(pool, "ivf")  # what the retrieve stage builds for a large pool
+    ivf = build_index(pool, "ivf")  # what the retrieve stage builds for a large pool
     build_seconds = time.perf_counter() - started
     sweep = []
     for nprobe in nprobes:
@@ -155,7 +155,7 @@ def measure(
         "difficulty": difficulty(scores),
         "sweep": sweep,
         "smallest_nprobe_meeting_goal": chosen,
-        "default_nprobe": RetrieveConfig().ivf_nprobe,
+        "default_nprobe": RetrieveConfig().search.ivf_nprobe,
     }
 
 

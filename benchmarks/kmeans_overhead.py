@@ -33,9 +33,10 @@ import numpy as np
 import pyarrow as pa
 
 import curation  # noqa: F401  (registers the stages)
+from curation.cluster import ClusterConfig
+from curation.embed import EMBEDDINGS
 from curation.vectors import embedding_array, embedding_matrix
-from pipelines.config import ClusterConfig
-from pipelines.manifest import EMBEDDINGS, part_name
+from pipelines.manifest import part_name
 from pipelines.stage import Manifest, get_stage, run_stage
 from pipelines.store import Store
 

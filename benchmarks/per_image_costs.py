@@ -31,8 +31,9 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from curation.dedup.hamming import hash_image
+from curation.embedders import EmbedderConfig
 from curation.embedders.registry import build_embedder
-from pipelines.config import EmbedderConfig, IngestConfig
+from curation.ingest import IngestConfig
 from pipelines.images import DecodeLimits, load_rgb, probe_image
 from training.models.vit import build_vit
 

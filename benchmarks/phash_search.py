@@ -20,8 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from curation.dedup.hamming import hashes_to_hex, near_duplicate_pairs, plan_search, quiet_imagededup
-from pipelines.config import HASH_BITS, PhashDedupConfig
+from curation.dedup.hamming import (
+    HASH_BITS,
+    hashes_to_hex,
+    near_duplicate_pairs,
+    plan_search,
+    quiet_imagededup,
+)
+from curation.dedup.phash import PhashDedupConfig
 
 DEFAULT_SIZES = (10_000, 100_000)
 DEFAULT_REPEATS = 3

@@ -30,7 +30,7 @@ from benchmarks import (
     phash_search,
     train_step,
 )
-from pipelines.config import RetrieveConfig
+from curation.retrieve import RetrieveConfig
 
 INGEST_SPEEDUP_GOAL = 1.0  # Ray's 2 workers must beat the serial executor (issue 2 asked for the figure)
 PHASH_SPEEDUP_GOAL = 10.0  # issue 3, at 100k hashes
@@ -41,7 +41,7 @@ QUICK = {
     "ingest": {"repeats": 2},
     "phash": {"sizes": (10_000,), "repeats": 3},
     "kmeans": {},  # its goal is set at its default size; smaller ones weigh the fixed costs more
-    "ivf": {"rows": 500_000, "queries": 2_000, "nprobes": (RetrieveConfig().ivf_nprobe,)},
+    "ivf": {"rows": 500_000, "queries": 2_000, "nprobes": (RetrieveConfig().search.ivf_nprobe,)},
     "train_step": {"steps": 2},
     "data_pipeline": {"batches": 16, "repeats": 1},
     "bounded_memory": {"rows": 400_000},

@@ -31,6 +31,7 @@ from PIL import Image
 
 from benchmarks.peak_memory import peak_rss_mib
 from pipelines.config import build_config
+from training.config import PretrainConfig
 from training.data.augment import MultiCropAugmentation
 from training.data.collate import collate_crops_and_masks
 from training.data.masking import MaskingGenerator, official_max_num_patches
@@ -56,15 +57,12 @@ VARIANTS = {
 
 
 def benchmark_config(arch: str, batch: int, drop_path_rate: float, device: str, precision: str):
-    return build_config(
-        {
-            "pretrain": {
-                "student": {"arch": arch, "patch_size": 14, "drop_path_rate": drop_path_rate},
-                "crops": {"global_crops_size": 224, "local_crops_size": 98, "local_crops_number": 8},
-                "train": {"batch_size_per_gpu": batch, "device": device, "precision": precision},
-            }
-        }
-    ).pretrain
+    data = {
+        "student": {"arch": arch, "patch_size": 14, "drop_path_rate": drop_path_rate},
+        "crops": {"global_crops_size": 224, "local_crops_size": 98, "local_crops_number": 8},
+        "train": {"batch_size_per_gpu": batch, "device": device, "precision": precision},
+    }
+    return build_config(PretrainConfig, data, "pretrain")
 
 
 def synthetic_batch(cfg, seed: int) -> dict:

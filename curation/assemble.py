@@ -11,19 +11,30 @@ see the decontaminated pool, so such a row means the inputs come from different 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.config import AssembleConfig
-from pipelines.manifest import COMPOSITION, CURATED, IMAGES, RETRIEVED, ManifestError, align_rows
-from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
+from curation.hits import RETRIEVED
+from curation.retrieve import COMPOSITION
+from pipelines.manifest import CURATED, IMAGES, ManifestError, align_rows
+from pipelines.stage import Manifest, StageContext, StageRun, StageSpec, register_stage
+from pipelines.views import TableView, format_count, table_view
 
 SEED_ROLE = "curated"
 AS_IS = "as_is"
 # Copied as they are from `retrieved`; its `mode` becomes `curation_mode` (IMAGES has a pixel `mode`).
 COPIED_COLUMNS = ("query_image_id", "similarity", "rank", "cluster")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AssembleConfig:
+    include_seeds: bool = True
+    """Curated seed images go into the curated set as they are (the paper's "as is" rows)."""
+    as_is_sources: tuple[str, ...] = ()
+    """Curated sources kept as is; empty means every curated source (the paper keeps only some)."""
 
 
 def seed_rows(images: pa.Table, cfg: AssembleConfig) -> pa.Table:
@@ -78,6 +89,26 @@ def composition(seeds: pa.Table, retrieved: pa.Table, summary: pa.Table) -> pa.T
     return COMPOSITION.table_from_rows(rows)
 
 
+def composition_view(composition: pa.Table) -> TableView:
+    """The paper's Table 15 layout: seed set, retrieval mode, seed images, retrieved, final; a total."""
+    rows = composition.to_pylist()
+    cells = [
+        [
+            row["seed_source"],
+            row["mode"],
+            *(format_count(row[name]) for name in ("seed_images", "retrieved", "final")),
+        ]
+        for row in rows
+    ]
+    total = ["total", "", "", "", format_count(sum(row["final"] for row in rows))]
+    header = ["seed set", "retrieval", "images", "retrieved", "final"]
+    return table_view("composition of the curated set", header, [*cells, total])
+
+
+def composition_tables(run: StageRun) -> list[TableView]:
+    return [composition_view(run.outputs["composition"].read(COMPOSITION))]
+
+
 def run_assemble(cfg: AssembleConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
     images = inputs["images"].read(IMAGES)
     retrieved = inputs["retrieved"].read(RETRIEVED)
@@ -107,8 +138,10 @@ ASSEMBLE = register_stage(
         version=1,
         config_type=AssembleConfig,
         fn=run_assemble,
-        inputs=("images", "retrieved", "retrieval_summary"),
+        inputs={"images": IMAGES, "retrieved": RETRIEVED, "retrieval_summary": COMPOSITION},
         outputs={"curated": CURATED, "composition": COMPOSITION},
         description="seed images as is plus retrieved images, with provenance and a composition table",
+        shown_stats={"rows": "curated rows", "unique_images": "distinct images"},
+        tables=composition_tables,
     )
 )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -26,18 +27,64 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curation.embed import EMBEDDINGS
 from curation.pictures import Tile, contact_sheet
 from curation.vector_parts import LocatedRows, located_columns, located_shards, read_unit_rows
-from curation.vectors import embedding_array, key_order
-from pipelines.config import ClusterConfig
+from curation.vectors import embedding_array
 from pipelines.images import read_image_bytes
-from pipelines.manifest import ASSIGNMENTS, CENTROIDS, EMBEDDINGS
+from pipelines.manifest import EMBEDDING, ROW_KEY_COLUMNS, ManifestSchema, Role, row_order
 from pipelines.stage import Manifest, ShardResult, StageContext, StageSpec, register_stage
+from pipelines.validation import require
 
 SHEET_NAME = "cluster_samples.png"
 SHEET_CLUSTERS = 12
 SHEET_IMAGES_PER_CLUSTER = 10
-KEY_COLUMNS = ("image_id", "uri")
+# The paper clusters the pool into 100,000 clusters; a k-means sample of this many points per centroid
+# bounds training memory (Faiss's own default cap).
+PAPER_NUM_CLUSTERS = 100_000
+DEFAULT_POINTS_PER_CENTROID = 256
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClusterConfig:
+    num_clusters: int = PAPER_NUM_CLUSTERS
+    max_points_per_centroid: int = DEFAULT_POINTS_PER_CENTROID
+    """k-means trains on at most num_clusters * this many sampled vectors; all vectors are assigned."""
+    num_iterations: int = 20
+    roles: tuple[Role, ...] = ("uncurated",)
+    seed: int = 0
+    rows_per_shard: int = 65_536
+    """Assignment shard size: memory stays bounded by one shard plus the centroids."""
+    use_gpu: bool = True
+    """Train on the GPUs Faiss sees, if any (faiss-gpu builds); CPU otherwise."""
+
+    def __post_init__(self) -> None:
+        require(self.num_clusters >= 1, f"num_clusters must be >= 1, got {self.num_clusters}")
+        require(self.max_points_per_centroid >= 1, "max_points_per_centroid must be >= 1")
+        require(self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}")
+        require(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+
+
+CENTROIDS = ManifestSchema(
+    name="centroids",
+    version=1,
+    fields=(
+        pa.field("cluster", pa.int32(), nullable=False),
+        pa.field("size", pa.int64(), nullable=False),  # rows assigned to it (all rows, not the sample)
+        pa.field("centroid", EMBEDDING, nullable=False),  # L2-normalised (spherical k-means)
+    ),
+)
+
+ASSIGNMENTS = ManifestSchema(
+    name="assignments",
+    version=1,
+    fields=(
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("cluster", pa.int32(), nullable=False),  # nearest centroid by cosine
+        pa.field("similarity", pa.float32(), nullable=False),  # cosine to that centroid
+    ),
+)
 
 
 def assign_shard(centroids: np.ndarray, rows: LocatedRows) -> ShardResult:
@@ -131,13 +178,13 @@ def uri_tile(uri: str, caption: str) -> Tile:
 def run_cluster(cfg: ClusterConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    table, where = located_columns(inputs["embeddings"], EMBEDDINGS, [*KEY_COLUMNS, "role"])
+    table, where = located_columns(inputs["embeddings"], EMBEDDINGS, [*ROW_KEY_COLUMNS, "role"])
     clustered = pc.is_in(table.column("role"), pa.array(list(cfg.roles), pa.string()))
     rows = np.flatnonzero(np.asarray(clustered.combine_chunks()))
-    keys = table.select(list(KEY_COLUMNS)).take(rows)
+    keys = table.select(list(ROW_KEY_COLUMNS)).take(rows)
     del table
     # Key order, not part order: the seeded sample below must not depend on how upstream wrote its parts.
-    order = key_order(keys)
+    order = row_order(keys)
     keys, where = keys.take(order), where.take(rows[order])
     num_rows = keys.num_rows
     if num_rows == 0:
@@ -199,8 +246,9 @@ CLUSTER = register_stage(
         version=1,
         config_type=ClusterConfig,
         fn=run_cluster,
-        inputs=("embeddings",),
+        inputs={"embeddings": EMBEDDINGS},
         outputs={"centroids": CENTROIDS, "assignments": ASSIGNMENTS},
         description="spherical k-means on a seeded sample, every row assigned to its nearest centroid",
+        shown_stats={"clusters": "clusters", "rows": "images", "empty_clusters": "empty clusters"},
     )
 )

@@ -15,21 +15,50 @@ import functools
 import time
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
-from curation.embedders import build_embedder, stage_weights_fingerprint
+from curation.embedders import EmbedderConfig, build_embedder, stage_weights_fingerprint
 from curation.vectors import embedding_array
-from pipelines.config import EmbedConfig
 from pipelines.images import load_row_rgb
-from pipelines.manifest import EMBEDDINGS
+from pipelines.manifest import EMBEDDING, IMAGES, ManifestSchema
 from pipelines.shards import row_shards
 from pipelines.stage import Manifest, ShardResult, StageContext, StageSpec, register_stage
+from pipelines.validation import require
 
-KEY_COLUMNS = ("image_id", "source", "role", "uri")
+# The images columns each embedding row carries: its key, and what retrieval selects rows by.
+COPIED_COLUMNS = ("image_id", "source", "role", "uri")
 STATS_KEY = "embed"
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+EMBEDDINGS = ManifestSchema(
+    name="embeddings",
+    version=1,
+    fields=(
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("role", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("embedding", EMBEDDING, nullable=False),  # L2-normalised
+    ),
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EmbedConfig:
+    """Retrieval embeddings for every image (the paper: an SSL ViT-H/16; the demo: EfficientNet-Lite0)."""
+
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    precision: Precision = "fp32"
+    """bf16/fp16 autocast on CUDA; CPU runs fp32."""
+    rows_per_shard: int = 256
+
+    def __post_init__(self) -> None:
+        require(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
 
 
 def _autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
@@ -44,7 +73,7 @@ def _autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
 
 def embeddings_table(rows: pa.Table, vectors: np.ndarray) -> pa.Table:
     """An EMBEDDINGS table: `rows`' keys beside `vectors` stored as fixed_size_list<float16>."""
-    columns = {name: rows.column(name) for name in KEY_COLUMNS}
+    columns = {name: rows.column(name) for name in COPIED_COLUMNS}
     return EMBEDDINGS.validate(pa.table({**columns, "embedding": embedding_array(vectors)}))
 
 
@@ -59,7 +88,7 @@ def embed_shard(precision: str, embedder: Any, rows: pa.Table) -> ShardResult:
 
 
 def run_embed(cfg: EmbedConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
-    images = inputs["images"].read()
+    images = inputs["images"].read(IMAGES)
     started = time.perf_counter()
     shard_stats = ctx.map_shards(
         functools.partial(embed_shard, cfg.precision),
@@ -87,9 +116,10 @@ EMBED = register_stage(
         version=1,
         config_type=EmbedConfig,
         fn=run_embed,
-        inputs=("images",),
+        inputs={"images": IMAGES},
         outputs={"embeddings": EMBEDDINGS},
         description="one L2-normalised float16 embedding per image, batched on per-worker models",
+        shown_stats={"rows": "images", "dim": "dimensions", "images_per_worker_second": "images / worker s"},
         fingerprint=stage_weights_fingerprint,  # the weights file content keys it
     )
 )

@@ -12,12 +12,15 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
-from pipelines.config import IngestConfig, SourceConfig
 from pipelines.images import (
+    DEFAULT_BYTES_COLUMN,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
+    IMAGE_EXTENSIONS,
     DecodeLimits,
     ProbedImage,
     RawItem,
@@ -28,13 +31,62 @@ from pipelines.images import (
     list_folder_images,
     probe_image,
 )
-from pipelines.manifest import IMAGES, REJECTED
+from pipelines.manifest import IMAGES, REJECTED, Role
 from pipelines.stage import Manifest, Shard, ShardResult, StageContext, StageSpec, register_stage
 from pipelines.store import sha256_text
+from pipelines.validation import require
 
 SHARD_ID_LENGTH = 16
 TAR_SUFFIX = ".tar"
 PARQUET_SUFFIX = ".parquet"
+
+SourceKind = Literal["folder", "tar", "parquet"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SourceConfig:
+    """One image source. `path` is a folder, a tar file or folder of tars, or a Parquet file or folder."""
+
+    name: str
+    role: Role
+    kind: SourceKind
+    path: str
+    bytes_column: str = DEFAULT_BYTES_COLUMN
+    """Parquet sources only: the binary column holding encoded image bytes."""
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    """Folder and tar sources: file name endings that count as images (case-insensitive)."""
+
+    def __post_init__(self) -> None:
+        require(
+            bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
+            f"must be letters, digits, '_' or '-', got {self.name!r}",
+        )
+        require(bool(self.path), "path must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IngestConfig:
+    sources: tuple[SourceConfig, ...] = ()
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Decompression-bomb guard: images with more pixels are rejected before decoding."""
+    min_side: int = DEFAULT_MIN_SIDE
+    """Images whose shorter side is smaller are rejected as too small."""
+    files_per_shard: int = 512
+    """Folder sources: files per unit of parallel work and resume."""
+    row_groups_per_shard: int = 4
+    """Parquet sources: row groups per unit of parallel work and resume."""
+
+    def __post_init__(self) -> None:
+        require(self.max_pixels > 0, f"max_pixels must be > 0, got {self.max_pixels}")
+        require(self.min_side >= 1, f"min_side must be >= 1, got {self.min_side}")
+        require(self.files_per_shard >= 1, f"files_per_shard must be >= 1, got {self.files_per_shard}")
+        require(
+            self.row_groups_per_shard >= 1,
+            f"row_groups_per_shard must be >= 1, got {self.row_groups_per_shard}",
+        )
+        names = [source.name for source in self.sources]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        require(not duplicates, f"source names must be unique, repeated: {duplicates}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,9 +248,15 @@ INGEST = register_stage(
         version=1,
         config_type=IngestConfig,
         fn=run_ingest,
-        inputs=(),
+        inputs={},
         outputs={"images": IMAGES, "rejected": REJECTED},
         description="decode-check every image of every source",
+        shown_stats={
+            "rows_in": "files in",
+            "images": "images",
+            "rejected": "rejected",
+            "files_ignored_by_extension": "files ignored by extension",
+        },
         fingerprint=fingerprint_sources,
     )
 )

@@ -11,20 +11,28 @@ buys. The pool comes after dedup and decontamination, like the curated set, so o
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.config import AblateDataConfig
-from pipelines.manifest import CURATED, IMAGES, ROW_KEY_COLUMNS
+from pipelines.manifest import CURATED, IMAGES, sort_rows
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
 
 POOL_ROLE = "uncurated"
 RANDOM_MODE = "random"
 # CURATED requires a seed source; a random row answers to no seed set, so it names the mode instead.
 RANDOM_SEED_SOURCE = RANDOM_MODE
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RandomPoolConfig:
+    """The uncurated baseline of the data ablation (the job's `ablate_data` section)."""
+
+    seed: int = 0
+    """Seeds the random pool sample; the pretraining and evaluation seeds are those of their sections."""
 
 
 class PoolTooSmallError(ValueError):
@@ -37,8 +45,7 @@ def uncurated_pool(images: pa.Table) -> pa.Table:
     Why sorted: a sample drawn from them then depends on the pool's content only, not on how upstream
     shards happened to order it.
     """
-    pool = images.filter(pc.equal(images.column("role"), POOL_ROLE))
-    return pool.sort_by([(column, "ascending") for column in ROW_KEY_COLUMNS])
+    return sort_rows(images.filter(pc.equal(images.column("role"), POOL_ROLE)))
 
 
 def random_pool_rows(images: pa.Table, count: int, seed: int) -> pa.Table:
@@ -68,7 +75,7 @@ def random_pool_rows(images: pa.Table, count: int, seed: int) -> pa.Table:
 
 
 def run_random_pool(
-    cfg: AblateDataConfig, inputs: Mapping[str, Manifest], ctx: StageContext
+    cfg: RandomPoolConfig, inputs: Mapping[str, Manifest], ctx: StageContext
 ) -> dict[str, Any]:
     images = inputs["images"].read(IMAGES)
     count = inputs["curated"].num_rows
@@ -84,10 +91,11 @@ RANDOM_POOL = register_stage(
     StageSpec(
         name="random_pool",
         version=1,
-        config_type=AblateDataConfig,
+        config_type=RandomPoolConfig,
         fn=run_random_pool,
-        inputs=("images", "curated"),
+        inputs={"images": IMAGES, "curated": CURATED},
         outputs={"curated": CURATED},
         description="a seeded uniform sample of the uncurated pool, as many rows as the curated set",
+        shown_stats={"pool_rows": "pool images", "rows": "sampled rows"},
     )
 )

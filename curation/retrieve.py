@@ -5,8 +5,8 @@ queries = embeddings rows whose `source` is a configured seed source, sorted by 
 sample mode:  queries --key-sorted shards of rows_per_shard--> ctx.map_shards(search_shard): the N pool
               images nearest to each query (cosine; exact Faiss, or IVF from ivf_min_rows), one
               `neighbours` part per shard (resumable; every worker holds the pool index once, or with
-              search_shards > 1 the index is split over the executor's workers and the query shards
-              run from here, each searching all of them: see curation.sharded_knn)
+              search.shards > 1 the index is split over the executor's workers and the query shards
+              run from here, each searching all of them: see curation.search.sharded)
               --per source: the shards' parts read back--> collision policy --> `retrieved`
 cluster mode: queries go to their nearest centroid; every cluster holding more than T queries gives up
               to M of its pool images (a seeded random sample, as the paper's "sample M images"),
@@ -25,41 +25,103 @@ import dataclasses
 import functools
 import hashlib
 import time
-import zlib
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.cluster import uri_tile
-from curation.dedup.knn import Searcher, choose_index, knn_search
+from curation.cluster import ASSIGNMENTS, CENTROIDS, uri_tile
+from curation.embed import EMBEDDINGS
+from curation.hits import (
+    RETRIEVED,
+    cluster_hits,
+    hits_table,
+    keep_once,
+    nearest_centroids,
+    neighbour_hits,
+    sample_hits,
+)
 from curation.pictures import Tile, contact_sheet
-from curation.sharded_knn import SINGLE_INDEX, database_index
+from curation.search import SearchConfig, database_index
+from curation.search.knn import Searcher
+from curation.search.sharded import SINGLE_INDEX
 from curation.vectors import RowVectors, embedding_matrix, vector_shards
-from pipelines.config import RetrievalSourceConfig, RetrieveConfig
 from pipelines.executor import SerialExecutor
-from pipelines.manifest import ASSIGNMENTS, CENTROIDS, COMPOSITION, EMBEDDINGS, RETRIEVED, align_rows
+from pipelines.manifest import ROW_KEY_COLUMNS, ManifestSchema, sort_rows
 from pipelines.stage import Manifest, Shard, ShardResult, StageContext, StageSpec, register_stage
+from pipelines.validation import require
 
 POOL_ROLE = "uncurated"
-KEY_COLUMNS = ("image_id", "uri")
 # Query shards are keyed by seed source too, so each shard (and its id) holds one source's queries.
-QUERY_KEY_COLUMNS = ("source", *KEY_COLUMNS)
-QUERY_COLUMNS = {"query_image_id": "image_id", "query_uri": "uri"}
+QUERY_KEY_COLUMNS = ("source", *ROW_KEY_COLUMNS)
 SAMPLE_MODE = "sample"
 SHEET_NAME = "retrieval_examples.png"
 SHEET_QUERIES = 6
 SHEET_NEIGHBOURS = 8
 PART_ID_LENGTH = 16
 
+RetrievalMode = Literal["sample", "cluster"]
+CollisionPolicy = Literal["keep_once", "multiplicity"]
+# Paper values: N = 4 nearest per query image (32 for ImageNet-1k); clusters with more than 3 query hits
+# give 10,000 images each, at most 1M per seed set.
+PAPER_NEIGHBOURS_PER_QUERY = 4
+PAPER_MIN_QUERY_HITS = 3
+PAPER_IMAGES_PER_CLUSTER = 10_000
+PAPER_MAX_IMAGES_PER_SOURCE = 1_000_000
 
-def _sorted(table: pa.Table) -> pa.Table:
-    return table.sort_by([(name, "ascending") for name in KEY_COLUMNS])
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RetrievalSourceConfig:
+    source: str
+    """Name of a curated ingest source whose images are the queries."""
+    mode: RetrievalMode = "sample"
+    num_neighbours: int = PAPER_NEIGHBOURS_PER_QUERY
+    """sample mode: pool images retrieved per query image."""
+    min_query_hits: int = PAPER_MIN_QUERY_HITS
+    """cluster mode: a cluster qualifies with more than this many query images."""
+    images_per_cluster: int = PAPER_IMAGES_PER_CLUSTER
+    max_images: int = PAPER_MAX_IMAGES_PER_SOURCE
+
+    def __post_init__(self) -> None:
+        require(self.num_neighbours >= 1, f"num_neighbours must be >= 1, got {self.num_neighbours}")
+        require(self.min_query_hits >= 0, f"min_query_hits must be >= 0, got {self.min_query_hits}")
+        require(self.images_per_cluster >= 1, "images_per_cluster must be >= 1")
+        require(self.max_images >= 1, f"max_images must be >= 1, got {self.max_images}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RetrieveConfig:
+    sources: tuple[RetrievalSourceConfig, ...] = ()
+    collisions: CollisionPolicy = "multiplicity"
+    """A pool image retrieved by several queries: once, or once per retrieval (the paper's counts)."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """The pool's index: one per run, searched by every sample-mode source."""
+    seed: int = 0
+    rows_per_shard: int = 65_536
+    """Sample mode: queries per search shard, the unit of fan-out and resume."""
+
+    def __post_init__(self) -> None:
+        names = [source.source for source in self.sources]
+        require(len(names) == len(set(names)), f"retrieval sources must be unique, got {names}")
+        require(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+
+
+# One row per seed source and mode, as the paper's Table 15: retrieve's `summary` and assemble's table.
+COMPOSITION = ManifestSchema(
+    name="composition",
+    version=1,
+    fields=(
+        pa.field("seed_source", pa.string(), nullable=False),
+        pa.field("mode", pa.string(), nullable=False),  # as_is | sample | cluster
+        pa.field("seed_images", pa.int64(), nullable=False),  # the paper's "Images" column
+        pa.field("retrieved", pa.int64()),  # before the per-source cap; null for as_is
+        pa.field("final", pa.int64(), nullable=False),  # rows in the curated manifest
+    ),
+)
 
 
 def load_pool(embeddings: pa.Table, assignments: pa.Table) -> tuple[pa.Table, np.ndarray]:
@@ -67,108 +129,13 @@ def load_pool(embeddings: pa.Table, assignments: pa.Table) -> tuple[pa.Table, np
 
     Only rows the cluster stage assigned count: the pool is exactly what was clustered.
     """
-    pool = _sorted(embeddings.filter(pc.equal(embeddings.column("role"), POOL_ROLE)))
-    wanted = pool.select(list(KEY_COLUMNS)).append_column("_row", pa.array(np.arange(pool.num_rows)))
-    joined = wanted.join(assignments, list(KEY_COLUMNS), join_type="inner").sort_by("_row")
+    pool = sort_rows(embeddings.filter(pc.equal(embeddings.column("role"), POOL_ROLE)))
+    wanted = pool.select(list(ROW_KEY_COLUMNS)).append_column("_row", pa.array(np.arange(pool.num_rows)))
+    joined = wanted.join(assignments, list(ROW_KEY_COLUMNS), join_type="inner").sort_by("_row")
     pool = pool.take(np.asarray(joined.column("_row"), dtype=np.int64))
     vectors = embedding_matrix(pool)
     pool = pool.drop_columns(["embedding"]).append_column("cluster", joined.column("cluster"))
     return pool.append_column("centroid_similarity", joined.column("similarity")), vectors
-
-
-@dataclass(frozen=True, slots=True)
-class Hits:
-    """Retrievals as row indices: pool row, query row (-1: none), similarity, rank."""
-
-    pool: np.ndarray
-    query: np.ndarray
-    similarity: np.ndarray
-    rank: np.ndarray
-
-    def take(self, rows: np.ndarray) -> Hits:
-        return Hits(self.pool[rows], self.query[rows], self.similarity[rows], self.rank[rows])
-
-
-def sample_hits(queries: np.ndarray, searcher: Searcher, num_neighbours: int) -> Hits:
-    """The `num_neighbours` nearest pool rows of every query, query by query, nearest first."""
-    similarity, neighbours = knn_search(searcher, queries, num_neighbours)
-    query, rank = np.nonzero(neighbours >= 0)  # IVF leaves -1 where a probe found too few rows
-    return Hits(
-        neighbours[query, rank], query.astype(np.int64), similarity[query, rank], rank.astype(np.int64)
-    )
-
-
-def keep_once(hits: Hits) -> Hits:
-    """One hit per pool row: the most similar (then lowest rank, then first query)."""
-    order = np.lexsort((hits.query, hits.rank, -hits.similarity, hits.pool))
-    ordered = hits.take(order)
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = ordered.pool[1:] != ordered.pool[:-1]
-    return ordered.take(np.flatnonzero(first))
-
-
-def nearest_centroids(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    return index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)[1][:, 0]
-
-
-def cluster_hits(
-    query_clusters: np.ndarray,
-    pool: pa.Table,
-    source: RetrievalSourceConfig,
-    seed: int,
-) -> tuple[Hits, int, int]:
-    """Pool rows of every cluster with more than `min_query_hits` queries, capped per cluster and source.
-
-    Returns the hits, the clusters used, and the count before the per-source cap.
-    """
-    clusters = np.asarray(pool.column("cluster"), dtype=np.int64)
-    centroid_similarity = np.asarray(pool.column("centroid_similarity"), dtype=np.float32)
-    num_clusters = int(max(clusters.max(initial=-1), query_clusters.max(initial=-1))) + 1
-    hits_per_cluster = np.bincount(query_clusters, minlength=num_clusters)
-    used = np.flatnonzero(hits_per_cluster > source.min_query_hits)
-    # Per-source stream: adding or removing a source leaves the others' samples unchanged.
-    rng = np.random.default_rng([seed, zlib.crc32(source.source.encode())])
-    order = np.argsort(clusters, kind="stable")
-    bounds = np.searchsorted(clusters[order], np.stack([used, used + 1]))
-    picked, ranks = [], []
-    for start, stop in bounds.T:
-        members = order[start:stop]
-        if len(members) > source.images_per_cluster:
-            members = rng.choice(members, source.images_per_cluster, replace=False)
-        members = members[np.argsort(-centroid_similarity[members], kind="stable")]
-        picked.append(members)
-        ranks.append(np.arange(len(members)))
-    rows = np.concatenate(picked) if picked else np.zeros(0, np.int64)
-    rank = np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
-    before_cap = len(rows)
-    if before_cap > source.max_images:
-        keep = np.sort(rng.choice(before_cap, source.max_images, replace=False))
-        rows, rank = rows[keep], rank[keep]
-    hits = Hits(rows, np.full(len(rows), -1, np.int64), centroid_similarity[rows], rank)
-    return hits, len(used), before_cap
-
-
-def hits_table(hits: Hits, pool: pa.Table, queries: pa.Table, seed_source: str, mode: str) -> pa.Table:
-    has_query = hits.query >= 0
-    query_rows = pa.array(np.where(has_query, hits.query, 0), mask=~has_query)
-    return RETRIEVED.validate(
-        pa.table(
-            {
-                "image_id": pool.column("image_id").take(hits.pool),
-                "uri": pool.column("uri").take(hits.pool),
-                "source": pool.column("source").take(hits.pool),
-                "seed_source": pa.array([seed_source] * len(hits.pool), pa.string()),
-                "mode": pa.array([mode] * len(hits.pool), pa.string()),
-                "query_image_id": queries.column("image_id").take(query_rows),
-                "query_uri": queries.column("uri").take(query_rows),
-                "similarity": pa.array(hits.similarity.astype(np.float32)),
-                "rank": pa.array(hits.rank.astype(np.int32)),
-                "cluster": pool.column("cluster").take(hits.pool),
-            }
-        )
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,24 +174,9 @@ def query_shards(source: RetrievalSourceConfig, queries: pa.Table, rows_per_shar
     ]
 
 
-def neighbour_hits(neighbours: pa.Table, pool: pa.Table, queries: pa.Table) -> Hits:
-    """One source's `neighbours` rows as row indices of `pool` and `queries`: query by query, nearest first.
-
-    The order is the one a single search over all the queries gives, whichever order the parts come in.
-    """
-    query_keys = neighbours.select(list(QUERY_COLUMNS)).rename_columns(list(QUERY_COLUMNS.values()))
-    hits = Hits(
-        align_rows(neighbours, pool),
-        align_rows(query_keys, queries),
-        np.asarray(neighbours.column("similarity"), dtype=np.float32),
-        np.asarray(neighbours.column("rank"), dtype=np.int64),
-    )
-    return hits.take(np.lexsort((hits.rank, hits.query)))
-
-
 def source_queries(embeddings: pa.Table, source: str) -> pa.Table:
     """The rows of seed source `source`, sorted by key."""
-    queries = _sorted(embeddings.filter(pc.equal(embeddings.column("source"), source)))
+    queries = sort_rows(embeddings.filter(pc.equal(embeddings.column("source"), source)))
     if pc.any(pc.equal(queries.column("role"), POOL_ROLE)).as_py():
         # Why: its images are also in the pool, so each query would retrieve itself.
         raise ValueError(f"retrieval source {source!r} is an uncurated (pool) source")
@@ -290,7 +242,7 @@ def search_queries(
     """Writes every query shard's `neighbours` part; returns the shards' summed stats."""
     # Why: a sharded index already spreads each search over the executor's workers, and query shards
     # fanned out to workers of their own could wait forever for the CPUs the index shards hold.
-    runner = ctx if cfg.search_shards == SINGLE_INDEX else dataclasses.replace(ctx, executor=SerialExecutor())
+    runner = ctx if cfg.search.shards == SINGLE_INDEX else dataclasses.replace(ctx, executor=SerialExecutor())
     return runner.map_shards(
         search_shard, shards, outputs=["neighbours"], state=functools.partial(PoolSearch, searcher, pool)
     )
@@ -308,12 +260,7 @@ def run_retrieve(cfg: RetrieveConfig, inputs: Mapping[str, Manifest], ctx: Stage
         for shard in query_shards(source, queries[source.source], cfg.rows_per_shard)
     ]
     # One index over the pool for every sample-mode source: an IVF build costs more than its searches.
-    kind = choose_index(len(pool_vectors), cfg.index, cfg.ivf_min_rows)
-    index = (
-        database_index(pool_vectors, cfg.search_shards, kind, ctx.executor, cfg.ivf_nprobe)
-        if shards
-        else nullcontext(None)
-    )
+    index = database_index(pool_vectors, cfg.search, ctx.executor) if shards else nullcontext(None)
     del pool_vectors  # the index holds its own copy
     with index as searcher:
         search_stats = search_queries(ctx, cfg, shards, searcher, pool)
@@ -358,8 +305,9 @@ RETRIEVE = register_stage(
         version=2,
         config_type=RetrieveConfig,
         fn=run_retrieve,
-        inputs=("embeddings", "assignments", "centroids"),
+        inputs={"embeddings": EMBEDDINGS, "assignments": ASSIGNMENTS, "centroids": CENTROIDS},
         outputs={"neighbours": RETRIEVED, "retrieved": RETRIEVED, "summary": COMPOSITION},
         description="pool images near each seed set: N nearest per query, or samples of its clusters",
+        shown_stats={"pool_rows": "pool images", "rows": "retrieved rows"},
     )
 )

@@ -158,7 +158,7 @@ def stored_vectors(where: PartRows, column: str) -> StoredVectors:
 def located_shards(
     keys: pa.Table, where: PartRows, rows_per_shard: int, loaded: np.ndarray | None = None
 ) -> list[Shard]:
-    """`row_shards` of `keys` (already in `key_order`; the same shard ids) with LocatedRows payloads.
+    """`row_shards` of `keys` (already in `row_order`; the same shard ids) with LocatedRows payloads.
 
     With `loaded` (unit rows of every key, in the same order) the payloads view it instead of reading.
     """

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from pipelines.manifest import PART_SUFFIX, ManifestError, ManifestSchema, embedding_type, resolve_manifest
@@ -86,15 +85,10 @@ def embedding_array(vectors: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(values, dim).cast(embedding_type(dim))
 
 
-def key_order(keys: pa.Table) -> np.ndarray:
-    """Row positions that sort `keys` ascending by all its columns (stable, like `row_shards`)."""
-    return np.asarray(pc.sort_indices(keys, sort_keys=[(name, "ascending") for name in keys.column_names]))
-
-
 def vector_shards(keys: pa.Table, vectors: np.ndarray, rows_per_shard: int) -> list[Shard]:
     """`row_shards` of sorted `keys` (the same shard ids), with RowVectors payloads viewing `vectors`.
 
-    Row i of `vectors` belongs to row i of `keys`, which must already be in `key_order`.
+    Row i of `vectors` belongs to row i of `keys`, which must already be in `row_order` of all its columns.
     """
     shards = []
     start = 0

@@ -8,12 +8,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from distillation.config import DistillConfig
 from distillation.stage import distill
-from pipelines.config import build_config
+from pipelines.config import build_config, load_file
 from pipelines.manifest import read_manifest
+
+SECTION = "distill"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", required=True, help="the curated manifest to train on")
     parser.add_argument("--out", required=True, help="run folder: checkpoints and metrics")
     args = parser.parse_args(argv)
-    cfg = build_config({"distill": json.loads(Path(args.config).read_text())}).distill
+    cfg = build_config(DistillConfig, load_file(args.config), SECTION)
     if not cfg.teacher_source:
         raise SystemExit("distill.teacher_source must name the teacher (a checkpoint folder or a .pth file)")
     distill(cfg, read_manifest(args.images), Path(args.out))

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distillation.config import DistillConfig
 from distillation.teacher import FrozenTeacher
-from pipelines.train_config import DistillConfig
 from training.checkpoint import backbone_options
 from training.losses import koleo_loss
 from training.ssl import LOGGED_HALVED, NUM_GLOBAL_CROPS, SSLMetaArch, build_backbone, build_heads, ema_update

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import pyarrow.compute as pc
 import torch
 
+from distillation.config import DistillConfig
 from distillation.meta_arch import DistillMetaArch, Objective
 from distillation.teacher import (
     FrozenTeacher,
@@ -25,21 +25,25 @@ from distillation.teacher import (
     load_hub_teacher,
     read_hub_backbone,
 )
-from pipelines.manifest import CURATED, EXPORTS, TRAIN_METRICS
+from pipelines.manifest import CURATED
 from pipelines.stage import ARTIFACTS_DIR, Manifest, StageContext, StageSpec, register_stage
-from pipelines.train_config import DistillConfig
 from training.checkpoint import backbone_options, export_backbone
-from training.exports import export_row, save_backbone
-from training.plots import loss_curve_png
+from training.exports import EXPORTS, export_row, save_backbone
 from training.ssl import build_backbone
-from training.stages import RUN_DIR, TEACHER_MODEL, launch_torchrun
-from training.trainer import CHECKPOINTS_DIR, read_metrics, train
+from training.stages import (
+    RUN_DIR,
+    TEACHER_MODEL,
+    TRAINING_SHOWN_STATS,
+    finish_training,
+    launch_torchrun,
+    nothing_to_train,
+)
+from training.trainer import CHECKPOINTS_DIR, TRAIN_METRICS, train
 
 STUDENT_MODEL = "student"
 RANDOM_INIT_MODEL = "student_random_init"
 STUDENT_FILE = "student.pth"
 RANDOM_INIT_FILE = "student_random_init.pth"
-LOSS_CURVE_FILE = "loss_curve.png"
 
 
 def teacher_source(cfg: DistillConfig, exports: list[dict[str, Any]]) -> tuple[Path, dict[str, Any] | None]:
@@ -104,7 +108,7 @@ def teacher_row(
 def run_distill(cfg: DistillConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
     images = inputs["curated"].read(CURATED)
     if images.num_rows == 0:
-        raise ValueError("distill: the curated manifest is empty; nothing to train on")
+        return nothing_to_train(ctx, ctx.spec.name)
     source, teacher_export = teacher_source(cfg, inputs["exports"].read(EXPORTS).to_pylist())
     resolved = dataclasses.replace(cfg, teacher_source=str(source))
     run_dir = ctx.local_dir(RUN_DIR)
@@ -115,24 +119,18 @@ def run_distill(cfg: DistillConfig, inputs: Mapping[str, Manifest], ctx: StageCo
         distill(resolved, images, run_dir, show_progress=ctx.show_progress)
     else:
         launch_torchrun("distillation.launch", resolved, processes, inputs["curated"].uri, run_dir)
-    metrics = TRAIN_METRICS.validate(read_metrics(run_dir))
-    ctx.write_output("metrics", metrics)
     student = export_backbone(run_dir / CHECKPOINTS_DIR, artifacts / STUDENT_FILE, module="student_ema")
     rows = [
         teacher_row(teacher_export, source, artifacts, cfg),
         export_row(STUDENT_MODEL, student, checkpoint=run_dir / CHECKPOINTS_DIR),
         export_row(RANDOM_INIT_MODEL, artifacts / RANDOM_INIT_FILE),
     ]
-    ctx.write_output("exports", EXPORTS.table_from_rows(rows))
-    ctx.write_artifact(LOSS_CURVE_FILE, loss_curve_png(metrics, f"distill {cfg.recipe.student.arch}"))
-    objective = metrics.column("objective")
+    stats = finish_training(ctx, run_dir, rows, f"distill {cfg.recipe.student.arch}")
     return {
-        "steps": metrics.num_rows,
+        **stats,
+        "images": images.num_rows,
         "objective": resolve_objective(cfg, source),
         "teacher": str(source),
-        "objective_first": objective[0].as_py(),
-        "objective_last": objective[-1].as_py(),
-        "seconds_per_step": round(pc.mean(metrics.column("seconds")).as_py(), 4),
         "parameters": {row["model"]: row["parameters"] for row in rows},
     }
 
@@ -143,8 +141,9 @@ DISTILL = register_stage(
         version=2,
         config_type=DistillConfig,
         fn=run_distill,
-        inputs=("curated", "exports"),
+        inputs={"curated": CURATED, "exports": EXPORTS},
         outputs={"metrics": TRAIN_METRICS, "exports": EXPORTS},
         description="a smaller student distilled from the frozen teacher; the student's EMA is exported",
+        shown_stats=TRAINING_SHOWN_STATS,
     )
 )

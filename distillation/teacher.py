@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipelines.train_config import DistillConfig, PretrainConfig
+from distillation.config import DistillConfig
+from pipelines.config import build_config, load_file
 from training.checkpoint import (
     BACKBONES_FILE,
     CONFIG_FILE,
@@ -26,10 +27,12 @@ from training.checkpoint import (
     read_model_tensors,
     resolve_checkpoint,
 )
-from training.models.vit import build_vit
+from training.config import PretrainConfig
+from training.models.vit import build_vit_from_options
 from training.ssl import build_heads
 
 TEACHER_PREFIX = "teacher."
+RUN_CONFIG_SECTION = "pretrain"  # what error messages call the checkpoint's recipe
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +47,8 @@ class FrozenTeacher:
 
 
 def read_run_config(root: Path) -> PretrainConfig:
-    from pipelines.config import build_config  # the loader validates like any user config
-
-    return build_config({"pretrain": json.loads((root / CONFIG_FILE).read_text())}).pretrain
+    """The recipe a checkpoint was trained with, validated like any user config."""
+    return build_config(PretrainConfig, load_file(root / CONFIG_FILE), RUN_CONFIG_SECTION)
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -58,8 +60,7 @@ def load_checkpoint_teacher(path: Path) -> FrozenTeacher:
     step = resolve_checkpoint(path)
     options = json.loads((step.parent / BACKBONES_FILE).read_text())["teacher"]
     run_cfg = read_run_config(step.parent)
-    build = dict(options)
-    backbone = build_vit(build.pop("arch"), **build)
+    backbone = build_vit_from_options(options)
     modules = nn.ModuleDict({"backbone": backbone, **build_heads(run_cfg, backbone.embed_dim)})
     tensors = read_model_tensors(step, TEACHER_PREFIX)
     modules.load_state_dict(
@@ -81,8 +82,7 @@ def read_hub_backbone(path: Path, cfg: DistillConfig) -> tuple[dict[str, torch.T
 def load_hub_teacher(path: Path, cfg: DistillConfig, with_heads: bool) -> FrozenTeacher:
     """An official-format backbone file; fresh (seeded, frozen) heads from `cfg.recipe` if `with_heads`."""
     state, options = read_hub_backbone(path, cfg)
-    build = dict(options)
-    backbone = build_vit(build.pop("arch"), **build)
+    backbone = build_vit_from_options(options)
     try:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as err:

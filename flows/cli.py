@@ -11,18 +11,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
-from flows.dag import (
-    ABLATE_DATA_UPSTREAM,
-    UnknownStageError,
-    UpstreamMissingError,
-    nodes_until,
-    run_single_stage,
-)
-from flows.summary import accuracy_table, print_runs
-from pipelines.config import ConfigError, PipelineConfig, resolve_config
+from flows.curate_and_train import ABLATE_DATA, CURATE_AND_TRAIN
+from flows.dag import DagError, UnknownStageError, UpstreamMissingError, run_single_stage
+from flows.summary import print_runs
+from pipelines.config import ConfigError
 from pipelines.manifest import ManifestError
 from pipelines.stage import StageRun
 
@@ -30,7 +26,6 @@ USER_ERROR_EXIT = 2
 DEFAULT_HEAD_ROWS = 10
 DEFAULT_DEMO_DATA_DIR = "build/demo-data"
 DEFAULT_REPORT_PATH = "build/report.html"
-ABLATE_DATA_STAGE = "ablate_data"
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -107,7 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     try:
         return _dispatch(args, console)
-    except (ConfigError, ManifestError, FileNotFoundError, UpstreamMissingError, UnknownStageError) as err:
+    except (
+        ConfigError,
+        DagError,
+        ManifestError,
+        FileNotFoundError,
+        UpstreamMissingError,
+        UnknownStageError,
+    ) as err:
         print(f"lvd: error: {err}", file=sys.stderr)
         return USER_ERROR_EXIT
 
@@ -121,25 +123,20 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         out = build_demo_data(Path(args.out), DemoDataConfig())
         console.print(f"demo data in {out}")
         return 0
-    # Why: validate the whole config before importing Prefect or touching any data.
-    cfg = resolve_config(args.preset, args.config_file, args.overrides)
-    if args.command == "run":
-        nodes_until(args.until)  # an unknown stage name fails here, before Prefect starts
+    # Why: resolve and validate the whole config once, before importing Prefect or touching any data; the
+    # flow takes the resolved config as it is.
+    cfg = CURATE_AND_TRAIN.resolve_config(args.preset, args.config_file, args.overrides)
+    if args.command in ("run", "ablate-data"):
+        ablate = args.command == "ablate-data" or args.ablate_data
+        until = CURATE_AND_TRAIN.branch_upstream(ABLATE_DATA) if args.command == "ablate-data" else args.until
+        CURATE_AND_TRAIN.nodes_until(until)  # an unknown stage name fails here, before Prefect starts
         from flows.prefect_flows import curate_and_train
 
-        runs = curate_and_train(args.preset, args.config_file, args.overrides, args.until, args.ablate_data)
-        _print_with_ablation(runs, cfg, console)
-        return 0
-    if args.command == "ablate-data":
-        from flows.prefect_flows import curate_and_train
-
-        runs = curate_and_train(
-            args.preset, args.config_file, args.overrides, ABLATE_DATA_UPSTREAM, ablate_data=True
-        )
-        _print_with_ablation(runs, cfg, console)
+        runs = curate_and_train(until=until, ablate_data=ablate, config=cfg)
+        _print_summary(runs, cfg, console)
         return 0
     if args.command == "stage":
-        print_runs({args.name: run_single_stage(args.name, cfg)}, console)
+        print_runs({args.name: run_single_stage(CURATE_AND_TRAIN, args.name, cfg)}, console)
         return 0
     if args.command == "report":
         from flows.report import build_report
@@ -154,14 +151,11 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     raise AssertionError(f"unhandled command {args.command}")
 
 
-def _print_with_ablation(runs: dict[str, StageRun], cfg: PipelineConfig, console: Console) -> None:
-    """The run summary, the ablation's table when it ran, and where the flow wrote the report."""
+def _print_summary(runs: dict[str, StageRun], cfg: Any, console: Console) -> None:
+    """The run summary (with every stage's tables) and where the flow wrote the report."""
     from flows.report import store_report_path
 
     print_runs(runs, console)
-    if ABLATE_DATA_STAGE in runs:
-        console.print("pretraining data ablation: curated vs uncurated random", highlight=False)
-        console.print(accuracy_table(runs[ABLATE_DATA_STAGE].outputs["results"].read()))
     report = store_report_path(cfg)
     if report is not None:
         console.print(f"report: {report}", soft_wrap=True, highlight=False)
@@ -171,7 +165,7 @@ def _manifest(args: argparse.Namespace, console: Console) -> int:
     from flows import inspect
     from pipelines.store import Store
 
-    store_root = args.store or resolve_config("demo").store
+    store_root = args.store or CURATE_AND_TRAIN.resolve_config("demo").store
     target = inspect.resolve_target(args.target, Store(store_root))
     if args.action == "show":
         inspect.show(target, console)

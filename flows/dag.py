@@ -1,94 +1,33 @@
-"""The curate-and-train DAG as plain data, and a plain-Python runner for it (no Prefect here).
+"""A DAG of registered stages as plain data, checked when built, and a plain-Python runner (no Prefect).
 
-    ingest -> exact_dedup -> phash_dedup -> copy_dedup -> decontaminate -> embed -> cluster
-      -> retrieve -> assemble -> pretrain -> distill -> evaluate
+    node("decontaminate", "copy_dedup.images", "copy_dedup.descriptors")
+        the stage's inputs, in the order its spec declares them, fed by these upstream outputs; its config
+        is the job config's section of the stage's name (or `section=`)
+    Dag(name, nodes, branches={"ablate_data": (node(...), ...)}, config_name=..., module=...)
+        checks: every stage registered, every source an output of an earlier node with the schema the
+        input declares, one config type per section; makes the job's root config type from the sections
 
-and, only when asked, the data ablation (the paper's Table 2 in miniature):
-
-    decontaminate + assemble -> random_pool -> pretrain_random -> ablate_data <- pretrain
-
-Each node names its stage, the section of PipelineConfig that configures it, and which upstream
-outputs feed which of its inputs. The Prefect flows walk the same nodes, one task per node.
+Input names come from `StageSpec.inputs` only: a node lists where they come from, never what they are
+called. A branch runs only when asked for, after the main nodes it reads from.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import curation  # noqa: F401  (registers the curation stages, random_pool included)
-import distillation  # noqa: F401  (registers the distill stage)
-import training  # noqa: F401  (registers pretrain, evaluate and the ablation stages)
-from pipelines.config import PipelineConfig
+from pipelines.config import build_config, job_config_type, resolve_config
 from pipelines.executor import Executor, build_executor
-from pipelines.stage import Manifest, StageRun, get_stage, load_committed, run_stage, stage_key
+from pipelines.stage import Manifest, StageRun, StageSpec, get_stage, load_committed, run_stage, stage_key
 from pipelines.store import Store
 
-
-@dataclass(frozen=True, slots=True)
-class DagNode:
-    stage: str
-    config: Callable[[PipelineConfig], Any]
-    inputs: Mapping[str, tuple[str, str]]  # input name -> (upstream stage, upstream output)
+SOURCE_SEPARATOR = "."
 
 
-CURATE_AND_TRAIN: tuple[DagNode, ...] = (
-    DagNode("ingest", lambda cfg: cfg.ingest, {}),
-    DagNode("exact_dedup", lambda cfg: cfg.exact_dedup, {"images": ("ingest", "images")}),
-    DagNode("phash_dedup", lambda cfg: cfg.phash_dedup, {"images": ("exact_dedup", "images")}),
-    DagNode("copy_dedup", lambda cfg: cfg.copy_dedup, {"images": ("phash_dedup", "images")}),
-    DagNode(
-        "decontaminate",
-        lambda cfg: cfg.decontaminate,
-        {"images": ("copy_dedup", "images"), "descriptors": ("copy_dedup", "descriptors")},
-    ),
-    DagNode("embed", lambda cfg: cfg.embed, {"images": ("decontaminate", "images")}),
-    DagNode("cluster", lambda cfg: cfg.cluster, {"embeddings": ("embed", "embeddings")}),
-    DagNode(
-        "retrieve",
-        lambda cfg: cfg.retrieve,
-        {
-            "embeddings": ("embed", "embeddings"),
-            "assignments": ("cluster", "assignments"),
-            "centroids": ("cluster", "centroids"),
-        },
-    ),
-    DagNode(
-        "assemble",
-        lambda cfg: cfg.assemble,
-        {
-            "images": ("decontaminate", "images"),
-            "retrieved": ("retrieve", "retrieved"),
-            "retrieval_summary": ("retrieve", "summary"),
-        },
-    ),
-    DagNode("pretrain", lambda cfg: cfg.pretrain, {"curated": ("assemble", "curated")}),
-    DagNode(
-        "distill",
-        lambda cfg: cfg.distill,
-        {"curated": ("assemble", "curated"), "exports": ("pretrain", "exports")},
-    ),
-    DagNode("evaluate", lambda cfg: cfg.evaluate, {"exports": ("distill", "exports")}),
-)
-NODES = {node.stage: node for node in CURATE_AND_TRAIN}
-
-# The data ablation reads curate-and-train's outputs up to this node.
-ABLATE_DATA_UPSTREAM = "pretrain"
-ABLATE_DATA: tuple[DagNode, ...] = (
-    DagNode(
-        "random_pool",
-        lambda cfg: cfg.ablate_data,
-        {"images": ("decontaminate", "images"), "curated": ("assemble", "curated")},
-    ),
-    # The same config section as `pretrain`: only the data differs.
-    DagNode("pretrain_random", lambda cfg: cfg.pretrain, {"curated": ("random_pool", "curated")}),
-    DagNode(
-        "ablate_data",
-        lambda cfg: cfg.evaluate,
-        {"curated_exports": ("pretrain", "exports"), "random_exports": ("pretrain_random", "exports")},
-    ),
-)
+class DagError(ValueError):
+    """A DAG whose nodes do not fit together (found when it is built, before anything runs)."""
 
 
 class UpstreamMissingError(RuntimeError):
@@ -99,88 +38,258 @@ class UnknownStageError(ValueError):
     """A stage name that is not a node of the DAG."""
 
 
-def _check_stage_name(stage: str) -> None:
-    if stage not in NODES:
-        raise UnknownStageError(f"unknown stage {stage!r}; stages: {', '.join(NODES)}")
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One upstream output: `stage.output`."""
+
+    stage: str
+    output: str
+
+    def __str__(self) -> str:
+        return f"{self.stage}{SOURCE_SEPARATOR}{self.output}"
 
 
-def stage_inputs(node: DagNode, runs: Mapping[str, StageRun]) -> dict[str, Manifest]:
-    return {name: runs[stage].outputs[output] for name, (stage, output) in node.inputs.items()}
+@dataclass(frozen=True, slots=True)
+class DagNode:
+    """A stage in a DAG: where each of its inputs comes from, and its config section."""
+
+    stage: str
+    sources: tuple[Source, ...]
+    section: str
+
+    @property
+    def spec(self) -> StageSpec:
+        return get_stage(self.stage)
+
+    def inputs(self) -> dict[str, Source]:
+        """Input name (the spec's) -> the upstream output that feeds it."""
+        return dict(zip(self.spec.inputs, self.sources, strict=True))
+
+
+def node(stage: str, *sources: str, section: str | None = None) -> DagNode:
+    """A node of `stage` whose inputs, in its spec's order, come from `sources` ("stage.output" each)."""
+    parsed = []
+    for text in sources:
+        upstream, separator, output = text.partition(SOURCE_SEPARATOR)
+        if not separator or not upstream or not output:
+            raise DagError(f"{stage}: source {text!r} must be 'stage{SOURCE_SEPARATOR}output'")
+        parsed.append(Source(upstream, output))
+    return DagNode(stage, tuple(parsed), section or stage)
+
+
+class Dag:
+    """Nodes in run order, optional branches, and the job config type their sections make.
+
+    Raises:
+        DagError: a stage is unknown or repeated, a node's sources do not match its inputs (count,
+            upstream node, output name, schema), or two nodes give one section different config types.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        nodes: Sequence[DagNode],
+        *,
+        branches: Mapping[str, Sequence[DagNode]] | None = None,
+        config_name: str,
+        module: str,
+    ) -> None:
+        self.name = name
+        self.nodes = tuple(nodes)
+        self.branches = {branch: tuple(members) for branch, members in (branches or {}).items()}
+        _check_nodes(self.nodes, set())
+        for members in self.branches.values():
+            _check_nodes(members, {item.stage for item in self.nodes})
+        _check_unique(self.all_nodes)
+        try:
+            self.config_type = job_config_type(config_name, _section_types(self.all_nodes), module)
+        except ValueError as err:
+            raise DagError(f"{name}: {err}") from None
+
+    @property
+    def all_nodes(self) -> tuple[DagNode, ...]:
+        return self.nodes + tuple(item for members in self.branches.values() for item in members)
+
+    def node(self, stage: str) -> DagNode:
+        for item in self.all_nodes:
+            if item.stage == stage:
+                return item
+        names = ", ".join(item.stage for item in self.all_nodes)
+        raise UnknownStageError(f"unknown stage {stage!r}; stages: {names}")
+
+    def config_of(self, item: DagNode, cfg: Any) -> Any:
+        """The section of the job config `cfg` that configures `item`'s stage."""
+        return getattr(cfg, item.section)
+
+    def build_config(self, data: Mapping[str, Any] | None = None) -> Any:
+        return build_config(self.config_type, data)
+
+    def resolve_config(
+        self, preset: str | None = "demo", config_file: str | Path | None = None, overrides: Any = ()
+    ) -> Any:
+        """The job config from a preset, a file and overrides (see `pipelines.config.resolve_config`)."""
+        return resolve_config(self.config_type, preset, config_file, overrides)
+
+    def nodes_until(self, until: str | None) -> tuple[DagNode, ...]:
+        """The main nodes up to and including `until` (all of them for None)."""
+        if until is None:
+            return self.nodes
+        stages = [item.stage for item in self.nodes]
+        if until not in stages:
+            raise UnknownStageError(f"unknown stage {until!r}; stages: {', '.join(stages)}")
+        return self.nodes[: stages.index(until) + 1]
+
+    def branch_upstream(self, branch: str) -> str:
+        """The last main node that `branch` reads from: the main nodes up to it must run first."""
+        if branch not in self.branches:
+            raise UnknownStageError(f"unknown branch {branch!r}; branches: {', '.join(self.branches)}")
+        stages = [item.stage for item in self.nodes]
+        sources = [source.stage for item in self.branches[branch] for source in item.sources]
+        return stages[max(stages.index(stage) for stage in sources if stage in stages)]
+
+    def nodes_to_run(self, until: str | None = None, branches: Iterable[str] = ()) -> tuple[DagNode, ...]:
+        """The main nodes up to `until`, then each asked-for branch's nodes, after every main node the
+        branch reads from."""
+        main = self.nodes_until(until)
+        extra: list[DagNode] = []
+        for branch in branches:
+            main = max(main, self.nodes_until(self.branch_upstream(branch)), key=len)
+            extra.extend(self.branches[branch])
+        return main + tuple(extra)
+
+    def upstream_nodes(self, stage: str) -> tuple[DagNode, ...]:
+        """Every node `stage` reads from, directly or not, in run order."""
+        needed = {stage}
+        for item in reversed(self.all_nodes):
+            if item.stage in needed:
+                needed.update(source.stage for source in item.sources)
+        needed.discard(stage)
+        return tuple(item for item in self.all_nodes if item.stage in needed)
+
+
+def _check_nodes(nodes: Sequence[DagNode], before: set[str]) -> None:
+    seen = set(before)
+    outputs = {}
+    for item in nodes:
+        try:
+            spec = item.spec
+        except KeyError as err:
+            raise DagError(str(err.args[0])) from None
+        if len(item.sources) != len(spec.inputs):
+            raise DagError(
+                f"{item.stage}: takes inputs {list(spec.inputs)} but is given {len(item.sources)} sources"
+            )
+        for (name, schema), source in zip(spec.inputs.items(), item.sources, strict=True):
+            if source.stage not in seen:
+                raise DagError(f"{item.stage}.{name}: source {source} is not an earlier node")
+            upstream = outputs.get(source.stage) or get_stage(source.stage).outputs
+            if source.output not in upstream:
+                raise DagError(f"{item.stage}.{name}: {source.stage} has no output {source.output!r}")
+            if upstream[source.output] != schema:
+                raise DagError(
+                    f"{item.stage}.{name} takes {schema.name} v{schema.version}, but {source} is "
+                    f"{upstream[source.output].name} v{upstream[source.output].version}"
+                )
+        seen.add(item.stage)
+        outputs[item.stage] = spec.outputs
+
+
+def _check_unique(nodes: Sequence[DagNode]) -> None:
+    stages = [item.stage for item in nodes]
+    repeated = sorted({stage for stage in stages if stages.count(stage) > 1})
+    if repeated:
+        raise DagError(f"stages appear more than once: {repeated}")
+
+
+def _section_types(nodes: Sequence[DagNode]) -> dict[str, type]:
+    sections: dict[str, type] = {}
+    for item in nodes:
+        config_type = item.spec.config_type
+        if sections.setdefault(item.section, config_type) is not config_type:
+            raise DagError(
+                f"section {item.section!r} configures {sections[item.section].__name__} and, for "
+                f"{item.stage}, {config_type.__name__}"
+            )
+    return sections
+
+
+# -- running -----------------------------------------------------------------------------------------
+
+
+def stage_inputs(item: DagNode, runs: Mapping[str, StageRun]) -> dict[str, Manifest]:
+    return {name: runs[source.stage].outputs[source.output] for name, source in item.inputs().items()}
 
 
 def run_node(
-    node: DagNode, cfg: PipelineConfig, runs: Mapping[str, StageRun], store: Store, executor: Executor
+    dag: Dag, item: DagNode, cfg: Any, runs: Mapping[str, StageRun], store: Store, executor: Executor
 ) -> StageRun:
     return run_stage(
-        get_stage(node.stage),
-        node.config(cfg),
-        stage_inputs(node, runs),
+        item.spec,
+        dag.config_of(item, cfg),
+        stage_inputs(item, runs),
         store=store,
         executor=executor,
         show_progress=cfg.runtime.show_progress,
     )
 
 
-def executor_for(cfg: PipelineConfig) -> Executor:
+def executor_for(cfg: Any) -> Executor:
     runtime = cfg.runtime
     return build_executor(runtime.executor, runtime.num_workers, runtime.ray_address, runtime.gpus_per_worker)
 
 
-def nodes_until(until: str | None) -> tuple[DagNode, ...]:
-    """The DAG's nodes up to and including `until` (all of them for None)."""
-    if until is None:
-        return CURATE_AND_TRAIN
-    _check_stage_name(until)
-    stages = [node.stage for node in CURATE_AND_TRAIN]
-    return CURATE_AND_TRAIN[: stages.index(until) + 1]
-
-
-def nodes_to_run(until: str | None = None, ablate_data: bool = False) -> tuple[DagNode, ...]:
-    """The DAG's nodes up to `until`; with `ablate_data`, then the ablation's nodes (after at least
-    ABLATE_DATA_UPSTREAM, which they read from)."""
-    nodes = nodes_until(until)
-    if not ablate_data:
-        return nodes
-    upstream = nodes_until(ABLATE_DATA_UPSTREAM)
-    return (nodes if len(nodes) > len(upstream) else upstream) + ABLATE_DATA
-
-
 def run_pipeline(
-    cfg: PipelineConfig,
+    dag: Dag,
+    cfg: Any,
     executor: Executor | None = None,
     until: str | None = None,
-    ablate_data: bool = False,
+    branches: Iterable[str] = (),
 ) -> dict[str, StageRun]:
-    """Runs the nodes in order (up to `until`, then the ablation's with `ablate_data`); committed stages
-    are reused, so a rerun costs key checks."""
+    """Runs the nodes in order (up to `until`, then the asked-for branches); committed stages are
+    reused, so a rerun costs key checks."""
     store = Store(cfg.store)
     executor = executor or executor_for(cfg)
     runs: dict[str, StageRun] = {}
-    for node in nodes_to_run(until, ablate_data):
-        runs[node.stage] = run_node(node, cfg, runs, store, executor)
+    for item in dag.nodes_to_run(until, branches):
+        runs[item.stage] = run_node(dag, item, cfg, runs, store, executor)
     return runs
 
 
-def committed_upstream(stage: str, cfg: PipelineConfig, store: Store) -> dict[str, StageRun]:
-    """The committed runs of every stage that `stage` reads from, for this config; never computes."""
-    _check_stage_name(stage)
-    runs: dict[str, StageRun] = {}
-    for node in CURATE_AND_TRAIN:
-        if node.stage == stage:
-            return runs
-        spec = get_stage(node.stage)
-        key = stage_key(spec, node.config(cfg), stage_inputs(node, runs))
-        committed = load_committed(spec, key, store)
-        if committed is None:
-            raise UpstreamMissingError(
-                f"stage {stage!r} needs {node.stage!r}, which has no committed run for this config; "
-                f"run `lvd run` (or `lvd stage {node.stage}`) first"
-            )
-        runs[node.stage] = committed
-    raise AssertionError(f"{stage} is in NODES but not in CURATE_AND_TRAIN")
+def committed_runs(dag: Dag, nodes: Sequence[DagNode], cfg: Any, store: Store) -> dict[str, StageRun | None]:
+    """The committed run of each of `nodes` for this config (None where there is none, and for every
+    node that reads from one without); never computes."""
+    runs: dict[str, StageRun | None] = {}
+    found: dict[str, StageRun] = {}
+    for item in nodes:
+        if not {source.stage for source in item.sources} <= set(found):
+            runs[item.stage] = None
+            continue
+        spec = item.spec
+        key = stage_key(spec, dag.config_of(item, cfg), stage_inputs(item, found))
+        run = runs[item.stage] = load_committed(spec, key, store)
+        if run is not None:
+            found[item.stage] = run
+    return runs
 
 
-def run_single_stage(stage: str, cfg: PipelineConfig, executor: Executor | None = None) -> StageRun:
+def committed_upstream(dag: Dag, stage: str, cfg: Any, store: Store) -> dict[str, StageRun]:
+    """The committed runs of every stage that `stage` reads from, for this config; never computes.
+
+    Raises:
+        UpstreamMissingError: one of them has no committed run for this config.
+    """
+    dag.node(stage)  # an unknown name fails here
+    runs = committed_runs(dag, dag.upstream_nodes(stage), cfg, store)
+    missing = [name for name, run in runs.items() if run is None]
+    if missing:
+        raise UpstreamMissingError(
+            f"stage {stage!r} needs {missing[0]!r}, which has no committed run for this config; "
+            f"run `lvd run` (or `lvd stage {missing[0]}`) first"
+        )
+    return {name: run for name, run in runs.items() if run is not None}
+
+
+def run_single_stage(dag: Dag, stage: str, cfg: Any, executor: Executor | None = None) -> StageRun:
     store = Store(cfg.store)
-    upstream = committed_upstream(stage, cfg, store)
-    return run_node(NODES[stage], cfg, upstream, store, executor or executor_for(cfg))
+    upstream = committed_upstream(dag, stage, cfg, store)
+    return run_node(dag, dag.node(stage), cfg, upstream, store, executor or executor_for(cfg))

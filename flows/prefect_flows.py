@@ -6,22 +6,16 @@ Prefect caching and result persistence are off.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
-from flows.dag import (
-    CURATE_AND_TRAIN,
-    NODES,
-    DagNode,
-    committed_upstream,
-    executor_for,
-    nodes_to_run,
-    run_node,
-)
+from flows.curate_and_train import ABLATE_DATA, CURATE_AND_TRAIN
+from flows.dag import DagNode, committed_upstream, executor_for, run_node
 from flows.report import build_report, report_markdown, store_report_path
 from flows.summary import stage_markdown
-from pipelines.config import PipelineConfig, resolve_config
 from pipelines.executor import Executor
 from pipelines.stage import StageRun
 from pipelines.store import Store
@@ -32,22 +26,22 @@ DEFAULT_DEPLOYMENT = "default"
 REPORT_ARTIFACT_KEY = "lvd-report"
 
 
-@task(task_run_name="{node.stage}", cache_policy=NO_CACHE, persist_result=False)
+@task(task_run_name="{item.stage}", cache_policy=NO_CACHE, persist_result=False)
 def stage_task(
-    node: DagNode, cfg: PipelineConfig, upstream: dict[str, StageRun], store: Store, executor: Executor
+    item: DagNode, cfg: Any, upstream: dict[str, StageRun], store: Store, executor: Executor
 ) -> StageRun:
-    run = run_node(node, cfg, upstream, store, executor)
+    run = run_node(CURATE_AND_TRAIN, item, cfg, upstream, store, executor)
     create_markdown_artifact(
-        key=f"lvd-{node.stage.replace('_', '-')}",
+        key=f"lvd-{item.stage.replace('_', '-')}",
         markdown=stage_markdown(run),
-        description=f"lvd {node.stage}",
+        description=f"lvd {item.stage}",
     )
     return run
 
 
 @task(task_run_name="report", cache_policy=NO_CACHE, persist_result=False)
-def report_task(cfg: PipelineConfig) -> None:
-    """The HTML page in the store folder (local stores); its stage table and accuracies as markdown."""
+def report_task(cfg: Any) -> None:
+    """The HTML page in the store folder (local stores); its stage table and tables as markdown."""
     path = store_report_path(cfg)
     if path is not None:
         build_report(cfg, path)
@@ -58,8 +52,10 @@ def report_task(cfg: PipelineConfig) -> None:
     )
 
 
-def _config(preset: str, config_file: str | None, overrides: list[str] | None) -> PipelineConfig:
-    return resolve_config(preset=preset or None, config_file=config_file, overrides=overrides or [])
+def _config(preset: str, config_file: str | None, overrides: list[str] | None, config: Any) -> Any:
+    if config is not None:
+        return config
+    return CURATE_AND_TRAIN.resolve_config(preset or None, config_file, overrides or [])
 
 
 @flow(name=CURATE_AND_TRAIN_FLOW, persist_result=False, log_prints=True)
@@ -69,28 +65,38 @@ def curate_and_train(
     overrides: list[str] | None = None,
     until: str | None = None,
     ablate_data: bool = False,
+    config: Any = None,
 ) -> dict[str, StageRun]:
     """Runs every stage of the DAG (or up to `until`), then with `ablate_data` the data ablation, reusing
-    committed stages; returns each stage's run."""
-    cfg = _config(preset, config_file, overrides)
+    committed stages; returns each stage's run.
+
+    The job config is `config` when given (`lvd run` passes the one it resolved and checked), else the
+    preset, file and overrides (a deployment's parameters) resolved here.
+    """
+    cfg = _config(preset, config_file, overrides, config)
     store = Store(cfg.store)
     executor = executor_for(cfg)
     runs: dict[str, StageRun] = {}
-    for node in nodes_to_run(until, ablate_data):
-        runs[node.stage] = stage_task(node, cfg, dict(runs), store, executor)
+    branches = (ABLATE_DATA,) if ablate_data else ()
+    for item in CURATE_AND_TRAIN.nodes_to_run(until, branches):
+        runs[item.stage] = stage_task(item, cfg, dict(runs), store, executor)
     report_task(cfg)
     return runs
 
 
 @flow(name=RUN_STAGE_FLOW, persist_result=False, log_prints=True)
 def run_one_stage(
-    stage: str, preset: str = "demo", config_file: str | None = None, overrides: list[str] | None = None
+    stage: str,
+    preset: str = "demo",
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    config: Any = None,
 ) -> StageRun:
-    """Reruns one stage against the committed outputs of the stages before it."""
-    cfg = _config(preset, config_file, overrides)
+    """Reruns one stage against the committed outputs of the stages it reads from."""
+    cfg = _config(preset, config_file, overrides, config)
     store = Store(cfg.store)
-    upstream = committed_upstream(stage, cfg, store)
-    return stage_task(NODES[stage], cfg, upstream, store, executor_for(cfg))
+    upstream = committed_upstream(CURATE_AND_TRAIN, stage, cfg, store)
+    return stage_task(CURATE_AND_TRAIN.node(stage), cfg, upstream, store, executor_for(cfg))
 
 
 def serve_deployments(preset: str, config_file: str | None, overrides: list[str]) -> None:
@@ -100,7 +106,7 @@ def serve_deployments(preset: str, config_file: str | None, overrides: list[str]
     parameters = {"preset": preset, "config_file": config_file, "overrides": overrides}
     deployments = [curate_and_train.to_deployment(name=DEFAULT_DEPLOYMENT, parameters=parameters)]
     deployments += [
-        run_one_stage.to_deployment(name=node.stage, parameters={**parameters, "stage": node.stage})
-        for node in CURATE_AND_TRAIN
+        run_one_stage.to_deployment(name=item.stage, parameters={**parameters, "stage": item.stage})
+        for item in CURATE_AND_TRAIN.nodes
     ]
     serve(*deployments)

@@ -1,12 +1,12 @@
 """`lvd report`: one self-contained HTML page of a curate-and-train run, and its Prefect summary.
 
-    PipelineConfig --committed_runs (the DAG's keys, never computes)--> {stage: StageRun | None}
-      --> sections: stages, duplicates and decontamination, retrieval and clusters (composition table),
-          training (loss curves), evaluation (accuracies), the DINOv2 picture (PCA of the teacher's patch
-          features on curated images), curated vs uncurated (the `ablate_data` results, when committed)
+    job config --dag.committed_runs (the DAG's keys, never computes)--> {stage: StageRun | None}
+      --> the stage table (rows in, outputs, rejects by reason, seconds), then one section per stage in
+          DAG order: its declared counts, its tables, its computed figures, the pictures it stored
       --> one HTML file: inline CSS, pictures as base64 data URIs, no scripts, no external resources
 
-Every text value on the page goes through html.escape.
+Nothing here knows a stage: what a stage shows is declared in its spec (`pipelines.views`). A branch's
+stages (the data ablation) appear once one of them ran. Every text value goes through html.escape.
 """
 
 from __future__ import annotations
@@ -19,59 +19,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pa_dataset
 import pyarrow.parquet as pq
-from PIL import Image
 
-from flows.dag import ABLATE_DATA, CURATE_AND_TRAIN, stage_inputs
-from pipelines.config import PipelineConfig
-from pipelines.images import load_row_rgb
-from pipelines.stage import ARTIFACTS_DIR, Manifest, StageRun, get_stage, load_committed, stage_key
-from pipelines.store import Store
-from training.eval.pca_picture import pca_picture_png
-from training.eval.stage import KNN_PROTOCOL
-from training.exports import load_exported_backbone
-from training.stages import TEACHER_MODEL
+from flows.curate_and_train import CURATE_AND_TRAIN
+from flows.dag import committed_runs
+from flows.summary import markdown_table, stage_tables
+from pipelines.manifest import REASON_COLUMN
+from pipelines.stage import ARTIFACTS_DIR, StageRun, get_stage
+from pipelines.store import Store, write_text_atomic
+from pipelines.views import TableView, format_count, shown_counts
 
 REPORT_FILE = "report.html"
 PAGE_TITLE = "lvd: curate-and-train report"
 NOT_RUN = "not run"
+COMMITTED = "committed"
 PICTURE_SUFFIX = ".png"
-REJECT_SCHEMAS = frozenset({"rejected", "rejected_duplicates"})
-REASON_COLUMN = "reason"
-DUPLICATE_STAGES = ("exact_dedup", "phash_dedup", "copy_dedup", "decontaminate")
-TRAINING_STAGES = ("pretrain", "distill")
-PCA_IMAGE_COUNT = 6
-PCA_CANDIDATE_ROWS = 10_000
-PERCENT = 100
-# Stage stats worth a line under a stage's pictures: (stats key, label), shown when the stage has them.
-DUPLICATE_COUNTS = (
-    ("rows_in", "images in"),
-    ("groups", "duplicate groups"),
-    ("rows_in_groups", "images in groups"),
-    ("largest_group", "largest group"),
-    ("rejected", "rejected"),
-    ("eval_images_matched", "eval images matched"),
-    ("contaminated_components", "contaminated components"),
-)
-CLUSTER_COUNTS = (("clusters", "clusters"), ("rows", "images"), ("empty_clusters", "empty clusters"))
-RETRIEVE_COUNTS = (("pool_rows", "pool images"), ("rows", "retrieved rows"))
-TRAINING_COUNTS = (
-    ("steps", "steps"),
-    ("images", "images"),
-    ("objective_first", "first objective"),
-    ("objective_last", "last objective"),
-    ("seconds_per_step", "s / step"),
-)
-DAG_NODES = {node.stage: node for node in CURATE_AND_TRAIN + ABLATE_DATA}
-ABLATION_STAGES = tuple(node.stage for node in ABLATE_DATA)
-ABLATION_RESULTS_STAGE = "ablate_data"
-ABLATION_BASELINE_STAGE = "pretrain_random"  # its loss curve sits beside the table
-ABLATION_TITLE = "Curated vs uncurated pretraining (Table 2 in miniature)"
-EVALUATE_STAGE = "evaluate"
+STAGES_ANCHOR = "stages"
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em;
        color: #222; line-height: 1.45; }
@@ -85,21 +49,14 @@ nav ol { columns: 2; } code { font-size: 0.9em; }
 """
 
 
-def committed_runs(cfg: PipelineConfig, store: Store) -> dict[str, StageRun | None]:
-    """The committed run of every stage (curate-and-train's, then the data ablation's) for this config;
-    None for a stage without one and for every stage that reads from it."""
-    runs: dict[str, StageRun | None] = {}
-    found: dict[str, StageRun] = {}
-    for node in DAG_NODES.values():
-        upstream = {stage for stage, _ in node.inputs.values()}
-        if not upstream <= set(found):
-            runs[node.stage] = None
-            continue
-        spec = get_stage(node.stage)
-        run = load_committed(spec, stage_key(spec, node.config(cfg), stage_inputs(node, found)), store)
-        runs[node.stage] = run
-        if run is not None:
-            found[node.stage] = run
+def report_runs(cfg: Any, store: Store) -> dict[str, StageRun | None]:
+    """The committed run of every stage of curate-and-train and of its branches (None where none);
+    a branch's stages only once one of them ran (branches run only when asked)."""
+    runs = committed_runs(CURATE_AND_TRAIN, CURATE_AND_TRAIN.all_nodes, cfg, store)
+    for members in CURATE_AND_TRAIN.branches.values():
+        if all(runs[item.stage] is None for item in members):
+            for item in members:
+                del runs[item.stage]
     return runs
 
 
@@ -116,10 +73,12 @@ class StageRow:
 
 
 def rejects_by_reason(run: StageRun) -> dict[str, int]:
-    """Rows of the stage's reject manifests per `reason`, read from the manifests themselves."""
+    """Rows of the stage's reject manifests (outputs with a `reason` column) per reason, read from the
+    manifests themselves."""
+    spec = get_stage(run.name)
     counts: dict[str, int] = {}
-    for manifest in run.outputs.values():
-        if manifest.schema_name not in REJECT_SCHEMAS or manifest.num_rows == 0:
+    for name, manifest in run.outputs.items():
+        if REASON_COLUMN not in spec.outputs[name].names or manifest.num_rows == 0:
             continue
         # Why only the column: reject manifests of a large crawl hold many rows of long URIs.
         reasons = pq.read_table(manifest.uri, columns=[REASON_COLUMN]).column(REASON_COLUMN)
@@ -129,84 +88,39 @@ def rejects_by_reason(run: StageRun) -> dict[str, int]:
 
 
 def stage_row(stage: str, run: StageRun | None) -> StageRow:
-    """Rows in (the stage's own count, else its main input's), rows per output, rejects, seconds."""
+    """Rows in (the stage's own count, else its first input's), rows per output, rejects, seconds."""
     if run is None:
         return StageRow(stage, NOT_RUN, None, {}, {}, None)
     rows_in = run.record.get("stats", {}).get("rows_in")
-    main_input = next(iter(DAG_NODES[stage].inputs), None)  # the DAG lists the main input first
+    main_input = next(iter(get_stage(stage).inputs), None)  # a spec lists its main input first
     if rows_in is None and main_input is not None:
         rows_in = run.record["inputs"][main_input]["num_rows"]
     outputs = {name: manifest.num_rows for name, manifest in run.outputs.items()}
     return StageRow(
-        stage, "committed", rows_in, outputs, rejects_by_reason(run), run.record["timings"]["seconds"]
+        stage, COMMITTED, rows_in, outputs, rejects_by_reason(run), run.record["timings"]["seconds"]
     )
-
-
-def _count(value: int | float | None) -> str:
-    if value is None:
-        return ""
-    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
 
 
 def _joined(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{name} {count:,}" for name, count in counts.items())
 
 
-def stage_table(rows: Sequence[StageRow]) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the stage table, with a total time row."""
-    header = ["stage", "status", "rows in", "outputs (rows)", "rejected by reason", "seconds"]
+def stage_table(rows: Sequence[StageRow]) -> TableView:
+    """The stage table, with a total time row."""
+    header = ("stage", "status", "rows in", "outputs (rows)", "rejected by reason", "seconds")
     cells = [
-        [
+        (
             row.stage,
             row.status,
-            _count(row.rows_in),
+            format_count(row.rows_in),
             _joined(row.outputs),
             _joined(row.rejects),
             "" if row.seconds is None else f"{row.seconds:.1f}",
-        ]
+        )
         for row in rows
     ]
     total = sum(row.seconds for row in rows if row.seconds is not None)
-    return header, [*cells, ["total", "", "", "", "", f"{total:.1f}"]]
-
-
-def accuracy_cells(results: pa.Table) -> tuple[list[str], list[list[str]]]:
-    """Top-1 (%) per model: k-NN for each k, then the chosen linear probe and its setting."""
-    rows = results.to_pylist()
-    settings = list(dict.fromkeys(row["setting"] for row in rows if row["protocol"] == KNN_PROTOCOL))
-    header = ["model", "parameters", *(f"k-NN {setting} (%)" for setting in settings), "linear (%)", "probe"]
-    cells = []
-    for model in dict.fromkeys(row["model"] for row in rows):
-        mine = [row for row in rows if row["model"] == model]
-        knn = {row["setting"]: row["top1"] for row in mine if row["protocol"] == KNN_PROTOCOL}
-        probe = next((row for row in mine if row["protocol"] != KNN_PROTOCOL), None)
-        cells.append(
-            [
-                model,
-                f"{mine[0]['parameters']:,}",
-                *(f"{PERCENT * knn[setting]:.1f}" if setting in knn else "" for setting in settings),
-                "" if probe is None else f"{PERCENT * probe['top1']:.1f}",
-                "" if probe is None else probe["setting"],
-            ]
-        )
-    return header, cells
-
-
-def composition_table(composition: pa.Table) -> tuple[list[str], list[list[str]]]:
-    """The paper's Table 15 layout: seed set, retrieval mode, seed images, retrieved, final; a total."""
-    header = ["seed set", "retrieval", "images", "retrieved", "final"]
-    rows = composition.to_pylist()
-    cells = [
-        [
-            row["seed_source"],
-            row["mode"],
-            _count(row["seed_images"]),
-            _count(row["retrieved"]),
-            _count(row["final"]),
-        ]
-        for row in rows
-    ]
-    return header, [*cells, ["total", "", "", "", _count(sum(row["final"] for row in rows))]]
+    return TableView("Stages", header, (*cells, ("total", "", "", "", "", f"{total:.1f}")))
 
 
 # -- HTML pieces ---------------------------------------------------------------------------------------
@@ -218,9 +132,9 @@ def _cell(tag: str, text: str) -> str:
     return f"<{tag}{attributes}>{html.escape(text)}</{tag}>"
 
 
-def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(_cell("th", text) for text in header)
-    body = "".join("<tr>" + "".join(_cell("td", str(text)) for text in row) + "</tr>" for row in rows)
+def html_table(view: TableView) -> str:
+    head = "".join(_cell("th", text) for text in view.header)
+    body = "".join("<tr>" + "".join(_cell("td", text) for text in row) + "</tr>" for row in view.rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -230,15 +144,10 @@ def html_figure(png: bytes, caption: str) -> str:
     return f'<figure><img src="{source}" alt="{text}"><figcaption>{text}</figcaption></figure>'
 
 
-def _not_run(what: str) -> str:
-    return f'<p class="not-run">{html.escape(what)}: {NOT_RUN}</p>'
-
-
-def _counts_line(stats: Mapping[str, Any], labels: Sequence[tuple[str, str]]) -> str:
-    parts = [
-        f"{label} {_count(stats[key])}" for key, label in labels if isinstance(stats.get(key), int | float)
-    ]
-    return f'<p class="counts">{html.escape(", ".join(parts))}</p>' if parts else ""
+def _counts_line(run: StageRun) -> str:
+    counts = shown_counts(run.record.get("stats", {}), get_stage(run.name).shown_stats)
+    text = ", ".join(f"{label} {value}" for label, value in counts)
+    return f'<p class="counts">{html.escape(text)}</p>' if counts else ""
 
 
 def _pictures(run: StageRun, store: Store) -> str:
@@ -250,17 +159,16 @@ def _pictures(run: StageRun, store: Store) -> str:
     return "".join(figures)
 
 
-def _stage_block(stage: str, run: StageRun | None, store: Store, labels: Sequence[tuple[str, str]]) -> str:
-    if run is None:
-        return f"<h3>{html.escape(stage)}</h3>" + _not_run(stage)
-    return (
-        f"<h3>{html.escape(stage)}</h3>"
-        + _counts_line(run.record.get("stats", {}), labels)
-        + _pictures(run, store)
-    )
+def stage_body(run: StageRun, store: Store) -> str:
+    """Everything a committed stage shows: counts, tables, computed figures, stored pictures."""
+    spec = get_stage(run.name)
+    tables = "".join(f"<h3>{html.escape(view.title)}</h3>" + html_table(view) for view in stage_tables(run))
+    figures = spec.figures(run) if spec.figures is not None else []
+    computed = "".join(html_figure(figure.png, figure.caption) for figure in figures)
+    return _counts_line(run) + tables + computed + _pictures(run, store)
 
 
-# -- sections ------------------------------------------------------------------------------------------
+# -- the page ------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,87 +178,10 @@ class Section:
     body: str
 
 
-def stage_rows(runs: Mapping[str, StageRun | None]) -> list[StageRow]:
-    """A row per stage; the data ablation's stages only once one of them ran (it runs only when asked)."""
-    ablation_ran = any(runs.get(stage) is not None for stage in ABLATION_STAGES)
-    return [
-        stage_row(stage, run) for stage, run in runs.items() if ablation_ran or stage not in ABLATION_STAGES
-    ]
-
-
-def stages_section(runs: Mapping[str, StageRun | None]) -> Section:
-    return Section("stages", "Stages", html_table(*stage_table(stage_rows(runs))))
-
-
-def duplicates_section(runs: Mapping[str, StageRun | None], store: Store) -> Section:
-    body = "".join(_stage_block(stage, runs[stage], store, DUPLICATE_COUNTS) for stage in DUPLICATE_STAGES)
-    return Section("duplicates", "Duplicate groups and decontamination matches", body)
-
-
-def retrieval_section(runs: Mapping[str, StageRun | None], store: Store) -> Section:
-    body = _stage_block("retrieve", runs["retrieve"], store, RETRIEVE_COUNTS)
-    body += _stage_block("cluster", runs["cluster"], store, CLUSTER_COUNTS)
-    body += "<h3>composition of the curated set</h3>"
-    assemble = runs["assemble"]
-    if assemble is None:
-        body += _not_run("assemble")
-    else:
-        body += html_table(*composition_table(assemble.outputs["composition"].read()))
-    return Section("retrieval", "Retrieval, clusters and the curated set", body)
-
-
-def training_section(runs: Mapping[str, StageRun | None], store: Store) -> Section:
-    body = "".join(_stage_block(stage, runs[stage], store, TRAINING_COUNTS) for stage in TRAINING_STAGES)
-    return Section("training", "Training: loss curves", body)
-
-
-def evaluation_section(runs: Mapping[str, StageRun | None], store: Store) -> Section:
-    run = runs[EVALUATE_STAGE]
-    if run is None:
-        return Section("evaluation", "Evaluation: k-NN and linear probe", _not_run("evaluate"))
-    results = run.outputs["results"].read()
-    datasets = ", ".join(dict.fromkeys(results.column("dataset").to_pylist()))
-    body = f'<p class="counts">top-1 on {html.escape(datasets)}</p>'
-    body += html_table(*accuracy_cells(results)) + _pictures(run, store)
-    return Section("evaluation", "Evaluation: k-NN and linear probe", body)
-
-
-def pca_images(curated: Manifest, count: int) -> list[Image.Image]:
-    """`count` curated images spread evenly over the image ids of the manifest's first rows (the same
-    ones on every run; a large curated set is never read whole)."""
-    first_rows = pa_dataset.dataset(curated.uri, format="parquet").head(PCA_CANDIDATE_ROWS)
-    rows = {row["image_id"]: row for row in first_rows.to_pylist()}
-    ids = sorted(rows)
-    picks = sorted(set(np.linspace(0, len(ids) - 1, min(count, len(ids))).round().astype(int)))
-    return [load_row_rgb(rows[ids[index]]) for index in picks]
-
-
-def picture_section(runs: Mapping[str, StageRun | None]) -> Section:
-    title = "The DINOv2 picture: PCA of patch features"
-    pretrain, assemble = runs["pretrain"], runs["assemble"]
-    if pretrain is None or assemble is None or assemble.outputs["curated"].num_rows == 0:
-        return Section("picture", title, _not_run("pretrain"))
-    exports = pretrain.outputs["exports"].read().to_pylist()
-    export = next((row for row in exports if row["model"] == TEACHER_MODEL), exports[0])
-    images = pca_images(assemble.outputs["curated"], PCA_IMAGE_COUNT)
-    png = pca_picture_png(load_exported_backbone(export), images)
-    caption = (
-        f"pretrained {export['model']} ({export['arch']}): the first three PCA components of the patch "
-        f"features of {len(images)} curated images as RGB, fitted on all their patches together; patches "
-        "whose first component marks background are black"
-    )
-    return Section("picture", title, html_figure(png, caption))
-
-
-def ablation_section(runs: Mapping[str, StageRun | None], store: Store) -> Section:
-    run = runs[ABLATION_RESULTS_STAGE]
-    if run is None:
-        return Section("ablation", ABLATION_TITLE, _not_run(ABLATION_RESULTS_STAGE + " (lvd ablate-data)"))
-    body = html_table(*accuracy_cells(run.outputs["results"].read())) + _pictures(run, store)
-    baseline = runs.get(ABLATION_BASELINE_STAGE)
-    if baseline is not None:
-        body += _stage_block(ABLATION_BASELINE_STAGE, baseline, store, TRAINING_COUNTS)
-    return Section("ablation", ABLATION_TITLE, body)
+def stage_section(stage: str, run: StageRun | None, store: Store) -> Section:
+    description = html.escape(get_stage(stage).description)
+    body = f'<p class="not-run">{NOT_RUN}</p>' if run is None else stage_body(run, store)
+    return Section(stage, stage, f'<p class="counts">{description}</p>{body}')
 
 
 def render_page(title: str, subtitle: str, sections: Sequence[Section]) -> str:
@@ -366,52 +197,35 @@ def render_page(title: str, subtitle: str, sections: Sequence[Section]) -> str:
     )
 
 
-def build_report(cfg: PipelineConfig, out_path: str | os.PathLike) -> Path:
-    """Writes the report page of `cfg`'s committed runs to `out_path`; returns its path."""
+def build_report(cfg: Any, out_path: str | os.PathLike) -> Path:
+    """Writes the report page of `cfg`'s committed runs to `out_path` (atomically); returns its path."""
     store = Store(cfg.store)
-    runs = committed_runs(cfg, store)
-    sections = [
-        stages_section(runs),
-        duplicates_section(runs, store),
-        retrieval_section(runs, store),
-        training_section(runs, store),
-        evaluation_section(runs, store),
-        picture_section(runs),
-        ablation_section(runs, store),
-    ]
+    runs = report_runs(cfg, store)
+    table = stage_table([stage_row(stage, run) for stage, run in runs.items()])
+    sections = [Section(STAGES_ANCHOR, table.title, html_table(table))]
+    sections += [stage_section(stage, run, store) for stage, run in runs.items()]
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_page(PAGE_TITLE, f"store: {cfg.store}", sections), "utf-8")
+    write_text_atomic(out, render_page(PAGE_TITLE, f"store: {cfg.store}", sections))
     return out
 
 
 # -- the Prefect summary ---------------------------------------------------------------------------------
 
 
-def store_report_path(cfg: PipelineConfig) -> Path | None:
+def store_report_path(cfg: Any) -> Path | None:
     """Where the flow writes the page: the store's root folder; None for an object store."""
     store = Store(cfg.store)
     return Path(store.root) / REPORT_FILE if store.is_local else None
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
-
-    return [line(header), "|" + "---|" * len(header), *(line(row) for row in rows)]
-
-
-def report_markdown(cfg: PipelineConfig, html_path: Path | None) -> str:
-    """The stage table and the accuracies as markdown, and where the HTML page is."""
-    runs = committed_runs(cfg, Store(cfg.store))
-    lines = [
-        "# curate-and-train",
-        "",
-        *_markdown_table(*stage_table(stage_rows(runs))),
-    ]
-    for stage, title in ((EVALUATE_STAGE, "top-1 accuracy"), (ABLATION_RESULTS_STAGE, ABLATION_TITLE)):
-        if runs[stage] is not None:
-            results = runs[stage].outputs["results"].read()
-            lines += ["", f"## {title}", "", *_markdown_table(*accuracy_cells(results))]
+def report_markdown(cfg: Any, html_path: Path | None) -> str:
+    """The stage table and every stage's tables as markdown, and where the HTML page is."""
+    runs = report_runs(cfg, Store(cfg.store))
+    table = stage_table([stage_row(stage, run) for stage, run in runs.items()])
+    lines = ["# curate-and-train", "", *markdown_table(table.header, table.rows)]
+    for run in runs.values():
+        if run is not None:
+            for view in stage_tables(run):
+                lines += ["", f"## {run.name}: {view.title}", "", *markdown_table(view.header, view.rows)]
     where = f"[{html_path}]({html_path.resolve().as_uri()})" if html_path else "not written (object store)"
     return "\n".join([*lines, "", f"HTML report: {where}"])

@@ -1,18 +1,19 @@
-"""Human-readable summaries of stage runs: a terminal table after `lvd run`, markdown for Prefect."""
+"""Human-readable summaries of stage runs: a terminal table after `lvd run`, markdown for Prefect.
+
+Whatever a stage shows (its declared counts and tables, `pipelines.views`) is rendered here without
+knowing which stage it came from.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.stage import StageRun
+from pipelines.stage import StageRun, get_stage
+from pipelines.views import TableView, shown_counts
 
-EVALUATE_STAGE = "evaluate"
-KNN_PROTOCOL = "knn"
-PERCENT = 100
 SECONDS_PER_MINUTE = 60
 
 
@@ -27,50 +28,61 @@ def runs_table(runs: Mapping[str, StageRun]) -> Table:
     return table
 
 
-def accuracy_table(results: pa.Table) -> Table:
-    """Top-1 accuracy per evaluated model: k-NN for every k, then the chosen linear probe."""
-    rows = results.to_pylist()
-    settings = list(dict.fromkeys(row["setting"] for row in rows if row["protocol"] == KNN_PROTOCOL))
-    dataset = rows[0]["dataset"] if rows else ""
-    table = Table(title=f"evaluation on {dataset} (top-1 %)", title_justify="left")
-    for column in ("model", "parameters", *(f"k-NN {setting}" for setting in settings), "linear"):
+def rich_table(view: TableView) -> Table:
+    table = Table(title=view.title, title_justify="left")
+    for column in view.header:
         table.add_column(column)
-    for model in dict.fromkeys(row["model"] for row in rows):
-        mine = [row for row in rows if row["model"] == model]
-        knn = {row["setting"]: row["top1"] for row in mine if row["protocol"] == KNN_PROTOCOL}
-        linear = [row["top1"] for row in mine if row["protocol"] != KNN_PROTOCOL]
-        cells = [f"{PERCENT * knn[setting]:.1f}" if setting in knn else "" for setting in settings]
-        linear_cell = f"{PERCENT * linear[0]:.1f}" if linear else ""
-        table.add_row(model, f"{mine[0]['parameters']:,}", *cells, linear_cell)
+    for row in view.rows:
+        table.add_row(*row)
     return table
 
 
+def stage_tables(run: StageRun) -> list[TableView]:
+    """The tables the run's stage makes of it (none for a stage that declares no `tables`)."""
+    spec = get_stage(run.name)
+    return list(spec.tables(run)) if spec.tables is not None else []
+
+
 def print_runs(runs: Mapping[str, StageRun], console: Console | None = None) -> None:
-    """The run table (and the accuracies, once `evaluate` ran), then every manifest's location."""
+    """The run table, every stage's tables (accuracies, composition), then every manifest's location."""
     console = console or Console()
     console.print(runs_table(runs))
     total = sum(run.record["timings"]["seconds"] for run in runs.values())
     console.print(f"compute time of these runs: {total / SECONDS_PER_MINUTE:.1f} min", highlight=False)
-    if EVALUATE_STAGE in runs:
-        console.print(accuracy_table(runs[EVALUATE_STAGE].outputs["results"].read()))
+    for run in runs.values():
+        for view in stage_tables(run):
+            console.print(rich_table(view))
     for stage, run in runs.items():
         for name, manifest in run.outputs.items():
             console.print(f"{stage}/{name}: {manifest.uri}", soft_wrap=True, highlight=False)
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header), *(line(row) for row in rows)]
+
+
 def stage_markdown(run: StageRun) -> str:
+    """A stage's Prefect artifact: where it is, its outputs, its declared counts, rejects and tables."""
     stats = run.record.get("stats", {})
     lines = [
         f"# {run.name} ({'reused' if run.reused else 'computed'})",
         "",
         f"folder: `{run.uri}`, {run.record['timings']['seconds']:.1f} s",
         "",
-        "| output | rows | manifest |",
-        "|---|---|---|",
-        *(f"| {name} | {m.num_rows} | `{m.uri}` |" for name, m in run.outputs.items()),
+        *markdown_table(
+            ["output", "rows", "manifest"],
+            [[name, str(m.num_rows), f"`{m.uri}`"] for name, m in run.outputs.items()],
+        ),
     ]
+    counts = shown_counts(stats, get_stage(run.name).shown_stats)
+    if counts:
+        lines += ["", *markdown_table(["count", "value"], counts)]
     reasons = stats.get("rejected_by_reason") or {}
     if reasons:
-        lines += ["", "| reject reason | rows |", "|---|---|"]
-        lines += [f"| {reason} | {count} |" for reason, count in sorted(reasons.items())]
-    return "\n".join(lines)
+        lines += ["", *markdown_table(["reject reason", "rows"], sorted(reasons.items()))]
+    for view in stage_tables(run):
+        lines += ["", f"## {view.title}", "", *markdown_table(view.header, view.rows)]
+    return "\n".join(str(line) for line in lines)

@@ -39,6 +39,13 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
 WHITE = (255, 255, 255)
+# Pillow's own decompression-bomb limit: about a quarter of a GiB of 24-bit pixels.
+DEFAULT_MAX_PIXELS = 89_478_485
+# Images smaller than this on either side carry too little signal for a 14-pixel patch grid.
+DEFAULT_MIN_SIDE = 16
+# The per-channel normalisation every ImageNet-pretrained model (and DINOv2) expects.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class RejectReason(enum.StrEnum):

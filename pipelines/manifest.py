@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 SCHEMA_NAME_KEY = b"lvd.schema"
@@ -21,6 +24,10 @@ SCHEMA_VERSION_KEY = b"lvd.schema_version"
 STAGE_RECORD_FILE = "_STAGE.json"
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
+
+# What an image is to the job: a curated seed, a pool image to curate, or an evaluation image.
+Role = Literal["curated", "uncurated", "eval"]
+ROLES: tuple[str, ...] = get_args(Role)
 
 
 class ManifestError(ValueError):
@@ -71,6 +78,10 @@ class ManifestSchema:
             fields.append(field)
         return pa.schema(fields, metadata=self.arrow.metadata)
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(field.name for field in self.fields)
+
     def conforms(self, actual: pa.Schema) -> bool:
         return actual.equals(self.resolved(actual), check_metadata=False)
 
@@ -102,6 +113,9 @@ IMAGES = ManifestSchema(
     ),
 )
 
+# The column a filter stage's reject manifest explains each dropped row with.
+REASON_COLUMN = "reason"
+
 REJECTED = ManifestSchema(
     name="rejected",
     version=1,
@@ -110,96 +124,11 @@ REJECTED = ManifestSchema(
         pa.field("source", pa.string(), nullable=False),
         pa.field("role", pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
-        pa.field("reason", pa.string(), nullable=False),
+        pa.field(REASON_COLUMN, pa.string(), nullable=False),
         pa.field("detail", pa.string(), nullable=False),
     ),
 )
 
-
-DUPLICATES_REJECTED = ManifestSchema(
-    name="rejected_duplicates",
-    version=1,
-    fields=(
-        *REJECTED.fields,
-        pa.field("match_image_id", pa.string(), nullable=False),  # the kept (or eval) image it matches
-        pa.field("match_uri", pa.string(), nullable=False),
-        pa.field("group_id", pa.string(), nullable=False),  # image_id of the group's representative
-        pa.field("similarity", pa.float32(), nullable=False),  # 1.0 exact; 1 - hamming/64; cosine
-    ),
-)
-
-IMAGE_HASHES = ManifestSchema(
-    name="image_hashes",
-    version=1,
-    fields=(
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("hash", pa.uint64(), nullable=False),  # 64-bit perceptual hash, bit 63 = first bit
-    ),
-)
-
-DESCRIPTORS = ManifestSchema(
-    name="descriptors",
-    version=1,
-    fields=(
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("descriptor", EMBEDDING, nullable=False),  # L2-normalised
-    ),
-)
-
-
-# -- embedding, k-means, retrieval, assembly --------------------------------------------------------------
-
-EMBEDDINGS = ManifestSchema(
-    name="embeddings",
-    version=1,
-    fields=(
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("role", pa.string(), nullable=False),
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("embedding", EMBEDDING, nullable=False),  # L2-normalised
-    ),
-)
-
-CENTROIDS = ManifestSchema(
-    name="centroids",
-    version=1,
-    fields=(
-        pa.field("cluster", pa.int32(), nullable=False),
-        pa.field("size", pa.int64(), nullable=False),  # rows assigned to it (all rows, not the sample)
-        pa.field("centroid", EMBEDDING, nullable=False),  # L2-normalised (spherical k-means)
-    ),
-)
-
-ASSIGNMENTS = ManifestSchema(
-    name="assignments",
-    version=1,
-    fields=(
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("cluster", pa.int32(), nullable=False),  # nearest centroid by cosine
-        pa.field("similarity", pa.float32(), nullable=False),  # cosine to that centroid
-    ),
-)
-
-RETRIEVED = ManifestSchema(
-    name="retrieved",
-    version=1,
-    fields=(
-        pa.field("image_id", pa.string(), nullable=False),  # the pool image
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),  # the pool image's source
-        pa.field("seed_source", pa.string(), nullable=False),  # the curated source that retrieved it
-        pa.field("mode", pa.string(), nullable=False),  # sample | cluster
-        pa.field("query_image_id", pa.string()),  # sample mode: the seed image; null in cluster mode
-        pa.field("query_uri", pa.string()),
-        pa.field("similarity", pa.float32(), nullable=False),  # cosine to the query (sample) or centroid
-        pa.field("rank", pa.int32(), nullable=False),  # 0 = nearest; cluster mode: rank within the cluster
-        pa.field("cluster", pa.int32(), nullable=False),  # the pool image's k-means cluster
-    ),
-)
 
 # Provenance columns a curated row carries on top of its IMAGES columns; null where not applicable.
 PROVENANCE_FIELDS = (
@@ -214,72 +143,18 @@ PROVENANCE_FIELDS = (
 
 CURATED = ManifestSchema(name="curated", version=1, fields=(*IMAGES.fields, *PROVENANCE_FIELDS))
 
-COMPOSITION = ManifestSchema(
-    name="composition",
-    version=1,
-    fields=(
-        pa.field("seed_source", pa.string(), nullable=False),
-        pa.field("mode", pa.string(), nullable=False),  # as_is | sample | cluster
-        pa.field("seed_images", pa.int64(), nullable=False),  # the paper's "Images" column
-        pa.field("retrieved", pa.int64()),  # before the per-source cap; null for as_is
-        pa.field("final", pa.int64(), nullable=False),  # rows in the curated manifest
-    ),
-)
-
-
-def _float_fields(*names: str, nullable: bool = False) -> tuple[pa.Field, ...]:
-    return tuple(pa.field(name, pa.float64(), nullable=nullable) for name in names)
-
-
-# One row per training iteration: the schedules' values, every loss term (official logged names, plus the
-# optimised objective), the gradient norm of each student submodule before clipping, and the step time.
-# Version 2: every head's gradient norm is nullable.
-TRAIN_METRICS = ManifestSchema(
-    name="train_metrics",
-    version=2,
-    fields=(
-        pa.field("step", pa.int64(), nullable=False),
-        *_float_fields("lr", "weight_decay", "momentum", "teacher_temp", "last_layer_lr"),
-        *_float_fields(
-            "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "objective"
-        ),
-        *_float_fields("grad_norm_backbone"),
-        # One per student head: DINO (and a separate iBOT) head, or distillation's feature projection.
-        *_float_fields("grad_norm_dino_head", "grad_norm_ibot_head", "grad_norm_feature_head", nullable=True),
-        *_float_fields("seconds"),
-    ),
-)
-
-# One row per exported backbone (hub-format .pth): what evaluation and later stages load.
-EXPORTS = ManifestSchema(
-    name="exports",
-    version=1,
-    fields=(
-        pa.field("model", pa.string(), nullable=False),  # teacher | student | student_random_init
-        pa.field("path", pa.string(), nullable=False),
-        pa.field("sha256", pa.string(), nullable=False),
-        pa.field("arch", pa.string(), nullable=False),
-        pa.field("build_options", pa.string(), nullable=False),  # JSON: build_vit keyword arguments
-        pa.field("parameters", pa.int64(), nullable=False),
-        pa.field("checkpoint", pa.string()),  # the training checkpoint (with heads) it came from, if any
-    ),
-)
-
-# One row per (model, protocol, setting): k-NN per k, the chosen linear probe.
-EVAL_RESULTS = ManifestSchema(
-    name="eval_results",
-    version=1,
-    fields=(
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("dataset", pa.string(), nullable=False),
-        pa.field("protocol", pa.string(), nullable=False),  # knn | linear
-        pa.field("setting", pa.string(), nullable=False),  # "k=20" | "cls_last4+avgpool lr=0.001"
-        pa.field("top1", pa.float64(), nullable=False),  # fraction in [0, 1]
-        pa.field("parameters", pa.int64(), nullable=False),
-    ),
-)
-
 ROW_KEY_COLUMNS = ("image_id", "uri")
+
+
+def row_order(table: pa.Table, columns: Sequence[str] = ROW_KEY_COLUMNS) -> np.ndarray:
+    """Row positions that sort `table` ascending by `columns` (default: the row key), stable."""
+    sort_keys = [(name, "ascending") for name in columns]
+    return np.asarray(pc.sort_indices(table.select(list(columns)), sort_keys=sort_keys), dtype=np.int64)
+
+
+def sort_rows(table: pa.Table, columns: Sequence[str] = ROW_KEY_COLUMNS) -> pa.Table:
+    """`table` in `row_order`."""
+    return table.take(pa.array(row_order(table, columns)))
 
 
 def align_rows(rows: pa.Table, other: pa.Table, keys: tuple[str, ...] = ROW_KEY_COLUMNS) -> np.ndarray:

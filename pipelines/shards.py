@@ -16,22 +16,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.manifest import ROW_KEY_COLUMNS, sort_rows
 from pipelines.stage import Shard
 
 SHARD_ID_LENGTH = 16
-DEFAULT_KEY_COLUMNS = ("image_id", "uri")
 KEY_SEPARATOR = "|"
 LINE_END = "\n"
 MISSING_KEY = "None"  # what str() makes of a null, so both ways of hashing agree
 
 
 def row_shards(
-    table: pa.Table, rows_per_shard: int, key_columns: Sequence[str] = DEFAULT_KEY_COLUMNS
+    table: pa.Table, rows_per_shard: int, key_columns: Sequence[str] = ROW_KEY_COLUMNS
 ) -> list[Shard]:
     """Sorted, content-keyed shards whose payload is the slice of `table` they cover."""
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-    ordered = table.sort_by([(column, "ascending") for column in key_columns])
+    ordered = sort_rows(table, key_columns)
     shards = []
     for start in range(0, ordered.num_rows, rows_per_shard):
         chunk = ordered.slice(start, rows_per_shard)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from pipelines.executor import Executor, SerialExecutor
 from pipelines.manifest import ManifestError, ManifestSchema, read_manifest
 from pipelines.store import Store, canonical_json, sha256_text
+from pipelines.views import FigureView, TableView
 
 KEY_LENGTH = 16
 ARTIFACTS_DIR = "artifacts"
@@ -61,21 +62,33 @@ class ShardResult:
 
 
 StageFn = Callable[[Any, Mapping[str, Manifest], "StageContext"], Mapping[str, Any] | None]
+TablesFn = Callable[["StageRun"], Sequence[TableView]]
+FiguresFn = Callable[["StageRun"], Sequence[FigureView]]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StageSpec:
-    """A stage's contract. Bump `version` whenever the same config and inputs would give other output."""
+    """A stage's contract. Bump `version` whenever the same config and inputs would give other output.
+
+    `inputs` and `outputs` name the manifests the stage reads and writes, each with its schema: a DAG
+    wires outputs to inputs by these names and checks the schemas agree. `config_type` is the stage's
+    own config dataclass. What the stage shows besides its manifests: `shown_stats` (stats key -> label,
+    the counts worth a line in a summary), `tables` (small tables made from a committed run) and
+    `figures` (pictures computed from one, e.g. by a model); pictures the stage wrote are artifacts.
+    """
 
     name: str
     version: int
     config_type: type
     fn: StageFn
-    inputs: tuple[str, ...]
+    inputs: Mapping[str, ManifestSchema]
     outputs: Mapping[str, ManifestSchema]
     description: str
     # Extra key material for data read from outside the store (ingest's file listing).
     fingerprint: Callable[[Any], str] | None = None
+    shown_stats: Mapping[str, str] = field(default_factory=dict)
+    tables: TablesFn | None = None
+    figures: FiguresFn | None = None
 
 
 _REGISTRY: dict[str, StageSpec] = {}
@@ -282,6 +295,12 @@ def run_stage(
         raise TypeError(f"stage {spec.name} takes {spec.config_type.__name__}, got {type(cfg).__name__}")
     if set(inputs) != set(spec.inputs):
         raise ValueError(f"stage {spec.name} takes inputs {sorted(spec.inputs)}, got {sorted(inputs)}")
+    for name, manifest in inputs.items():
+        if manifest.schema_name != spec.inputs[name].name:
+            raise ValueError(
+                f"stage {spec.name}: input {name} must be a {spec.inputs[name].name} manifest, "
+                f"got {manifest.schema_name}"
+            )
     key = stage_key(spec, cfg, inputs)
     committed = load_committed(spec, key, store)
     if committed is not None:

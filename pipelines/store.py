@@ -17,6 +17,7 @@ import io
 import json
 import os
 import uuid
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -131,6 +132,23 @@ class Store:
             for path in self.fs.find(directory):
                 if ".tmp-" in path.rsplit("/", 1)[-1]:
                     self.fs.rm_file(path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes a local file so that readers see the old file or the whole new one, never a prefix: a temp
+    file beside it, fsynced, then renamed over it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+    _fsync_directory(str(target.parent))
 
 
 def _fsync_directory(directory: str) -> None:

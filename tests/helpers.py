@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from curation.demo import DemoDataConfig
-from pipelines.config import IngestConfig, PipelineConfig, SourceConfig, build_config, resolve_config
+from curation.ingest import IngestConfig, SourceConfig
+from flows.curate_and_train import CURATE_AND_TRAIN, CurateAndTrainConfig
 from tests.training_helpers import tiny_training_sections
 
 
@@ -98,11 +99,11 @@ SMALL_DEMO = DemoDataConfig(
 TINY_DAG_STEPS = 2
 
 
-def demo_job_config(data: Path, store: Path, **ingest_options) -> PipelineConfig:
+def demo_job_config(data: Path, store: Path, **ingest_options) -> CurateAndTrainConfig:
     """The demo preset pointed at demo data built under `data`, serial and quiet, storing under `store`,
     with a tiny pretraining run."""
-    preset = resolve_config("demo")
-    tiny = build_config(tiny_training_sections(TINY_DAG_STEPS))
+    preset = CURATE_AND_TRAIN.resolve_config("demo")
+    tiny = CURATE_AND_TRAIN.build_config(tiny_training_sections(TINY_DAG_STEPS))
     sources = tuple(replace(s, path=str(data / s.path.rsplit("/", 1)[-1])) for s in preset.ingest.sources)
     return replace(
         preset,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from curation.demo.sources import read_fashion_mnist
 from pipelines.config import build_config
-from pipelines.train_config import PretrainConfig
+from training.config import PretrainConfig
 
 # A 2-block, 64-wide ViT on 28-px global / 14-px local crops with 7-px patches: 16 + 4 patches per crop.
 TINY_PRETRAIN: dict[str, Any] = {
@@ -43,7 +43,7 @@ def tiny_pretrain_section(**sections: dict[str, Any]) -> dict[str, Any]:
 
 def tiny_pretrain_config(**sections: dict[str, Any]) -> PretrainConfig:
     """TINY_PRETRAIN with some sections' keys replaced, e.g. train={"max_steps": 3}."""
-    return build_config({"pretrain": tiny_pretrain_section(**sections)}).pretrain
+    return build_config(PretrainConfig, tiny_pretrain_section(**sections), "pretrain")
 
 
 def fashion_manifest(folder: Path, count: int, split: str = "train") -> pa.Table:

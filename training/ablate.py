@@ -16,16 +16,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from pipelines.manifest import EVAL_RESULTS, EXPORTS
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
-from pipelines.train_config import EvaluateConfig
-from training.eval.stage import (
-    evaluate_backbone,
-    evaluation_stats,
-    load_eval_data,
-    result_rows,
-    results_markdown,
-)
+from training.eval.config import EvaluateConfig
+from training.eval.results import EVAL_RESULTS, accuracy_tables, result_rows, results_markdown
+from training.eval.stage import evaluate_backbone, evaluation_stats, load_eval_data
+from training.exports import EXPORTS
 from training.stages import PRETRAIN, TEACHER_MODEL
 
 TABLE_FILE = "table2.md"
@@ -52,6 +47,10 @@ def teacher_export(exports: Manifest, input_name: str) -> dict[str, Any]:
 
 
 def run_ablate_data(cfg: EvaluateConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
+    untrained = [name for name in COMPARED_INPUTS if inputs[name].num_rows == 0]
+    if untrained:
+        ctx.write_output("results", EVAL_RESULTS.empty_table())
+        return {"models": {}, "warning": f"ablate_data: nothing was trained for {', '.join(untrained)}"}
     data = load_eval_data(cfg)
     results = [
         dataclasses.replace(
@@ -83,8 +82,9 @@ ABLATE_DATA = register_stage(
         version=1,
         config_type=EvaluateConfig,
         fn=run_ablate_data,
-        inputs=tuple(COMPARED_INPUTS),
+        inputs=dict.fromkeys(COMPARED_INPUTS, EXPORTS),
         outputs={"results": EVAL_RESULTS},
         description="k-NN and linear probe of the teachers pretrained on curated and on random pool data",
+        tables=accuracy_tables,
     )
 )

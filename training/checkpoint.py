@@ -37,7 +37,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from pipelines.train_config import StudentConfig
+from pipelines.store import write_text_atomic
+from training.config import StudentConfig
 
 CONFIG_FILE = "config.json"
 BACKBONES_FILE = "backbones.json"
@@ -53,12 +54,6 @@ SINGLE_PROCESS_LOAD_WARNING = "torch.distributed is disabled, unavailable or uni
 
 def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:0{STEP_DIGITS}d}"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    temp.write_text(text)
-    os.replace(temp, path)
 
 
 def write_run_config(root: Path, cfg_dict: dict[str, Any]) -> None:

@@ -13,13 +13,31 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 from torch import nn
 
-from training.checkpoint import EXPORT_INFO_SUFFIX, write_text_atomic
-from training.models.vit import build_vit
+from pipelines.manifest import ManifestSchema
+from pipelines.store import write_text_atomic
+from training.checkpoint import EXPORT_INFO_SUFFIX
+from training.models.vit import build_vit_from_options
 
 HASH_CHUNK_BYTES = 1 << 20
+
+# One row per exported backbone (hub-format .pth): what evaluation and later stages load.
+EXPORTS = ManifestSchema(
+    name="exports",
+    version=1,
+    fields=(
+        pa.field("model", pa.string(), nullable=False),  # teacher | student | student_random_init
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("arch", pa.string(), nullable=False),
+        pa.field("build_options", pa.string(), nullable=False),  # JSON: build_vit keyword arguments
+        pa.field("parameters", pa.int64(), nullable=False),
+        pa.field("checkpoint", pa.string()),  # the training checkpoint (with heads) it came from, if any
+    ),
+)
 
 
 def file_sha256(path: Path) -> str:
@@ -78,7 +96,6 @@ def export_row(
 
 def load_exported_backbone(row: dict[str, Any]) -> nn.Module:
     """The backbone of an exports row, loaded with strict=True (a key mismatch is an error)."""
-    options = json.loads(row["build_options"])
-    backbone = build_vit(options.pop("arch"), **options)
+    backbone = build_vit_from_options(json.loads(row["build_options"]))
     backbone.load_state_dict(torch.load(row["path"], map_location="cpu", weights_only=True), strict=True)
     return backbone.eval()

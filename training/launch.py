@@ -10,12 +10,13 @@ checkpoints.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from pipelines.config import build_config
+from pipelines.config import build_config, load_file
 from pipelines.manifest import read_manifest
+from training.config import PretrainConfig
 from training.trainer import train
+
+SECTION = "pretrain"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", required=True, help="the curated (or images) manifest to train on")
     parser.add_argument("--out", required=True, help="run folder: checkpoints and metrics")
     args = parser.parse_args(argv)
-    cfg = build_config({"pretrain": json.loads(Path(args.config).read_text())}).pretrain
+    cfg = build_config(PretrainConfig, load_file(args.config), SECTION)
     train(cfg, read_manifest(args.images), args.out)
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from pipelines.train_config import PretrainConfig
+from training.config import PretrainConfig
 
 LR_REFERENCE_BATCH = 1024  # base_lr is quoted for this many images per step (sqrt scaling rule)
 EMBEDDING_PARAMS = frozenset({"pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens"})

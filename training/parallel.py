@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from pipelines.train_config import TrainDevice, TrainPrecision
+from training.config import TrainDevice, TrainPrecision
 
 # gloo on CPU can be slow to rendezvous under load; a stuck peer should still fail within minutes.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipelines.train_config import PretrainConfig
 from training.checkpoint import backbone_options
+from training.config import PretrainConfig
 from training.losses import LaggedCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 from training.models.heads import DINOHead
 from training.models.vit import build_vit

@@ -19,19 +19,38 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pipelines.manifest import CURATED, EXPORTS, TRAIN_METRICS
-from pipelines.stage import ARTIFACTS_DIR, Manifest, StageContext, StageSpec, config_to_dict, register_stage
-from pipelines.train_config import PretrainConfig
+from pipelines.manifest import CURATED
+from pipelines.stage import (
+    ARTIFACTS_DIR,
+    Manifest,
+    StageContext,
+    StageRun,
+    StageSpec,
+    config_to_dict,
+    register_stage,
+)
+from pipelines.views import FigureView
 from training.checkpoint import export_backbone
-from training.exports import export_row
+from training.config import PretrainConfig
+from training.eval.pca_picture import pca_picture_png, spread_images
+from training.exports import EXPORTS, export_row, load_exported_backbone
 from training.plots import loss_curve_png
-from training.trainer import CHECKPOINTS_DIR, read_metrics, train
+from training.trainer import CHECKPOINTS_DIR, TRAIN_METRICS, read_metrics, train
 
 RUN_DIR = "run"
 BACKBONE_FILE = "backbone.pth"
 LOSS_CURVE_FILE = "loss_curve.png"
 CONFIG_FILE = "launch_config.json"
 TEACHER_MODEL = "teacher"  # pretraining exports its EMA teacher, the model DINOv2 releases
+PCA_IMAGE_COUNT = 6
+# What the summaries of both training stages show: stats key -> label.
+TRAINING_SHOWN_STATS = {
+    "steps": "steps",
+    "images": "images",
+    "objective_first": "first objective",
+    "objective_last": "last objective",
+    "seconds_per_step": "s / step",
+}
 
 
 def launch_torchrun(entry_module: str, section: Any, processes: int, images_uri: str, run_dir: Path) -> None:
@@ -58,31 +77,62 @@ def launch_torchrun(entry_module: str, section: Any, processes: int, images_uri:
     subprocess.run(command, check=True)
 
 
+def nothing_to_train(ctx: StageContext, stage: str) -> dict[str, Any]:
+    """Commits empty outputs for a training stage given no images, and says so in its stats."""
+    ctx.write_output("metrics", TRAIN_METRICS.empty_table())
+    ctx.write_output("exports", EXPORTS.empty_table())
+    return {"steps": 0, "images": 0, "warning": f"{stage}: the curated manifest is empty; nothing trained"}
+
+
+def finish_training(
+    ctx: StageContext, run_dir: Path, exports: list[dict[str, Any]], title: str
+) -> dict[str, Any]:
+    """The tail of both training stages: writes the run's `metrics` and `exports` outputs and its loss
+    curve, and returns the stats they share."""
+    metrics = TRAIN_METRICS.validate(read_metrics(run_dir))
+    ctx.write_output("metrics", metrics)
+    ctx.write_output("exports", EXPORTS.table_from_rows(exports))
+    ctx.write_artifact(LOSS_CURVE_FILE, loss_curve_png(metrics, title))
+    objective = metrics.column("objective")
+    return {
+        "steps": metrics.num_rows,
+        "objective_first": objective[0].as_py(),
+        "objective_last": objective[-1].as_py(),
+        "seconds_per_step": round(pc.mean(metrics.column("seconds")).as_py(), 4),
+    }
+
+
 def run_pretrain(cfg: PretrainConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
     images = inputs["curated"].read(CURATED)
     if images.num_rows == 0:
-        raise ValueError("pretrain: the curated manifest is empty; nothing to train on")
+        return nothing_to_train(ctx, ctx.spec.name)
     run_dir = ctx.local_dir(RUN_DIR)
     if cfg.train.nproc_per_node == 1:
         train(cfg, images, run_dir, show_progress=ctx.show_progress)
     else:
         launch_torchrun("training.launch", cfg, cfg.train.nproc_per_node, inputs["curated"].uri, run_dir)
-    metrics = TRAIN_METRICS.validate(read_metrics(run_dir))
-    ctx.write_output("metrics", metrics)
     artifacts = ctx.local_dir(ARTIFACTS_DIR)
     export_backbone(run_dir / CHECKPOINTS_DIR, artifacts / BACKBONE_FILE)
     teacher = export_row(TEACHER_MODEL, artifacts / BACKBONE_FILE, checkpoint=run_dir / CHECKPOINTS_DIR)
-    ctx.write_output("exports", EXPORTS.table_from_rows([teacher]))
-    ctx.write_artifact(LOSS_CURVE_FILE, loss_curve_png(metrics, f"pretrain {cfg.student.arch}"))
-    objective = metrics.column("objective")
-    return {
-        "steps": metrics.num_rows,
-        "images": images.num_rows,
-        "objective_first": objective[0].as_py(),
-        "objective_last": objective[-1].as_py(),
-        "seconds_per_step": round(pc.mean(metrics.column("seconds")).as_py(), 4),
-        "backbone": str(artifacts / BACKBONE_FILE),
-    }
+    stats = finish_training(ctx, run_dir, [teacher], f"pretrain {cfg.student.arch}")
+    return {**stats, "images": images.num_rows, "backbone": str(artifacts / BACKBONE_FILE)}
+
+
+def teacher_pca_figures(run: StageRun) -> list[FigureView]:
+    """The DINOv2 picture of a committed pretraining: PCA of its teacher's patch features on a few of
+    the images it trained on (none when it trained nothing)."""
+    exports = run.outputs["exports"].read(EXPORTS).to_pylist()
+    if not exports:
+        return []
+    export = next((row for row in exports if row["model"] == TEACHER_MODEL), exports[0])
+    images = spread_images(run.record["inputs"]["curated"]["uri"], PCA_IMAGE_COUNT)
+    png = pca_picture_png(load_exported_backbone(export), images)
+    caption = (
+        f"the DINOv2 picture: pretrained {export['model']} ({export['arch']}), the first three PCA "
+        f"components of the patch features of {len(images)} training images as RGB, fitted on all their "
+        "patches together; patches whose first component marks background are black"
+    )
+    return [FigureView(caption, png)]
 
 
 PRETRAIN = register_stage(
@@ -91,8 +141,10 @@ PRETRAIN = register_stage(
         version=2,
         config_type=PretrainConfig,
         fn=run_pretrain,
-        inputs=("curated",),
+        inputs={"curated": CURATED},
         outputs={"metrics": TRAIN_METRICS, "exports": EXPORTS},
         description="DINOv2 pretraining (DINO + iBOT + KoLeo, EMA teacher) on the curated set",
+        shown_stats=TRAINING_SHOWN_STATS,
+        figures=teacher_pca_figures,
     )
 )

@@ -27,9 +27,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipelines.manifest import TRAIN_METRICS
+from pipelines.manifest import ManifestSchema
 from pipelines.stage import config_to_dict
-from pipelines.train_config import PretrainConfig
 from training.checkpoint import (
     checkpoint_step,
     latest_checkpoint,
@@ -39,6 +38,7 @@ from training.checkpoint import (
     write_backbone_options,
     write_run_config,
 )
+from training.config import PretrainConfig
 from training.data.dataset import make_train_loader
 from training.optim import apply_schedules, build_optimizer, build_schedules, clip_grad_norms, param_groups
 from training.parallel import (
@@ -62,6 +62,30 @@ RANK_SEED_STRIDE = 7_919
 
 ModelFactory = Callable[[], nn.Module]
 FSDP_VIEW_WARNING = r"FSDP2-wrapped module .* returned a view tensor"
+
+
+def _float_fields(*names: str, nullable: bool = False) -> tuple[pa.Field, ...]:
+    return tuple(pa.field(name, pa.float64(), nullable=nullable) for name in names)
+
+
+# One row per training iteration: the schedules' values, every loss term (official logged names, plus the
+# optimised objective), the gradient norm of each student submodule before clipping, and the step time.
+# Version 2: every head's gradient norm is nullable.
+TRAIN_METRICS = ManifestSchema(
+    name="train_metrics",
+    version=2,
+    fields=(
+        pa.field("step", pa.int64(), nullable=False),
+        *_float_fields("lr", "weight_decay", "momentum", "teacher_temp", "last_layer_lr"),
+        *_float_fields(
+            "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "objective"
+        ),
+        *_float_fields("grad_norm_backbone"),
+        # One per student head: DINO (and a separate iBOT) head, or distillation's feature projection.
+        *_float_fields("grad_norm_dino_head", "grad_norm_ibot_head", "grad_norm_feature_head", nullable=True),
+        *_float_fields("seconds"),
+    ),
+)
 
 
 @dataclass(frozen=True, slots=True)

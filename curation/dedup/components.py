@@ -14,12 +14,43 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipelines.config import KeepRuleConfig
-from pipelines.manifest import DUPLICATES_REJECTED
+from pipelines.manifest import REJECTED, ROLES, ManifestSchema, Role
+from pipelines.validation import require
 
 NO_MATCH = -1
 # Component sizes are reported in these buckets (upper bounds, inclusive); the last one is open.
 SIZE_BUCKETS = (2, 3, 4, 8, 16, 64, 256)
+
+# Every dedup stage's rejects: the REJECTED columns plus what the dropped row duplicates.
+DUPLICATES_REJECTED = ManifestSchema(
+    name="rejected_duplicates",
+    version=1,
+    fields=(
+        *REJECTED.fields,
+        pa.field("match_image_id", pa.string(), nullable=False),  # the kept (or eval) image it matches
+        pa.field("match_uri", pa.string(), nullable=False),
+        pa.field("group_id", pa.string(), nullable=False),  # image_id of the group's representative
+        pa.field("similarity", pa.float32(), nullable=False),  # 1.0 exact; 1 - hamming/64; cosine
+    ),
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeepRuleConfig:
+    """Which member of a duplicate group survives.
+
+    Rows of a `protected_roles` role are never dropped by dedup (they are references: seeds, eval
+    sets); the other members of their group are. In a group without protected rows one row is kept:
+    the first by role (in `role_priority` order), then the larger (or smaller) resolution, then the
+    larger file, then the URI and image id as a stable tie-break.
+    """
+
+    role_priority: tuple[Role, ...] = ("eval", "curated", "uncurated")
+    protected_roles: tuple[Role, ...] = ("eval", "curated")
+    prefer_larger: bool = True
+
+    def __post_init__(self) -> None:
+        require(sorted(self.role_priority) == sorted(ROLES), f"role_priority must order all of {ROLES}")
 
 
 class ComponentLabels:
@@ -154,6 +185,16 @@ def duplicate_rejections(
         for row, matched, group_row, score in zip(dropped, match, group, similarity, strict=True)
     ]
     return DUPLICATES_REJECTED.table_from_rows(rows)
+
+
+# What every dedup stage's summary shows: stats key -> label.
+DEDUP_SHOWN_STATS = {
+    "rows_in": "images in",
+    "groups": "duplicate groups",
+    "rows_in_groups": "images in groups",
+    "largest_group": "largest group",
+    "rejected": "rejected",
+}
 
 
 def component_stats(labels: np.ndarray) -> dict[str, object]:

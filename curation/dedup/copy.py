@@ -5,8 +5,8 @@ images --per shard: embedder--> descriptors (every input row; resumable)
     streamed into a union-find)--> components
   --keep rule--> images (one per component, plus protected rows), rejected (naming the kept row)
 
-The k-NN index is one Faiss index here, or with `search_shards` > 1 split over the executor's workers
-(`curation.sharded_knn`): the same edges either way for a flat index. Descriptors are read where they
+The k-NN index is one Faiss index here, or with `search.shards` > 1 split over the executor's workers
+(`curation.search.sharded`): the same edges either way for a flat index. Descriptors are read where they
 lie, a block at a time: the stage holds the index and the rows it rejects, not the descriptor column.
 """
 
@@ -14,22 +14,59 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from curation.dedup.components import component_stats, duplicate_rejections, resolve_groups
-from curation.dedup.descriptors import describe_shard
-from curation.dedup.graph import GraphSearch, duplicate_graph, locate_descriptors, pair_cosines
+from curation.dedup.components import (
+    DEDUP_SHOWN_STATS,
+    DUPLICATES_REJECTED,
+    KeepRuleConfig,
+    component_stats,
+    duplicate_rejections,
+    resolve_groups,
+)
+from curation.dedup.descriptors import DESCRIPTORS, describe_shard
+from curation.dedup.graph import (
+    PAPER_GRAPH_NEIGHBOURS,
+    GraphSearch,
+    check_graph_settings,
+    duplicate_graph,
+    locate_descriptors,
+    pair_cosines,
+)
 from curation.dedup.sheets import duplicate_groups_sheet
-from curation.embedders import stage_weights_fingerprint
-from pipelines.config import CopyDedupConfig
-from pipelines.manifest import DESCRIPTORS, DUPLICATES_REJECTED, IMAGES
+from curation.embedders import EmbedderConfig, stage_weights_fingerprint
+from curation.search import SearchConfig
+from pipelines.manifest import IMAGES, Role
 from pipelines.shards import row_shards
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
+from pipelines.validation import require
 
 REASON = "copy_duplicate"
 SHEET_NAME = "duplicate_groups.png"
+# The paper's copy-detection edges: cosine > 0.6 on SSCD descriptors.
+PAPER_COPY_THRESHOLD = 0.6
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CopyDedupConfig:
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    roles: tuple[Role, ...] = ("uncurated",)
+    """Rows of these roles form the duplicate graph (the paper dedups the uncurated pool); the others pass
+    through, with descriptors for decontaminate. Add curated/eval to dedup across roles (keep rule)."""
+    num_neighbours: int = PAPER_GRAPH_NEIGHBOURS
+    threshold: float = PAPER_COPY_THRESHOLD
+    """Edges with cosine similarity above this join images into one duplicate component."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    rows_per_shard: int = 256
+    keep: KeepRuleConfig = field(default_factory=KeepRuleConfig)
+
+    def __post_init__(self) -> None:
+        check_graph_settings(self.num_neighbours, self.threshold)
+        require(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        require(bool(self.roles), "roles must name at least one role")
 
 
 def run_copy_dedup(cfg: CopyDedupConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
@@ -45,7 +82,8 @@ def run_copy_dedup(cfg: CopyDedupConfig, inputs: Mapping[str, Manifest], ctx: St
     scope = np.flatnonzero(
         np.isin(np.asarray(images.column("role").to_pylist(), dtype=object), list(cfg.roles))
     )
-    graph = duplicate_graph(images, descriptors, scope, GraphSearch.of(cfg), ctx.executor)
+    search = GraphSearch(cfg.num_neighbours, cfg.threshold, cfg.search)
+    graph = duplicate_graph(images, descriptors, scope, search, ctx.executor)
     labels = graph.labels
 
     resolution = resolve_groups(images, labels, cfg.keep)
@@ -80,9 +118,10 @@ COPY_DEDUP = register_stage(
         version=2,
         config_type=CopyDedupConfig,
         fn=run_copy_dedup,
-        inputs=("images",),
+        inputs={"images": IMAGES},
         outputs={"images": IMAGES, "rejected": DUPLICATES_REJECTED, "descriptors": DESCRIPTORS},
         description="drop near-copies found by copy-detection descriptors, k-NN and connected components",
+        shown_stats=DEDUP_SHOWN_STATS,
         fingerprint=stage_weights_fingerprint,  # the weights file content keys it
     )
 )

@@ -1,7 +1,7 @@
 """The `decontaminate` stage: pool images too close to an evaluation image go, whole component and all.
 
 images + descriptors (copy_dedup's, restricted to these images, read where they lie)
-  --`graph.duplicate_graph` (Faiss k-NN, cosine > threshold, one index or `search_shards` shards on the
+  --`graph.duplicate_graph` (Faiss k-NN, cosine > threshold, one index or `search.shards` shards on the
     executor's workers; edges streamed into a union-find)--> components
   --components holding an eval image--> their drop_roles rows are rejected, each naming the eval image
                                         of its component most similar to it
@@ -11,18 +11,34 @@ images + descriptors (copy_dedup's, restricted to these images, read where they 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from curation.dedup.components import component_stats, duplicate_rejections
-from curation.dedup.graph import GraphSearch, HeldRows, duplicate_graph, held_rows, locate_descriptors
+from curation.dedup.components import (
+    DEDUP_SHOWN_STATS,
+    DUPLICATES_REJECTED,
+    component_stats,
+    duplicate_rejections,
+)
+from curation.dedup.descriptors import DESCRIPTORS
+from curation.dedup.graph import (
+    PAPER_GRAPH_NEIGHBOURS,
+    GraphSearch,
+    HeldRows,
+    check_graph_settings,
+    duplicate_graph,
+    held_rows,
+    locate_descriptors,
+)
 from curation.pictures import Tile, contact_sheet
-from pipelines.config import DecontaminateConfig
+from curation.search import SearchConfig
 from pipelines.images import read_image_bytes
-from pipelines.manifest import DUPLICATES_REJECTED, IMAGES
+from pipelines.manifest import IMAGES, Role
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
+from pipelines.validation import require
 
 REASON = "eval_contamination"
 EVAL_ROLE = "eval"
@@ -31,6 +47,24 @@ SHEET_PAIRS = 32
 SHEET_PAIRS_PER_ROW = 4
 # Rows of a contaminated component compared with its eval images at once: bounds a [rows, evals] block.
 MATCH_BLOCK_ROWS = 4096
+# The paper removes pool images with cosine > 0.45 to an evaluation image (on SSCD descriptors).
+PAPER_DECONTAMINATION_THRESHOLD = 0.45
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DecontaminateConfig:
+    num_neighbours: int = PAPER_GRAPH_NEIGHBOURS
+    threshold: float = PAPER_DECONTAMINATION_THRESHOLD
+    """Pool images in a component (cosine > threshold) with an eval image are removed."""
+    drop_roles: tuple[Role, ...] = ("uncurated",)
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    def __post_init__(self) -> None:
+        check_graph_settings(self.num_neighbours, self.threshold)
+        require(
+            EVAL_ROLE not in self.drop_roles,
+            "drop_roles must not contain eval: eval images are the references",
+        )
 
 
 def best_eval_matches(
@@ -66,7 +100,8 @@ def run_decontaminate(
     images = inputs["images"].read(IMAGES)
     descriptors = locate_descriptors(images, inputs["descriptors"])
     every_row = np.arange(images.num_rows)
-    graph = duplicate_graph(images, descriptors, every_row, GraphSearch.of(cfg), ctx.executor)
+    search = GraphSearch(cfg.num_neighbours, cfg.threshold, cfg.search)
+    graph = duplicate_graph(images, descriptors, every_row, search, ctx.executor)
     labels = graph.labels
 
     roles = np.asarray(images.column("role").to_pylist(), dtype=object)
@@ -130,8 +165,13 @@ DECONTAMINATE = register_stage(
         version=2,
         config_type=DecontaminateConfig,
         fn=run_decontaminate,
-        inputs=("images", "descriptors"),
+        inputs={"images": IMAGES, "descriptors": DESCRIPTORS},
         outputs={"images": IMAGES, "rejected": DUPLICATES_REJECTED},
         description="drop pool images whose duplicate component holds an evaluation image",
+        shown_stats={
+            **DEDUP_SHOWN_STATS,
+            "eval_images_matched": "eval images matched",
+            "contaminated_components": "contaminated components",
+        },
     )
 )

@@ -11,18 +11,26 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from curation.embedders import build_embedder
-from pipelines.config import EmbedderConfig
+from curation.embedders import EmbedderConfig, build_embedder
+from curation.vectors import embedding_array
 from pipelines.images import load_row_rgb
-from pipelines.manifest import DESCRIPTORS, embedding_type
+from pipelines.manifest import EMBEDDING, ManifestSchema
 from pipelines.stage import ShardResult
+
+DESCRIPTORS = ManifestSchema(
+    name="descriptors",
+    version=1,
+    fields=(
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("descriptor", EMBEDDING, nullable=False),  # L2-normalised
+    ),
+)
 
 
 def descriptors_table(rows: pa.Table, vectors: np.ndarray) -> pa.Table:
     """A DESCRIPTORS table: `rows`' keys beside `vectors` stored as float16."""
-    dim = vectors.shape[1]
-    values = pa.array(np.ascontiguousarray(vectors, dtype=np.float16).reshape(-1))
-    column = pa.FixedSizeListArray.from_arrays(values, dim).cast(embedding_type(dim))
+    column = embedding_array(vectors)
     return DESCRIPTORS.validate(
         pa.table({"image_id": rows.column("image_id"), "uri": rows.column("uri"), "descriptor": column})
     )

@@ -6,19 +6,31 @@ images --group by image_id--> keep one per group (keep rule) --> images, rejecte
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
 
-from curation.dedup.components import component_stats, duplicate_rejections, resolve_groups
+from curation.dedup.components import (
+    DEDUP_SHOWN_STATS,
+    DUPLICATES_REJECTED,
+    KeepRuleConfig,
+    component_stats,
+    duplicate_rejections,
+    resolve_groups,
+)
 from curation.dedup.sheets import duplicate_groups_sheet
-from pipelines.config import ExactDedupConfig
-from pipelines.manifest import DUPLICATES_REJECTED, IMAGES
+from pipelines.manifest import IMAGES
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
 
 REASON = "exact_duplicate"
 SHEET_NAME = "duplicate_groups.png"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExactDedupConfig:
+    keep: KeepRuleConfig = field(default_factory=KeepRuleConfig)
 
 
 def run_exact_dedup(
@@ -59,8 +71,9 @@ EXACT_DEDUP = register_stage(
         version=1,
         config_type=ExactDedupConfig,
         fn=run_exact_dedup,
-        inputs=("images",),
+        inputs={"images": IMAGES},
         outputs={"images": IMAGES, "rejected": DUPLICATES_REJECTED},
         description="drop byte-identical copies, keeping one per group by the keep rule",
+        shown_stats=DEDUP_SHOWN_STATS,
     )
 )

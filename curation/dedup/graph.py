@@ -2,7 +2,7 @@
 
 images rows in the graph --locate_descriptors: keys of the descriptors parts only--> where each row's
   descriptor lies --key order (the search's row ids: the same graph whatever the part layout)-->
-  a Faiss index filled a block at a time (one here, or `search_shards` shards on executor workers, each
+  a Faiss index filled a block at a time (one here, or `search.shards` shards on executor workers, each
   reading its own rows) --k-NN of each query block, cosine > threshold--> edge batches
   --streamed_components: ComponentLabels (8 bytes a row) + EdgeTally (pairs spilled to local disk)-->
   a label per images row (the smallest row index of its component), the number of distinct edges
@@ -22,16 +22,18 @@ import numpy as np
 import pyarrow as pa
 
 from curation.dedup.components import ComponentLabels
-from curation.dedup.knn import SEARCH_BATCH_ROWS, Searcher, VectorSource, choose_index, edge_batches
-from curation.sharded_knn import database_index
+from curation.dedup.descriptors import DESCRIPTORS
+from curation.search import SearchConfig, database_index
+from curation.search.knn import SEARCH_BATCH_ROWS, Searcher, VectorSource, edge_batches
 from curation.vector_parts import PartRows, StoredVectors, located_columns, stored_vectors
-from curation.vectors import key_order
-from pipelines.config import CopyDedupConfig, DecontaminateConfig, IndexKind
 from pipelines.executor import Executor
-from pipelines.manifest import DESCRIPTORS, ROW_KEY_COLUMNS, align_rows
+from pipelines.manifest import ROW_KEY_COLUMNS, align_rows, row_order
 from pipelines.stage import Manifest
+from pipelines.validation import require
 
 DESCRIPTOR_COLUMN = "descriptor"
+# The paper's copy-detection k-NN graph: 64 neighbours per image.
+PAPER_GRAPH_NEIGHBOURS = 64
 
 
 def locate_descriptors(images: pa.Table, descriptors: Manifest | str) -> StoredVectors:
@@ -45,20 +47,17 @@ def locate_descriptors(images: pa.Table, descriptors: Manifest | str) -> StoredV
 
 @dataclass(frozen=True, slots=True)
 class GraphSearch:
-    """How the graph is searched: the stage config fields of the same names."""
+    """How the graph is searched: k neighbours, edges with cosine > threshold, and the index."""
 
     num_neighbours: int
     threshold: float
-    index: IndexKind
-    ivf_min_rows: int
-    ivf_nprobe: int
-    search_shards: int
+    search: SearchConfig
 
-    @classmethod
-    def of(cls, cfg: CopyDedupConfig | DecontaminateConfig) -> GraphSearch:
-        return cls(
-            cfg.num_neighbours, cfg.threshold, cfg.index, cfg.ivf_min_rows, cfg.ivf_nprobe, cfg.search_shards
-        )
+
+def check_graph_settings(num_neighbours: int, threshold: float) -> None:
+    """What every duplicate-graph config requires of k and the cosine threshold (raises ValueError)."""
+    require(num_neighbours >= 1, f"num_neighbours must be >= 1, got {num_neighbours}")
+    require(-1.0 <= threshold <= 1.0, f"threshold must be a cosine in [-1, 1], got {threshold}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,17 +82,17 @@ def duplicate_graph(
         descriptors: Row i is the descriptor of images row i (`locate_descriptors`).
         graph_rows: Images row indices that form the graph.
         search: The k-NN settings.
-        executor: Holds the index shards when `search.search_shards` > 1.
+        executor: Holds the index shards when `search.search.shards` > 1.
     """
     started = time.perf_counter()
     # Key order: row ids (and so tie-breaks) do not depend on how upstream stages laid out their parts.
-    ordered = graph_rows[key_order(images.select(list(ROW_KEY_COLUMNS)).take(graph_rows))]
+    ordered = graph_rows[row_order(images.select(list(ROW_KEY_COLUMNS)).take(graph_rows))]
     rows = descriptors.take(ordered)
-    kind = choose_index(len(rows), search.index, search.ivf_min_rows)
-    with database_index(rows, search.search_shards, kind, executor, search.ivf_nprobe) as searcher:
+    with database_index(rows, search.search, executor) as searcher:
         labels, edges = streamed_components(
             rows, searcher, search.num_neighbours, search.threshold, ordered, images.num_rows
         )
+    kind = search.search.kind_for(len(rows))
     return DuplicateGraph(labels, edges, kind, time.perf_counter() - started)
 
 

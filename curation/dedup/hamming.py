@@ -24,8 +24,8 @@ import faiss
 import numpy as np
 from PIL import Image
 
-from pipelines.config import HASH_BITS, HashAlgorithm
-
+HASH_BITS = 64
+HashAlgorithm = Literal["phash", "dhash", "whash", "ahash"]
 HASH_BYTES = HASH_BITS // 8
 HEX_DIGITS = HASH_BITS // 4
 # imagededup's class for each algorithm name of PhashDedupConfig.

@@ -10,21 +10,26 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from curation.dedup.components import (
+    DEDUP_SHOWN_STATS,
+    DUPLICATES_REJECTED,
     NO_MATCH,
     GroupResolution,
+    KeepRuleConfig,
     component_stats,
     connected_components,
     duplicate_rejections,
     resolve_groups,
 )
 from curation.dedup.hamming import (
+    HASH_BITS,
+    HashAlgorithm,
     HashPairs,
     SearchPlan,
     hamming,
@@ -33,15 +38,42 @@ from curation.dedup.hamming import (
     plan_search,
 )
 from curation.dedup.sheets import duplicate_groups_sheet
-from pipelines.config import HASH_BITS, HashAlgorithm, KeepRuleConfig, PhashDedupConfig
 from pipelines.images import load_rgb, read_image_bytes
-from pipelines.manifest import DUPLICATES_REJECTED, IMAGE_HASHES, IMAGES, align_rows
+from pipelines.manifest import IMAGES, ManifestSchema, align_rows
 from pipelines.shards import row_shards
 from pipelines.stage import Manifest, ShardResult, StageContext, StageSpec, register_stage
+from pipelines.validation import require
 
 REASON = "phash_duplicate"
 SHEET_NAME = "duplicate_groups.png"
 HASHES_OUTPUT = "hashes"
+
+IMAGE_HASHES = ManifestSchema(
+    name="image_hashes",
+    version=1,
+    fields=(
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("hash", pa.uint64(), nullable=False),  # 64-bit perceptual hash, bit 63 = first bit
+    ),
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PhashDedupConfig:
+    algorithm: HashAlgorithm = "phash"
+    max_distance: int = 2
+    """Two images are near-duplicates when their hashes differ in at most this many bits. On the demo,
+    2 finds most JPEG, resize and colour-shift copies; 4 adds mostly look-alike Fashion-MNIST products."""
+    rows_per_shard: int = 1024
+    keep: KeepRuleConfig = field(default_factory=KeepRuleConfig)
+
+    def __post_init__(self) -> None:
+        require(
+            0 <= self.max_distance < HASH_BITS,
+            f"max_distance must be in [0, {HASH_BITS}), got {self.max_distance}",
+        )
+        require(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
 
 
 def _hash_row(algorithm: HashAlgorithm, row: dict) -> int:
@@ -158,8 +190,9 @@ PHASH_DEDUP = register_stage(
         version=1,
         config_type=PhashDedupConfig,
         fn=run_phash_dedup,
-        inputs=("images",),
+        inputs={"images": IMAGES},
         outputs={"images": IMAGES, "rejected": DUPLICATES_REJECTED, HASHES_OUTPUT: IMAGE_HASHES},
         description="drop near-duplicates whose perceptual hashes lie within a Hamming radius",
+        shown_stats=DEDUP_SHOWN_STATS,
     )
 )

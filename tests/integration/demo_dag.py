@@ -11,8 +11,8 @@ import functools
 from pathlib import Path
 
 from curation.demo import build_demo_data
+from flows.curate_and_train import CURATE_AND_TRAIN, CurateAndTrainConfig
 from flows.dag import run_pipeline
-from pipelines.config import PipelineConfig
 from pipelines.stage import StageRun
 from tests.helpers import SMALL_DEMO, demo_job_config
 
@@ -21,9 +21,9 @@ SMALL_DEMO_FILES_PER_SHARD = 16
 
 
 @functools.cache
-def small_demo_dag(base: Path) -> tuple[PipelineConfig, dict[str, StageRun]]:
+def small_demo_dag(base: Path) -> tuple[CurateAndTrainConfig, dict[str, StageRun]]:
     """The small demo's job config (tiny training sections) and the runs of its whole DAG, under `base`."""
     root = base / DEMO_DAG_DIR
     data = build_demo_data(root / "demo-data", SMALL_DEMO)
     cfg = demo_job_config(data, root / "store", files_per_shard=SMALL_DEMO_FILES_PER_SHARD)
-    return cfg, run_pipeline(cfg)
+    return cfg, run_pipeline(CURATE_AND_TRAIN, cfg)

@@ -25,8 +25,8 @@ from typing import Any
 
 import ray
 
+from flows.curate_and_train import CURATE_AND_TRAIN, CurateAndTrainConfig
 from flows.dag import executor_for, run_pipeline
-from pipelines.config import PipelineConfig, build_config
 from pipelines.executor import HeldStates, RayExecutor
 
 LAST_STAGE = "assemble"
@@ -115,12 +115,12 @@ def _digests(runs: dict) -> dict[str, dict[str, str]]:
     return {stage: {name: m.digest for name, m in run.outputs.items()} for stage, run in runs.items()}
 
 
-def _run_on_cluster(cfg: PipelineConfig, executor: RayExecutor) -> dict[str, Any]:
+def _run_on_cluster(cfg: CurateAndTrainConfig, executor: RayExecutor) -> dict[str, Any]:
     assert executor.address is None, "the cluster must come from RAY_ADDRESS"
     executor.start()
     _wait_for_nodes()
     recording = NodeRecordingExecutor(executor)
-    runs = run_pipeline(cfg, executor=recording, until=LAST_STAGE)
+    runs = run_pipeline(CURATE_AND_TRAIN, cfg, executor=recording, until=LAST_STAGE)
     alive = _alive_nodes()  # still both, after all the work
     result = {
         "digests": _digests(runs),
@@ -134,12 +134,13 @@ def _run_on_cluster(cfg: PipelineConfig, executor: RayExecutor) -> dict[str, Any
 
 
 def main(config_path: str, out_path: str) -> None:
-    cfg = build_config(json.loads(Path(config_path).read_text()))
+    cfg = CURATE_AND_TRAIN.build_config(json.loads(Path(config_path).read_text()))
     executor = executor_for(cfg)
     if isinstance(executor, RayExecutor):
         result = _run_on_cluster(cfg, executor)
     else:
-        result = {"digests": _digests(run_pipeline(cfg, executor=executor, until=LAST_STAGE))}
+        runs = run_pipeline(CURATE_AND_TRAIN, cfg, executor=executor, until=LAST_STAGE)
+        result = {"digests": _digests(runs)}
     Path(out_path).write_text(json.dumps(result, indent=1))
 
 

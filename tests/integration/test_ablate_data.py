@@ -8,18 +8,21 @@ import pyarrow as pa
 import pytest
 
 from curation.random_pool import RANDOM_MODE, random_pool_rows
-from flows.dag import ABLATE_DATA, ABLATE_DATA_UPSTREAM, nodes_until, run_pipeline
-from pipelines.manifest import EXPORTS, ROW_KEY_COLUMNS
+from flows.curate_and_train import ABLATE_DATA, CURATE_AND_TRAIN
+from flows.dag import run_pipeline
+from pipelines.manifest import ROW_KEY_COLUMNS
 from pipelines.stage import ARTIFACTS_DIR
 from tests.integration.demo_dag import small_demo_dag
 from training.ablate import CURATED_MODEL, RANDOM_MODEL, TABLE_FILE
-from training.eval.stage import KNN_PROTOCOL, PERCENT
+from training.eval.results import KNN_PROTOCOL, PERCENT
+from training.exports import EXPORTS
 
 
 @pytest.fixture(scope="module")
 def ablation(tmp_path_factory):
     cfg, first = small_demo_dag(tmp_path_factory.getbasetemp())
-    return cfg, first, run_pipeline(cfg, until=ABLATE_DATA_UPSTREAM, ablate_data=True)
+    upstream = CURATE_AND_TRAIN.branch_upstream(ABLATE_DATA)
+    return cfg, first, run_pipeline(CURATE_AND_TRAIN, cfg, until=upstream, branches=[ABLATE_DATA])
 
 
 def row_keys(table: pa.Table) -> list[tuple[str, str]]:
@@ -28,10 +31,12 @@ def row_keys(table: pa.Table) -> list[tuple[str, str]]:
 
 def test_only_the_ablation_is_computed_and_curated_pretraining_is_reused(ablation):
     _, first, runs = ablation
-    upstream = [node.stage for node in nodes_until(ABLATE_DATA_UPSTREAM)]
-    assert list(runs) == upstream + [node.stage for node in ABLATE_DATA]
+    branch = [node.stage for node in CURATE_AND_TRAIN.branches[ABLATE_DATA]]
+    # The main stages up to pretrain, the last one the branch reads, then the branch.
+    upstream = [node.stage for node in CURATE_AND_TRAIN.nodes_until("pretrain")]
+    assert list(runs) == upstream + branch
     assert all(runs[stage].reused and runs[stage].key == first[stage].key for stage in upstream)
-    assert not any(runs[node.stage].reused for node in ABLATE_DATA)
+    assert not any(runs[stage].reused for stage in branch)
 
 
 def test_random_pool_is_a_seeded_sample_of_uncurated_rows_of_the_curated_size(ablation):

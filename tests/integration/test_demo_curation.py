@@ -9,11 +9,13 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from curation.dedup.components import DUPLICATES_REJECTED
 from curation.demo import DemoDataConfig, build_demo_data
 from curation.demo.ground_truth import KIND_EVAL_NEAR_COPY, KIND_EXACT_COPY, KIND_NEAR_COPY
 from curation.demo.scoring import score_rejects, score_retrieval
+from flows.curate_and_train import CURATE_AND_TRAIN
 from flows.dag import run_pipeline
-from pipelines.manifest import DUPLICATES_REJECTED, read_manifest
+from pipelines.manifest import read_manifest
 from tests.helpers import demo_job_config
 
 # Measured on MEDIUM_DEMO with the demo preset (phash distance 2; EfficientNet-Lite0 copy descriptors,
@@ -54,7 +56,7 @@ def curated(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     data = build_demo_data(root / "demo-data", MEDIUM_DEMO)
     cfg = demo_job_config(data, root / "store")
-    runs = run_pipeline(cfg, until="assemble")
+    runs = run_pipeline(CURATE_AND_TRAIN, cfg, until="assemble")
     rejected = {
         stage: read_manifest(runs[stage].outputs["rejected"].uri, DUPLICATES_REJECTED)
         for stage in DEDUP_STAGES

@@ -6,6 +6,7 @@ import pytest
 
 from curation.demo import build_demo_data
 from curation.demo.ground_truth import GROUND_TRUTH_SCHEMA
+from flows.curate_and_train import CURATE_AND_TRAIN
 from flows.dag import run_pipeline
 from pipelines.manifest import read_manifest
 from pipelines.stage import Manifest
@@ -18,7 +19,7 @@ def demo_run(tmp_path_factory):
     data = build_demo_data(root / "demo-data", SMALL_DEMO)
     cfg = demo_job_config(data, root / "store", files_per_shard=16)
     truth = read_manifest(data / "ground_truth.parquet")
-    return cfg, run_pipeline(cfg), truth
+    return cfg, run_pipeline(CURATE_AND_TRAIN, cfg), truth
 
 
 def test_every_written_file_is_an_image_or_a_rejected_row(demo_run):
@@ -42,7 +43,7 @@ def test_every_written_file_is_an_image_or_a_rejected_row(demo_run):
 
 def test_a_second_run_reuses_every_stage_with_the_same_digests(demo_run):
     cfg, first, _ = demo_run
-    second = run_pipeline(cfg)
+    second = run_pipeline(CURATE_AND_TRAIN, cfg)
     assert all(run.reused for run in second.values())
     digests = [{n: m.digest for n, m in runs["ingest"].outputs.items()} for runs in (first, second)]
     assert digests[0] == digests[1]

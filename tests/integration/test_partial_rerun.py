@@ -7,8 +7,9 @@ from dataclasses import replace
 import pyarrow.compute as pc
 import pytest
 
-from flows.dag import CURATE_AND_TRAIN, run_pipeline
-from pipelines.config import apply_overrides, build_config, config_as_dict
+from flows.curate_and_train import CURATE_AND_TRAIN
+from flows.dag import run_pipeline
+from pipelines.config import apply_overrides, config_as_dict
 from pipelines.stage import StageRun
 from tests.integration.demo_dag import small_demo_dag
 
@@ -37,14 +38,14 @@ def test_changing_one_retrieval_parameter_recomputes_only_retrieve_and_what_foll
     assert source.mode == SAMPLE_MODE
     fewer = source.num_neighbours // 2
     # Through the same override path as `--set`; nothing else may differ.
-    changed = build_config(apply_overrides(config_as_dict(cfg), {CHANGED_KEY: fewer}))
+    changed = CURATE_AND_TRAIN.build_config(apply_overrides(config_as_dict(cfg), {CHANGED_KEY: fewer}))
     assert changed.retrieve.sources[0].num_neighbours == fewer
     assert replace(changed, retrieve=cfg.retrieve) == cfg
     assert changed.retrieve.sources[1:] == cfg.retrieve.sources[1:]
 
-    second = run_pipeline(changed)
+    second = run_pipeline(CURATE_AND_TRAIN, changed)
 
-    stages = [node.stage for node in CURATE_AND_TRAIN]
+    stages = [node.stage for node in CURATE_AND_TRAIN.nodes]
     split = stages.index(CHANGED_STAGE)
     assert list(second) == stages
     assert [stage for stage in stages if second[stage].reused] == stages[:split]

@@ -24,12 +24,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from curation.demo import build_demo_data
-from flows.dag import nodes_until
-from pipelines.config import PipelineConfig, config_as_dict
+from flows.curate_and_train import CURATE_AND_TRAIN, CurateAndTrainConfig
+from pipelines.config import config_as_dict
 from tests.helpers import SMALL_DEMO, demo_job_config
 from tests.integration.ray_cluster_driver import LAST_STAGE, WORKER_NODE_RESOURCE
 
@@ -175,7 +176,7 @@ def two_node_cluster() -> Iterator[Cluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _run_driver(cfg: PipelineConfig, out: Path, env: dict[str, str], logs: Path | None = None) -> dict:
+def _run_driver(cfg: CurateAndTrainConfig, out: Path, env: dict[str, str], logs: Path | None = None) -> dict:
     """Runs ray_cluster_driver.py on `cfg` in a fresh process; on failure, shows its output and `logs`."""
     config_path = out.with_suffix(".config.json")
     config_path.write_text(json.dumps(config_as_dict(cfg)))
@@ -190,6 +191,11 @@ def _run_driver(cfg: PipelineConfig, out: Path, env: dict[str, str], logs: Path 
     node_logs = "".join(log.read_text()[-2000:] for log in sorted(logs.glob("*.log"))) if logs else ""
     assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:] + node_logs
     return json.loads(out.read_text())
+
+
+def _sharded(section: Any) -> Any:
+    """A searching stage's section with its k-NN index split over SEARCH_SHARDS executor workers."""
+    return replace(section, search=replace(section.search, shards=SEARCH_SHARDS))
 
 
 @pytest.mark.timeout(2 * DRIVER_TIMEOUT_S + 3 * HEAD_START_TIMEOUT_S)
@@ -208,9 +214,9 @@ def test_curation_on_a_two_node_cluster_equals_the_serial_run(tmp_path):
         runtime=replace(
             serial_cfg.runtime, executor="ray", num_workers=NUM_NODES * CPUS_PER_NODE, ray_address=None
         ),
-        copy_dedup=replace(serial_cfg.copy_dedup, search_shards=SEARCH_SHARDS),
-        decontaminate=replace(serial_cfg.decontaminate, search_shards=SEARCH_SHARDS),
-        retrieve=replace(serial_cfg.retrieve, search_shards=SEARCH_SHARDS),
+        copy_dedup=_sharded(serial_cfg.copy_dedup),
+        decontaminate=_sharded(serial_cfg.decontaminate),
+        retrieve=_sharded(serial_cfg.retrieve),
     )
     serial = _run_driver(serial_cfg, tmp_path / "serial.json", _process_env())
     with two_node_cluster() as cluster:
@@ -218,7 +224,7 @@ def test_curation_on_a_two_node_cluster_equals_the_serial_run(tmp_path):
         found = _run_driver(cluster_cfg, tmp_path / "cluster.json", env, cluster.root)
     assert all(_group_gone(node.pid) for node in cluster.nodes), "a Ray process outlived its node"
 
-    assert list(found["digests"]) == [node.stage for node in nodes_until(LAST_STAGE)]
+    assert list(found["digests"]) == [node.stage for node in CURATE_AND_TRAIN.nodes_until(LAST_STAGE)]
     assert found["digests"] == serial["digests"]
     both = {found["head"], found["worker"]}
     assert len(both) == 2 and set(found["alive"]) == both

@@ -21,11 +21,14 @@ import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from flows.cli import main
-from flows.dag import ABLATE_DATA_UPSTREAM, run_pipeline
-from flows.report import PAGE_TITLE, PCA_IMAGE_COUNT
+from flows.curate_and_train import ABLATE_DATA, CURATE_AND_TRAIN
+from flows.dag import run_pipeline
+from flows.report import PAGE_TITLE
+from pipelines.manifest import read_manifest
 from pipelines.stage import StageRun
 from tests.integration.demo_dag import small_demo_dag
 from training.eval.pca_picture import TILE_PIXELS
+from training.stages import PCA_IMAGE_COUNT
 
 CHROMIUM = "chromium"
 STARTUP_TIMEOUT_S = 30.0
@@ -142,7 +145,8 @@ def report(tmp_path_factory) -> tuple[Path, dict[str, StageRun]]:
     # Why a seed of its own: the ablation's keys stay apart from those of test_ablate_data, which
     # expects to compute its ablation itself, whichever module runs first.
     cfg = dataclasses.replace(shared, ablate_data=dataclasses.replace(shared.ablate_data, seed=ABLATION_SEED))
-    runs = {**first, **run_pipeline(cfg, until=ABLATE_DATA_UPSTREAM, ablate_data=True)}
+    upstream = CURATE_AND_TRAIN.branch_upstream(ABLATE_DATA)
+    runs = {**first, **run_pipeline(CURATE_AND_TRAIN, cfg, until=upstream, branches=[ABLATE_DATA])}
     folder = tmp_path_factory.mktemp("report")
     config_file = folder / "job.json"
     config_file.write_text(json.dumps(dataclasses.asdict(cfg)))  # rebuilds the same config, hence keys
@@ -168,12 +172,15 @@ def test_report_loads_every_image_decodes_and_the_console_stays_clean(browser, r
     images = json.loads(browser.evaluate(IMAGES_STATE))
     undecoded = [alt for alt, complete, width in images if not (complete and width > 0)]
     assert not undecoded, f"images that did not decode: {undecoded}"
-    # One picture per PNG artifact of the committed stages, plus the PCA picture.
+    # One picture per PNG artifact of the committed stages, plus the PCA picture of each pretraining
+    # (curated and random data), as wide as the images it shows.
     pictures = sum(name.endswith(".png") for run in runs.values() for name in run.record["artifacts"])
-    assert len(images) == pictures + 1
-    (pca,) = [width for alt, _, width in images if "PCA components" in alt]
-    curated = len(set(runs["assemble"].outputs["curated"].read().column("image_id").to_pylist()))
-    assert pca == min(PCA_IMAGE_COUNT, curated) * TILE_PIXELS
+    pretrainings = ("pretrain", "pretrain_random")
+    assert len(images) == pictures + len(pretrainings)
+    pca = sorted(width for alt, _, width in images if "PCA components" in alt)
+    trained_on = [read_manifest(runs[stage].record["inputs"]["curated"]["uri"]) for stage in pretrainings]
+    distinct = [len(set(table.column("image_id").to_pylist())) for table in trained_on]
+    assert pca == sorted(min(PCA_IMAGE_COUNT, count) * TILE_PIXELS for count in distinct)
     assert console_errors(browser.events[start:]) == []
     # Every stage of this run is committed, the ablation's too, so no section says "not run".
     assert browser.evaluate("document.body.innerText.includes('not run')") is False

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from pipelines.train_config import BlurMode, CropsConfig
+from pipelines.images import IMAGENET_MEAN, IMAGENET_STD
+from training.config import BlurMode, CropsConfig
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FLIP_PROBABILITY = 0.5
 JITTER_PROBABILITY = 0.8
 JITTER_BRIGHTNESS = 0.4

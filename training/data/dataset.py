@@ -25,9 +25,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines.images import load_row_rgb
-from pipelines.manifest import ROW_KEY_COLUMNS
-from pipelines.train_config import PretrainConfig
+from pipelines.manifest import sort_rows
 from pipelines.validation import require
+from training.config import PretrainConfig
 from training.data.augment import MultiCropAugmentation
 from training.data.collate import collate_crops_and_masks
 from training.data.masking import MaskingGenerator, official_max_num_patches
@@ -162,7 +162,7 @@ def make_train_loader(
     require(0 <= rank < world_size, f"rank {rank} is not in [0, {world_size})")
     require(start_step >= 0, f"start_step must be >= 0, got {start_step}")
     # Why: manifest row order follows part names, which hash keys that include each image's path.
-    table = table.sort_by([(column, "ascending") for column in ROW_KEY_COLUMNS])
+    table = sort_rows(table)
     samples = MultiCropSamples(CuratedImages(table), MultiCropAugmentation(cfg.crops), cfg.train.seed)
     sampler = StepBatchSampler(
         start_step=start_step, rank=rank, world_size=world_size, batch_size=cfg.train.batch_size_per_gpu

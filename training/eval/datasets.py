@@ -21,7 +21,7 @@ from PIL import Image
 
 from curation.demo.sources import FASHION_MNIST_CLASSES, read_fashion_mnist
 from pipelines.images import IMAGE_EXTENSIONS, load_rgb
-from pipelines.train_config import EvalDatasetConfig
+from training.eval.config import EvalDatasetConfig
 
 EvalSplit = Literal["train", "test"]
 FASHION_MNIST_KIND = "fashion_mnist"

@@ -22,7 +22,7 @@ from torch import nn
 from torchvision import transforms
 from tqdm import tqdm
 
-from pipelines.config import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.images import IMAGENET_MEAN, IMAGENET_STD
 
 EVAL_RESIZE = 256  # shorter side before the centre crop (recipe 8.1)
 EVAL_CROP = 224

@@ -16,12 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.dataset as pa_dataset
 import torch
 from PIL import Image, ImageOps
 from torch import nn
 from torchvision.transforms import functional as TF
 
-from pipelines.config import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.images import IMAGENET_MEAN, IMAGENET_STD, load_row_rgb
 
 NUM_COMPONENTS = 3  # one per colour channel
 PATCHES_PER_SIDE = 16  # 224 px for patch 14, the resolution the backbones are trained at
@@ -32,6 +33,7 @@ MIN_SIDE_FOR_BORDER = 3  # a border ring of patches around at least one inside p
 BORDER_MAJORITY = 0.5  # a side holding more than this share of the border is background
 BACKGROUND = (0, 0, 0)
 RGB_MAX = 255
+CANDIDATE_ROWS = 10_000  # `spread_images` picks among this many first rows of a manifest
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,3 +160,13 @@ def pca_picture_png(
     buffer = io.BytesIO()
     _picture(crops, rgb_NRR3, tile_pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def spread_images(manifest_uri: str, count: int) -> list[Image.Image]:
+    """`count` images of a manifest spread evenly over the image ids of its first rows: the same ones on
+    every run, and a large manifest is never read whole."""
+    first_rows = pa_dataset.dataset(manifest_uri, format="parquet").head(CANDIDATE_ROWS)
+    rows = {row["image_id"]: row for row in first_rows.to_pylist()}
+    ids = sorted(rows)
+    picks = sorted(set(np.linspace(0, len(ids) - 1, min(count, len(ids))).round().astype(int)))
+    return [load_row_rgb(rows[ids[index]]) for index in picks]

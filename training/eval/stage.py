@@ -12,57 +12,39 @@ Accuracies are fractions in [0, 1] in the manifest and percentages in the table 
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from pipelines.manifest import EVAL_RESULTS, EXPORTS
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
-from pipelines.train_config import EvaluateConfig
+from training.eval.config import EvaluateConfig
 from training.eval.datasets import LabelledImages, dataset_name, load_eval_split
 from training.eval.features import LINEAR_PROBE_BLOCKS, FeatureSet, eval_transform, extract_features
 from training.eval.knn import knn_accuracy
-from training.eval.linear import FEATURE_SETS, ProbeResult, linear_probe
-from training.exports import load_exported_backbone
+from training.eval.linear import FEATURE_SETS, linear_probe
+from training.eval.results import (
+    EVAL_RESULTS,
+    ModelResult,
+    accuracy_tables,
+    probe_setting,
+    result_rows,
+    results_chart_png,
+    results_markdown,
+)
+from training.exports import EXPORTS, load_exported_backbone
 
 RESULTS_TABLE_FILE = "results.md"
 RESULTS_CHART_FILE = "results.png"
-KNN_PROTOCOL = "knn"
-LINEAR_PROTOCOL = "linear"
 REPORTED_K = 20  # the k the official k-NN help text recommends; stats fall back to the first k
-PERCENT = 100.0
-MILLION = 1e6
-CHART_WIDTH_PER_MODEL = 2.2
-CHART_MIN_WIDTH = 5.0
-CHART_HEIGHT = 3.8
-CHART_GROUP_WIDTH = 0.8  # share of one model's slot the bars fill
-CHART_DPI = 110
 SECONDS_DIGITS = 3
-
-
-@dataclass(frozen=True, slots=True)
-class ModelResult:
-    """One exported backbone's accuracies (fractions) and how long each part took."""
-
-    model: str
-    parameters: int
-    knn_top1: dict[int, float]
-    probe: ProbeResult | None
-    seconds: dict[str, float]
 
 
 def probe_feature_sets(depth: int) -> list[str]:
     """The linear-probe inputs a backbone of `depth` blocks has enough blocks for."""
     return [name for name, spec in FEATURE_SETS.items() if spec.num_blocks <= depth]
-
-
-def probe_setting(probe: ProbeResult) -> str:
-    return f"{probe.feature_set} lr={probe.lr:g}"
 
 
 def choose_device() -> torch.device:
@@ -137,72 +119,6 @@ def evaluate_backbone(
     )
 
 
-def result_rows(result: ModelResult, dataset: str) -> list[dict[str, Any]]:
-    """EVAL_RESULTS rows of one model: one per k, then the chosen probe."""
-    common = {"model": result.model, "dataset": dataset, "parameters": result.parameters}
-    rows = [
-        {**common, "protocol": KNN_PROTOCOL, "setting": f"k={k}", "top1": top1}
-        for k, top1 in result.knn_top1.items()
-    ]
-    if result.probe is not None:
-        rows.append(
-            {
-                **common,
-                "protocol": LINEAR_PROTOCOL,
-                "setting": probe_setting(result.probe),
-                "top1": result.probe.test_accuracy,
-            }
-        )
-    return rows
-
-
-def results_markdown(results: Sequence[ModelResult], ks: Sequence[int], title: str) -> str:
-    """A markdown table: model, parameters, k-NN top-1 (%) per k, linear top-1 (%) and its setting."""
-    header = ["model", "parameters", *(f"k-NN k={k} (%)" for k in ks), "linear (%)", "linear setting"]
-    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for result in results:
-        cells = [result.model, f"{result.parameters:,}"]
-        cells += [f"{PERCENT * result.knn_top1[k]:.1f}" for k in ks]
-        if result.probe is None:
-            cells += ["-", "-"]
-        else:
-            cells += [f"{PERCENT * result.probe.test_accuracy:.1f}", probe_setting(result.probe)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def results_chart_png(results: Sequence[ModelResult], ks: Sequence[int], title: str) -> bytes:
-    """Grouped bars: per model, k-NN top-1 for each k and the linear probe's top-1, in percent."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    series = {f"k-NN k={k}": [result.knn_top1[k] for result in results] for k in ks}
-    probes = [result.probe for result in results if result.probe is not None]
-    if len(probes) == len(results):
-        series["linear"] = [probe.test_accuracy for probe in probes]
-    width = CHART_GROUP_WIDTH / len(series)
-    slots = np.arange(len(results))
-    figure, axes = plt.subplots(
-        figsize=(max(CHART_MIN_WIDTH, CHART_WIDTH_PER_MODEL * len(results)), CHART_HEIGHT)
-    )
-    for position, (label, values) in enumerate(series.items()):
-        offsets = slots - CHART_GROUP_WIDTH / 2 + (position + 0.5) * width
-        bars = axes.bar(offsets, PERCENT * np.asarray(values), width, label=label)
-        axes.bar_label(bars, fmt="%.1f", fontsize="x-small")
-    axes.set_xticks(
-        slots, [f"{result.model}\n{result.parameters / MILLION:.2f} M params" for result in results]
-    )
-    axes.set(ylabel="top-1 (%)", ylim=(0, PERCENT), title=title)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=CHART_DPI)
-    plt.close(figure)
-    return buffer.getvalue()
-
-
 def model_stats(result: ModelResult, reported_k: int) -> dict[str, Any]:
     return {
         "parameters": result.parameters,
@@ -216,7 +132,8 @@ def model_stats(result: ModelResult, reported_k: int) -> dict[str, Any]:
 def run_evaluate(cfg: EvaluateConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
     exports = inputs["exports"].read(EXPORTS).to_pylist()
     if not exports:
-        raise ValueError("evaluate: the exports manifest is empty; there is no backbone to evaluate")
+        ctx.write_output("results", EVAL_RESULTS.empty_table())
+        return {"models": {}, "warning": "evaluate: the exports manifest is empty; nothing evaluated"}
     models = [export["model"] for export in exports]
     if len(set(models)) != len(models):
         raise ValueError(f"evaluate: model names in the exports manifest must be unique, got {models}")
@@ -273,8 +190,9 @@ EVALUATE = register_stage(
         version=1,
         config_type=EvaluateConfig,
         fn=run_evaluate,
-        inputs=("exports",),
+        inputs={"exports": EXPORTS},
         outputs={"results": EVAL_RESULTS},
         description="k-NN (cosine, T = 0.07) and linear probe on frozen features of each exported backbone",
+        tables=accuracy_tables,
     )
 )

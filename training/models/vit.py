@@ -13,23 +13,20 @@ for the `_reg4` models). Shapes: B batch, N tokens, D width, P patches, R regist
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from training.models.attention import Attention, GroupShapes, pack_groups, unpack_groups
+from training.models.layers import FfnLayer, LayerScale, check_ffn_layer, make_ffn
 
 LAYER_NORM_EPS = 1e-6
 INIT_STD = 0.02  # truncated-normal std of pos_embed and every Linear
 TOKEN_INIT_STD = 1e-6  # cls and register tokens
-SWIGLU_MULTIPLE = 8  # SwiGLU hidden width is rounded up to a multiple of this
-MLP_RATIO = 4
-
-FfnLayer = Literal["mlp", "swiglu", "swiglufused"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,41 +48,10 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, bias: bool = True):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.fc2 = nn.Linear(hidden, dim, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class SwiGLUFFN(nn.Module):
-    """out = w3(SiLU(x1) * x2) where [x1, x2] = w12(x) split in halves (the official fused layout)."""
-
-    def __init__(self, dim: int, hidden: int, bias: bool = True):
-        super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden, bias=bias)
-        self.w3 = nn.Linear(hidden, dim, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(gate) * value)
-
-
-def swiglu_hidden(dim: int) -> int:
-    width = int(MLP_RATIO * dim * 2 / 3)
-    return (width + SWIGLU_MULTIPLE - 1) // SWIGLU_MULTIPLE * SWIGLU_MULTIPLE
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim: int, init_value: float):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), init_value))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
+def check_arch(arch: str) -> None:
+    """Raises ValueError unless `arch` is a registered backbone: what configs naming one call."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
 
 
 def kept_sample_count(batch: int, drop_rate: float) -> int:
@@ -129,7 +95,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mlp = Mlp(dim, MLP_RATIO * dim) if ffn_layer == "mlp" else SwiGLUFFN(dim, swiglu_hidden(dim))
+        self.mlp = make_ffn(ffn_layer, dim)
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
 
     def attention_branch(self, x_TD: torch.Tensor, shapes: GroupShapes) -> torch.Tensor:
@@ -388,8 +354,8 @@ def build_vit(
     `drop_path_rate` d is every block's stochastic-depth rate (`drop_path_uniform`) or the end of a linear
     ramp from 0 over depth; it acts in training mode only and adds no parameters.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+    check_arch(arch)
+    check_ffn_layer(ffn_layer)
     if img_size % patch_size:
         raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
     if not 0 <= drop_path_rate < 1:
@@ -401,9 +367,15 @@ def build_vit(
         patch_size=patch_size,
         img_size=img_size,
         num_register_tokens=num_register_tokens,
-        ffn_layer="mlp" if ffn == "mlp" else "swiglufused",
+        ffn_layer=ffn,
         layerscale_init=layerscale_init,
         interpolate_offset=interpolate_offset,
         interpolate_antialias=interpolate_antialias,
         drop_path_rates=block_drop_path_rates(drop_path_rate, spec.depth, drop_path_uniform),
     )
+
+
+def build_vit_from_options(options: Mapping[str, Any]) -> DinoVisionTransformer:
+    """`build_vit` from one mapping that names the arch too (an export's sidecar, `backbone_options`)."""
+    build = dict(options)
+    return build_vit(build.pop("arch"), **build)

@@ -17,7 +17,8 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from curation.demo.sources import list_tuxpaint_stamps
-from pipelines.config import EmbedderConfig, IngestConfig, SourceConfig
+from curation.embedders import EmbedderConfig
+from curation.ingest import IngestConfig, SourceConfig
 from pipelines.images import folder_uri, load_rgb
 from pipelines.stage import Manifest, get_stage, run_stage
 from pipelines.store import Store

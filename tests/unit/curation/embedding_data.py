@@ -9,8 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curation.embed import EMBEDDINGS
 from curation.vectors import embedding_array
-from pipelines.manifest import EMBEDDINGS, ManifestSchema
+from pipelines.manifest import ManifestSchema
 from pipelines.stage import Manifest
 
 DIM = 16

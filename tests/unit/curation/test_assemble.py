@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 import curation  # noqa: F401  (registers the stages)
-from pipelines.config import AssembleConfig
-from pipelines.manifest import COMPOSITION, IMAGES, RETRIEVED, ManifestError
+from curation.assemble import AssembleConfig
+from curation.hits import RETRIEVED
+from curation.retrieve import COMPOSITION
+from pipelines.manifest import IMAGES, ManifestError
 from pipelines.stage import get_stage, run_stage
 from pipelines.store import Store
 from tests.helpers import images_row

@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 
 import curation  # noqa: F401  (registers the stages)
-from pipelines.config import ClusterConfig
+from curation.cluster import ClusterConfig
+from curation.embed import EMBEDDINGS
 from pipelines.executor import RayExecutor
-from pipelines.manifest import EMBEDDINGS
 from pipelines.stage import get_stage, run_stage
 from pipelines.store import Store
 from tests.unit.curation.embedding_data import embeddings_table, planted, write_manifest

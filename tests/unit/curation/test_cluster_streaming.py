@@ -8,10 +8,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import curation  # noqa: F401  (registers the stages)
-from curation.cluster import SHEET_IMAGES_PER_CLUSTER, cluster_sizes, sheet_members, train_centroids
+from curation.cluster import (
+    SHEET_IMAGES_PER_CLUSTER,
+    ClusterConfig,
+    cluster_sizes,
+    sheet_members,
+    train_centroids,
+)
+from curation.embed import EMBEDDINGS
 from curation.vectors import embedding_matrix
-from pipelines.config import ClusterConfig
-from pipelines.manifest import EMBEDDINGS, read_manifest
+from pipelines.manifest import read_manifest
 from pipelines.stage import Manifest, get_stage, run_stage
 from pipelines.store import Store
 from tests.unit.curation.embedding_data import embeddings_table, planted

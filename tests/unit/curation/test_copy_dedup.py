@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 
 import curation  # noqa: F401  (registers the stages)
-from curation.dedup.components import preference_order
-from curation.dedup.knn import ivf_lists, knn_edges
-from pipelines.config import CopyDedupConfig, DecontaminateConfig
+from curation.dedup.components import DUPLICATES_REJECTED, preference_order
+from curation.dedup.copy import CopyDedupConfig
+from curation.dedup.decontaminate import DecontaminateConfig
+from curation.dedup.descriptors import DESCRIPTORS
+from curation.search import SearchConfig
+from curation.search.knn import ivf_lists, knn_edges
 from pipelines.executor import RayExecutor
-from pipelines.manifest import DESCRIPTORS, DUPLICATES_REJECTED, IMAGES, read_manifest
+from pipelines.manifest import IMAGES, read_manifest
 from pipelines.stage import Manifest, get_stage, run_stage
 from pipelines.store import Store
 from tests.unit.curation.copy_scenario import (
@@ -49,7 +52,7 @@ def test_knn_edges_equal_numpy_brute_force(index):
     vectors = _unit_rows(members + 0.15 * rng.standard_normal(members.shape))
     k, threshold = 3, 0.8
     nprobe = ivf_lists(len(vectors))  # every list: IVF must then be exact
-    edges = knn_edges(vectors, k, threshold, index=index, nprobe=nprobe)
+    edges = knn_edges(vectors, k, threshold, SearchConfig(index=index, ivf_nprobe=nprobe))
     assert set(zip(edges.sources.tolist(), edges.targets.tolist(), strict=True)) == _brute_force_edges(
         vectors, k, threshold
     )

@@ -8,8 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import curation  # noqa: F401  (registers the stages)
-from pipelines.config import CopyDedupConfig, DecontaminateConfig
-from pipelines.manifest import DESCRIPTORS, DUPLICATES_REJECTED, IMAGES, read_manifest
+from curation.dedup.components import DUPLICATES_REJECTED
+from curation.dedup.copy import CopyDedupConfig
+from curation.dedup.decontaminate import DecontaminateConfig
+from curation.dedup.descriptors import DESCRIPTORS
+from pipelines.manifest import IMAGES, read_manifest
 from pipelines.stage import Manifest, get_stage, run_stage
 from pipelines.store import Store
 from tests.unit.curation.copy_scenario import (

@@ -25,9 +25,10 @@ from curation.demo.sources import (
     read_fashion_mnist,
 )
 from curation.demo.transforms import TRANSFORMS
-from pipelines.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from pipelines.images import (
     DEFAULT_BYTES_COLUMN,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
     IMAGE_EXTENSIONS,
     DecodeLimits,
     ProbedImage,

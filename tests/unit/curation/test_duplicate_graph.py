@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.dedup import graph as graph_module
-from curation.dedup import knn
 from curation.dedup.components import connected_components
 from curation.dedup.descriptors import descriptors_table
 from curation.dedup.graph import EdgeTally, GraphSearch, duplicate_graph, locate_descriptors
-from curation.dedup.knn import build_index, knn_edges
+from curation.search import SearchConfig, knn
+from curation.search.knn import build_index, knn_edges
 from pipelines.executor import SerialExecutor
 
 DIM = 32
@@ -55,14 +55,15 @@ def stored(tmp_path):
 
 
 def _search(shards: int, index: str = "flat") -> GraphSearch:
-    return GraphSearch(NEIGHBOURS, THRESHOLD, index, ivf_min_rows=10**6, ivf_nprobe=8, search_shards=shards)
+    search = SearchConfig(index=index, ivf_min_rows=10**6, ivf_nprobe=8, shards=shards)
+    return GraphSearch(NEIGHBOURS, THRESHOLD, search)
 
 
 @pytest.mark.parametrize("shards", [1, 3])
 def test_streamed_graph_equals_the_whole_edge_list(stored, small_batches, shards):
     images, descriptors, vectors = stored
     scope = np.flatnonzero(np.arange(images.num_rows) % 5 != 0)  # some rows stay out of the graph
-    expected = knn_edges(vectors[scope], NEIGHBOURS, THRESHOLD, index="flat")
+    expected = knn_edges(vectors[scope], NEIGHBOURS, THRESHOLD, SearchConfig(index="flat"))
     expected_labels = connected_components(images.num_rows, scope[expected.sources], scope[expected.targets])
     found = duplicate_graph(images, descriptors, scope, _search(shards), SerialExecutor())
     assert len(expected) > BATCH_ROWS  # enough edges to cross batches

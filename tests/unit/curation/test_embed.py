@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import curation  # noqa: F401  (registers ingest and embed)
-from pipelines.config import EmbedConfig, EmbedderConfig
+from curation.embed import EmbedConfig
+from curation.embedders import EmbedderConfig
 from pipelines.executor import RayExecutor, SerialExecutor
 from pipelines.stage import get_stage, run_stage
 from pipelines.store import Store

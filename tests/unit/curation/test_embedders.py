@@ -12,8 +12,16 @@ import torchvision
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from curation.embedders import build_embedder, embedder_kinds, weights_fingerprint
-from pipelines.config import EmbedderConfig
+from curation.dedup.copy import CopyDedupConfig
+from curation.embedders import (
+    EmbedderConfig,
+    build_embedder,
+    embedder_kinds,
+    register_embedder,
+    weights_fingerprint,
+)
+from curation.embedders.base import Embedder, square_transform
+from pipelines.stage import Manifest, get_stage, stage_key
 
 TINY_DIM = 24
 TINY_SIZE = 48
@@ -91,9 +99,50 @@ def test_efficientnet_puts_a_near_copy_much_closer_than_another_photo(resize):
     assert copy_similarity > 0.85 and other_similarity < 0.5, (copy_similarity, other_similarity)
 
 
-def test_unknown_kind_names_the_registered_ones():
-    assert {"torchscript", "efficientnet_lite0"} <= set(embedder_kinds())
-    cfg = EmbedderConfig(kind="efficientnet_lite0")
-    object.__setattr__(cfg, "kind", "sscd_from_the_moon")  # past config validation, as a new kind would be
-    with pytest.raises(KeyError, match="efficientnet_lite0"):
-        build_embedder(cfg)
+def test_an_unknown_kind_is_refused_when_the_config_is_built_naming_the_registered_ones():
+    with pytest.raises(ValueError) as error:
+        EmbedderConfig(kind="sscd_from_the_moon")
+    assert str(error.value) == (
+        f"unknown embedder kind 'sscd_from_the_moon'; registered: {', '.join(embedder_kinds())}"
+    )
+
+
+def _mean_colour(cfg: EmbedderConfig) -> Embedder:
+    """A kind registered by a test: the image's mean RGB (a model needs no weights file)."""
+    return Embedder(
+        dim=3,
+        batch_size=cfg.batch_size,
+        device=cfg.device,
+        transform=square_transform(cfg),
+        features=lambda batch: batch.mean(dim=(2, 3)),
+    )
+
+
+def test_a_registered_kind_can_be_named_in_a_config():
+    register_embedder("test_mean_colour", _mean_colour, lambda cfg: None)
+    assert "test_mean_colour" in embedder_kinds()
+    cfg = EmbedderConfig(kind="test_mean_colour", image_size=8)
+    (vector,) = build_embedder(cfg).embed_images([Image.new("RGB", (20, 10), (255, 0, 0))])
+    assert vector.argmax() == 0 and weights_fingerprint(cfg) == ""
+
+
+def test_a_weights_file_replaced_in_place_changes_the_stage_key_and_the_loaded_model(
+    torchscript_file, tmp_path
+):
+    # One long-lived process (as `lvd serve`): the first key and model must not be served from a cache.
+    path = tmp_path / "replaced.pt"
+    path.write_bytes(torchscript_file.read_bytes())
+    cfg = CopyDedupConfig(embedder=EmbedderConfig(kind="torchscript", path=str(path), image_size=TINY_SIZE))
+    copy_dedup = get_stage("copy_dedup")
+    images = Manifest("/nowhere/images", "images", "digest", 0)
+    first_key, first_model = stage_key(copy_dedup, cfg, {"images": images}), build_embedder(cfg.embedder)
+    torch.manual_seed(1)
+    other = torchvision.models.resnet18(weights=None, num_classes=TINY_DIM).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.trace(other, torch.zeros(1, 3, TINY_SIZE, TINY_SIZE)), str(path))
+    assert stage_key(copy_dedup, cfg, {"images": images}) != first_key
+    second_model = build_embedder(cfg.embedder)
+    assert second_model is not first_model
+    photo = _photos()[0]
+    assert not np.allclose(first_model.embed_images([photo]), second_model.embed_images([photo]))

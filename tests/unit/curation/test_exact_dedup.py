@@ -10,9 +10,16 @@ import pytest
 from PIL import Image
 
 import curation  # noqa: F401  (registers the stages)
-from curation.dedup.components import NO_MATCH, component_stats, connected_components, resolve_groups
-from pipelines.config import IngestConfig, KeepRuleConfig, SourceConfig
-from pipelines.manifest import DUPLICATES_REJECTED, IMAGES, read_manifest
+from curation.dedup.components import (
+    DUPLICATES_REJECTED,
+    NO_MATCH,
+    KeepRuleConfig,
+    component_stats,
+    connected_components,
+    resolve_groups,
+)
+from curation.ingest import IngestConfig, SourceConfig
+from pipelines.manifest import IMAGES, read_manifest
 from pipelines.stage import get_stage, run_stage
 from pipelines.store import Store
 from tests.helpers import png_bytes

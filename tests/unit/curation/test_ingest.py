@@ -13,8 +13,7 @@ import pytest
 
 import curation  # noqa: F401  (registers ingest)
 from curation.demo.corrupt import write_corrupt_cases
-from curation.ingest import ShardInput, ingest_shard
-from pipelines.config import IngestConfig, SourceConfig
+from curation.ingest import IngestConfig, ShardInput, SourceConfig, ingest_shard
 from pipelines.images import DecodeLimits, load_rgb, read_bytes
 from pipelines.manifest import IMAGES, REJECTED, read_manifest
 from pipelines.stage import get_stage, run_stage

@@ -11,8 +11,9 @@ from PIL import Image
 
 import curation  # noqa: F401  (registers the stages)
 from curation.dedup import phash
-from curation.dedup.components import connected_components
+from curation.dedup.components import DUPLICATES_REJECTED, KeepRuleConfig, connected_components
 from curation.dedup.hamming import (
+    HASH_BITS,
     HASH_CLASSES,
     MIN_TABLES,
     SearchPlan,
@@ -27,11 +28,12 @@ from curation.dedup.hamming import (
     plan_search,
     quiet_imagededup,
 )
-from curation.dedup.phash import aligned_hashes, dedup_by_hash
+from curation.dedup.phash import IMAGE_HASHES, PhashDedupConfig, aligned_hashes, dedup_by_hash
 from curation.demo import build_demo_data
-from pipelines.config import HASH_BITS, IngestConfig, KeepRuleConfig, PhashDedupConfig, resolve_config
+from curation.ingest import IngestConfig
+from flows.curate_and_train import CURATE_AND_TRAIN
 from pipelines.executor import RayExecutor
-from pipelines.manifest import DUPLICATES_REJECTED, IMAGE_HASHES, IMAGES, read_manifest
+from pipelines.manifest import IMAGES, read_manifest
 from pipelines.stage import Manifest, get_stage, run_stage
 from pipelines.store import SHARD_RECORDS_DIR, Store
 from tests.helpers import SMALL_DEMO
@@ -167,7 +169,7 @@ def demo_images(tmp_path_factory):
     """The small demo, ingested and exact-deduplicated: the input of phash_dedup."""
     root = tmp_path_factory.mktemp("phash")
     data = build_demo_data(root / "demo-data", SMALL_DEMO)
-    preset = resolve_config("demo").ingest
+    preset = CURATE_AND_TRAIN.resolve_config("demo").ingest
     sources = tuple(replace(s, path=str(data / s.path.rsplit("/", 1)[-1])) for s in preset.sources)
     store = Store(root / "store")
     ingest = run_stage(
@@ -175,7 +177,7 @@ def demo_images(tmp_path_factory):
     )
     exact = run_stage(
         get_stage("exact_dedup"),
-        resolve_config("demo").exact_dedup,
+        CURATE_AND_TRAIN.resolve_config("demo").exact_dedup,
         {"images": ingest.outputs["images"]},
         store=store,
         show_progress=False,

@@ -10,10 +10,12 @@ import pyarrow as pa
 import pytest
 
 import curation  # noqa: F401  (registers the stages)
+from curation.cluster import ASSIGNMENTS, ClusterConfig
+from curation.embed import EMBEDDINGS
+from curation.retrieve import RetrievalSourceConfig, RetrieveConfig
+from curation.search import SearchConfig
 from curation.vectors import embedding_matrix
-from pipelines.config import ClusterConfig, RetrievalSourceConfig, RetrieveConfig
 from pipelines.executor import RayExecutor
-from pipelines.manifest import ASSIGNMENTS, EMBEDDINGS
 from pipelines.stage import get_stage, run_stage
 from pipelines.store import Store
 from tests.unit.curation.embedding_data import embeddings_table, planted, write_manifest
@@ -49,7 +51,7 @@ def test_sample_mode_equals_brute_force_top_n(tmp_path):
     queries, _ = planted(3, 4, seed=4)  # off-centre queries: neighbours come from several clusters
     inputs, store = _setup(tmp_path, {"seeds": queries})
     source = RetrievalSourceConfig(source="seeds", num_neighbours=NEIGHBOURS)
-    run = _retrieve(inputs, store, RetrieveConfig(sources=(source,), index="flat"))
+    run = _retrieve(inputs, store, RetrieveConfig(sources=(source,), search=SearchConfig(index="flat")))
     retrieved = run.outputs["retrieved"].read()
     embeddings = inputs["embeddings"].read(EMBEDDINGS)
     pool = embeddings.filter(pa.compute.equal(embeddings.column("role"), "uncurated"))
@@ -75,7 +77,9 @@ def test_sample_mode_equals_brute_force_top_n(tmp_path):
     assert set(retrieved.column("source").to_pylist()) == {"pool"}
     assert "retrieval_examples.png" in run.record["artifacts"]
     # IVF probing every list (nprobe >= nlist on this small pool) must find the same neighbours.
-    ivf = _retrieve(inputs, store, RetrieveConfig(sources=(source,), index="ivf", ivf_nprobe=64))
+    ivf = _retrieve(
+        inputs, store, RetrieveConfig(sources=(source,), search=SearchConfig(index="ivf", ivf_nprobe=64))
+    )
     ivf_rows = ivf.outputs["retrieved"].read()
     columns = (ivf_rows.column(name).to_pylist() for name in ("query_image_id", "image_id", "rank"))
     assert set(zip(*columns, strict=True)) == expected
@@ -145,7 +149,7 @@ def test_only_assigned_pool_rows_are_retrieved(tmp_path):
     queries, _ = planted(2, 3, seed=6)
     inputs, store = _setup(tmp_path, {"seeds": queries})
     source = RetrievalSourceConfig(source="seeds", num_neighbours=NEIGHBOURS)
-    cfg = RetrieveConfig(sources=(source,), index="flat")
+    cfg = RetrieveConfig(sources=(source,), search=SearchConfig(index="flat"))
     first = set(_retrieve(inputs, store, cfg).outputs["retrieved"].read().column("image_id").to_pylist())
     # A pool row the cluster stage never saw (e.g. dropped upstream) is not in the pool.
     assignments = inputs["assignments"].read()

@@ -15,17 +15,15 @@ import pyarrow as pa
 import pytest
 
 import curation  # noqa: F401  (registers the stages)
-from curation.dedup.knn import ivf_lists, knn_edges, knn_search, searched_edges
-from curation.sharded_knn import merge_top_k, shard_bounds, sharded_index
-from pipelines.config import (
-    ClusterConfig,
-    CopyDedupConfig,
-    DecontaminateConfig,
-    RetrievalSourceConfig,
-    RetrieveConfig,
-)
+from curation.cluster import ClusterConfig
+from curation.dedup.copy import CopyDedupConfig
+from curation.dedup.decontaminate import DecontaminateConfig
+from curation.embed import EMBEDDINGS
+from curation.retrieve import RetrievalSourceConfig, RetrieveConfig
+from curation.search import SearchConfig
+from curation.search.knn import ivf_lists, knn_edges, knn_search, searched_edges
+from curation.search.sharded import merge_top_k, shard_bounds, sharded_index
 from pipelines.executor import RayExecutor, SerialExecutor
-from pipelines.manifest import EMBEDDINGS
 from pipelines.stage import get_stage, run_stage
 from pipelines.store import Store
 from tests.unit.curation.copy_scenario import TEST_EMBEDDER, TEST_THRESHOLD, ingest_copy_scenario
@@ -147,7 +145,7 @@ def test_knn_edges_through_shards_equal_the_single_index_graph():
     centres = _unit_rows(rng.standard_normal((120, 32)))
     members = np.repeat(centres, rng.integers(1, 5, size=len(centres)), axis=0)
     vectors = _unit_rows(members + 0.15 * rng.standard_normal(members.shape))
-    single = knn_edges(vectors, 3, 0.8, index="flat")
+    single = knn_edges(vectors, 3, 0.8, SearchConfig(index="flat"))
     with sharded_index(vectors, 3, "flat", SerialExecutor()) as index:
         sharded = searched_edges(vectors, index, 3, 0.8)
     assert len(single) > 0
@@ -206,7 +204,7 @@ def test_copy_dedup_outputs_are_the_same_with_one_index_or_shards(tmp_path):
     runs = [
         run_stage(
             get_stage("copy_dedup"),
-            replace(cfg, search_shards=shards),
+            replace(cfg, search=SearchConfig(shards=shards)),
             {"images": images},
             store=store,
             show_progress=False,
@@ -227,7 +225,9 @@ def test_decontaminate_outputs_are_the_same_with_one_index_or_shards(tmp_path):
     runs = [
         run_stage(
             get_stage("decontaminate"),
-            DecontaminateConfig(num_neighbours=16, threshold=TEST_THRESHOLD, search_shards=shards),
+            DecontaminateConfig(
+                num_neighbours=16, threshold=TEST_THRESHOLD, search=SearchConfig(shards=shards)
+            ),
             inputs,
             store=store,
             show_progress=False,
@@ -272,7 +272,7 @@ def retrieve_inputs(tmp_path_factory):
 
 
 def _retrieve(inputs, store, search_shards, executor=None):
-    cfg = RetrieveConfig(sources=SHARDED_SOURCES, rows_per_shard=5, search_shards=search_shards)
+    cfg = RetrieveConfig(sources=SHARDED_SOURCES, rows_per_shard=5, search=SearchConfig(shards=search_shards))
     return run_stage(get_stage("retrieve"), cfg, inputs, store=store, executor=executor, show_progress=False)
 
 

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from curation.embed import EMBEDDINGS
 from curation.vector_parts import located_columns, located_shards, read_unit_rows
-from curation.vectors import key_order
-from pipelines.manifest import EMBEDDINGS, ManifestError
+from pipelines.manifest import ManifestError, row_order
 from pipelines.shards import row_shards
 from pipelines.stage import Manifest
 from tests.unit.curation.embedding_data import embeddings_table
@@ -67,7 +67,7 @@ def test_read_unit_rows_reads_any_rows_in_the_order_asked(tmp_path):
 def test_located_shards_have_row_shards_ids_and_their_own_rows(tmp_path):
     manifest, stored, _ = _write_parts(tmp_path / "m")
     keys, where = located_columns(manifest, EMBEDDINGS, ["image_id", "uri"])
-    order = key_order(keys)
+    order = row_order(keys)
     shards = located_shards(keys.take(order), where.take(order), ROWS_PER_SHARD)
     expected = row_shards(keys, ROWS_PER_SHARD, ["image_id", "uri"])
     assert [shard.shard_id for shard in shards] == [shard.shard_id for shard in expected]

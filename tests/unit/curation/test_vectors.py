@@ -8,16 +8,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from curation.embed import EMBEDDINGS
 from curation.vectors import (
     BLOCK_ROWS,
     embedding_array,
     float16_rows,
-    key_order,
     read_columns,
     unit_rows,
     vector_shards,
 )
-from pipelines.manifest import EMBEDDINGS, ManifestError
+from pipelines.manifest import ManifestError, row_order
 from pipelines.shards import row_shards
 from pipelines.stage import Manifest
 from pipelines.store import Store
@@ -70,7 +70,7 @@ def test_vector_shards_match_row_shards_and_carry_each_rows_vector():
     by_id = dict(zip(table.column("image_id").to_pylist(), vectors, strict=True))
     table = table.take(np.random.default_rng(2).permutation(NUM_ROWS))  # parts arrive in any order
     keys = table.select(["image_id", "uri"])
-    order = key_order(keys)
+    order = row_order(keys)
     assert keys.take(order).column("image_id").to_pylist() == sorted(by_id)
     stored = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
     unit = stored / np.linalg.norm(stored, axis=1, keepdims=True)

@@ -9,9 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from curation.embedders import build_embedder
+from curation.embedders import EmbedderConfig, build_embedder
 from curation.embedders.vit import hub_state_dict
-from pipelines.config import EmbedderConfig
 from tests.helpers import png_bytes
 from training.models.vit import build_vit
 
@@ -103,5 +102,5 @@ def test_mismatched_architecture_or_file_says_how_to_fix_it(tmp_path):
         _cfg(path, image_size=50)
     with pytest.raises(ValueError, match="need a path"):
         EmbedderConfig(kind="vit")
-    with pytest.raises(ValueError, match="arch must be one of"):
+    with pytest.raises(ValueError, match=r"unknown arch 'vit_tiny'; known: vit_test, vit_demo"):
         EmbedderConfig(kind="vit", path=str(path), arch="vit_tiny")

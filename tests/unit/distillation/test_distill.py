@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from distillation.config import DistillConfig
 from distillation.meta_arch import DistillMetaArch
 from distillation.stage import distill, save_random_init
 from distillation.teacher import load_checkpoint_teacher, load_hub_teacher
@@ -22,7 +23,7 @@ LOSS_COLUMNS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss",
 
 def distill_config(teacher_source, max_steps: int, **options):
     data = {**tiny_distill_section(max_steps), "teacher_source": str(teacher_source), **options}
-    return build_config({"distill": data}).distill
+    return build_config(DistillConfig, data, "distill")
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,6 @@ def test_a_student_that_cannot_score_the_teachers_prototypes_is_refused(pretrain
     data = tiny_distill_section(1)
     data["recipe"]["dino"] = {**data["recipe"]["dino"], "head_n_prototypes": 64}
     data["recipe"]["ibot"] = {**data["recipe"]["ibot"], "head_n_prototypes": 64}
-    cfg = build_config({"distill": {**data, "teacher_source": str(checkpoints)}}).distill
+    cfg = build_config(DistillConfig, {**data, "teacher_source": str(checkpoints)}, "distill")
     with pytest.raises(ValueError, match="head_n_prototypes to 32/32"):
         DistillMetaArch(cfg, load_checkpoint_teacher(checkpoints), "heads")

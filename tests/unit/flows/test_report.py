@@ -12,28 +12,29 @@ import pytest
 import yaml
 from PIL import Image
 
+from curation.assemble import composition_view
+from curation.retrieve import COMPOSITION
 from flows import prefect_flows
 from flows.cli import main
-from flows.dag import CURATE_AND_TRAIN, run_pipeline
+from flows.curate_and_train import CURATE_AND_TRAIN
+from flows.dag import run_pipeline
 from flows.report import (
     NOT_RUN,
     StageRow,
-    ablation_section,
-    accuracy_cells,
     build_report,
-    committed_runs,
-    composition_table,
     html_figure,
     html_table,
     report_markdown,
+    report_runs,
     stage_row,
+    stage_section,
     stage_table,
 )
-from pipelines.config import resolve_config
-from pipelines.manifest import COMPOSITION, EVAL_RESULTS
 from pipelines.stage import Manifest, StageRun
 from pipelines.store import Store
+from pipelines.views import table_view
 from tests.helpers import three_source_config
+from training.eval.results import EVAL_RESULTS, accuracy_view
 
 IMAGES_WRITTEN = 36  # three_source_config's distinct images
 COMMITTED = ("ingest", "exact_dedup")
@@ -62,17 +63,17 @@ def job(tmp_path_factory):
             }
         )
     )
-    cfg = resolve_config("demo", str(config_file), [])
-    return root, config_file, cfg, run_pipeline(cfg, until=COMMITTED[-1])
+    cfg = CURATE_AND_TRAIN.resolve_config("demo", str(config_file), [])
+    return root, config_file, cfg, run_pipeline(CURATE_AND_TRAIN, cfg, until=COMMITTED[-1])
 
 
-def test_committed_runs_resolve_the_dag_keys_and_leave_the_rest_not_run(job):
+def test_report_runs_resolve_the_dag_keys_and_leave_the_rest_not_run(job):
     _, _, cfg, runs = job
-    found = committed_runs(cfg, Store(cfg.store))
+    found = report_runs(cfg, Store(cfg.store))
     assert [found[stage].key for stage in COMMITTED] == [runs[stage].key for stage in COMMITTED]
-    later = [node.stage for node in CURATE_AND_TRAIN if node.stage not in COMMITTED]
+    later = [node.stage for node in CURATE_AND_TRAIN.nodes if node.stage not in COMMITTED]
     assert all(found[stage] is None for stage in later)
-    assert found["ablate_data"] is None
+    assert list(found) == [node.stage for node in CURATE_AND_TRAIN.nodes]  # no ablation: it never ran
 
 
 def _cells(page: str, stage: str) -> list[str]:
@@ -103,8 +104,11 @@ def test_page_is_self_contained_with_the_stage_table_and_the_duplicate_sheet(job
         "exact_duplicate 1",
     ]
     assert _cells(page, "evaluate")[0] == NOT_RUN
-    for anchor in ("stages", "duplicates", "retrieval", "training", "evaluation", "picture", "ablation"):
+    for anchor in ["stages", *(node.stage for node in CURATE_AND_TRAIN.nodes)]:
         assert f'href="#{anchor}"' in page and f'<section id="{anchor}">' in page
+    # Each stage shows the counts it declares: exact_dedup's dedup counts, from its own stats.
+    exact = re.search(r'<section id="exact_dedup">(.*?)</section>', page).group(1)
+    assert f"images in {IMAGES_WRITTEN + 1}, duplicate groups 1, images in groups 2" in exact
 
 
 def test_report_markdown_has_the_stage_table_and_the_page_location(job):
@@ -125,7 +129,7 @@ def test_cli_report_writes_the_page_and_says_where(job, capsys):
 
 
 def test_html_table_escapes_every_cell_and_marks_numbers():
-    page = html_table(["<name>"], [["a & <b>"], ["1,234.5"]])
+    page = html_table(table_view("t", ["<name>"], [["a & <b>"], ["1,234.5"]]))
     assert "<name>" not in page and "&lt;name&gt;" in page
     assert "<b>" not in page and "a &amp; &lt;b&gt;" in page
     assert '<td class="num">1,234.5</td>' in page
@@ -139,7 +143,7 @@ def test_html_figure_inlines_the_png_bytes_and_escapes_the_caption():
     assert "&quot;quoted&quot; &lt;caption&gt;" in figure
 
 
-def test_rows_in_count_the_main_input_of_the_dag_node_not_the_first_recorded_one():
+def test_rows_in_count_the_main_input_of_the_stage_not_the_first_recorded_one():
     # Records keep their inputs in name order; retrieve's main input, embeddings, comes last there.
     record = {
         "inputs": {
@@ -159,11 +163,11 @@ def test_stage_table_totals_the_seconds_of_committed_stages():
         StageRow("embed", "committed", 9, {"embeddings": 9}, {}, 2.5),
         StageRow("pretrain", NOT_RUN, None, {}, {}, None),
     ]
-    header, cells = stage_table(rows)
-    assert header[-1] == "seconds"
-    assert cells[0] == ["ingest", "committed", "10", "images 9, rejected 1", "too_small 1", "1.2"]
-    assert cells[2] == ["pretrain", NOT_RUN, "", "", "", ""]
-    assert cells[-1] == ["total", "", "", "", "", f"{1.25 + 2.5:.1f}"]
+    view = stage_table(rows)
+    assert view.header[-1] == "seconds"
+    assert view.rows[0] == ("ingest", "committed", "10", "images 9, rejected 1", "too_small 1", "1.2")
+    assert view.rows[2] == ("pretrain", NOT_RUN, "", "", "", "")
+    assert view.rows[-1] == ("total", "", "", "", "", f"{1.25 + 2.5:.1f}")
 
 
 def _results_rows() -> list[dict]:
@@ -176,13 +180,13 @@ def _results_rows() -> list[dict]:
     ]
 
 
-def test_accuracy_cells_give_percent_per_k_and_the_probe():
-    header, cells = accuracy_cells(EVAL_RESULTS.table_from_rows(_results_rows()))
-    assert header == ["model", "parameters", "k-NN k=10 (%)", "k-NN k=20 (%)", "linear (%)", "probe"]
-    assert cells == [
-        ["teacher", "1,234,567", "55.1", "56.0", "70.0", "cls_last1 lr=0.1"],
-        ["student", "1,234,567", "40.0", "", "", ""],
-    ]
+def test_accuracy_view_gives_percent_per_k_and_the_probe():
+    view = accuracy_view(EVAL_RESULTS.table_from_rows(_results_rows()), "top-1")
+    assert view.header == ("model", "parameters", "k-NN k=10 (%)", "k-NN k=20 (%)", "linear (%)", "probe")
+    assert view.rows == (
+        ("teacher", "1,234,567", "55.1", "56.0", "70.0", "cls_last1 lr=0.1"),
+        ("student", "1,234,567", "40.0", "", "", ""),
+    )
 
 
 def test_composition_table_follows_table_15_with_a_total():
@@ -190,27 +194,29 @@ def test_composition_table_follows_table_15_with_a_total():
         {"seed_source": "seeds", "mode": "as_is", "seed_images": 12, "retrieved": None, "final": 12},
         {"seed_source": "seeds", "mode": "sample", "seed_images": 12, "retrieved": 1500, "final": 1200},
     ]
-    header, cells = composition_table(COMPOSITION.table_from_rows(rows))
-    assert header == ["seed set", "retrieval", "images", "retrieved", "final"]
-    assert cells == [
-        ["seeds", "as_is", "12", "", "12"],
-        ["seeds", "sample", "12", "1,500", "1,200"],
-        ["total", "", "", "", "1,212"],
-    ]
+    view = composition_view(COMPOSITION.table_from_rows(rows))
+    assert view.header == ("seed set", "retrieval", "images", "retrieved", "final")
+    assert view.rows == (
+        ("seeds", "as_is", "12", "", "12"),
+        ("seeds", "sample", "12", "1,500", "1,200"),
+        ("total", "", "", "", "1,212"),
+    )
 
 
-def test_ablation_section_tabulates_a_committed_ablate_data_run(tmp_path):
+def test_a_stage_section_shows_the_tables_its_stage_declares(tmp_path):
     results = EVAL_RESULTS.table_from_rows(
         [{**row, "model": model} for row in _results_rows()[:1] for model in ("curated", "uncurated random")]
     )
     (tmp_path / "results").mkdir()
     pq.write_table(results, tmp_path / "results" / "part-all.parquet")
     manifest = Manifest(str(tmp_path / "results"), "eval_results", "digest", results.num_rows)
-    run = StageRun("ablate_data", "key", str(tmp_path), {"results": manifest}, {"artifacts": []}, True)
-    section = ablation_section({"ablate_data": run}, Store(tmp_path))
+    record = {"artifacts": [], "stats": {}}
+    run = StageRun("ablate_data", "key", str(tmp_path), {"results": manifest}, record, True)
+    section = stage_section("ablate_data", run, Store(tmp_path))
     assert "<td>curated</td>" in section.body and "<td>uncurated random</td>" in section.body
     assert section.body.count('<td class="num">55.1</td>') == 2
-    assert NOT_RUN in ablation_section({"ablate_data": None}, Store(tmp_path)).body
+    assert "top-1 accuracy on fashion_mnist" in section.body
+    assert NOT_RUN in stage_section("ablate_data", None, Store(tmp_path)).body
 
 
 def test_flow_report_task_writes_the_page_in_the_store_and_publishes_its_summary(job, monkeypatch):

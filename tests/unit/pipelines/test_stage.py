@@ -81,7 +81,7 @@ def test_serial_and_ray_with_any_worker_count_give_identical_manifests(tmp_path,
 KILL_SCRIPT = """
 import sys
 import curation
-from pipelines.config import IngestConfig, SourceConfig
+from curation.ingest import IngestConfig, SourceConfig
 from pipelines.stage import get_stage, run_stage
 from pipelines.store import Store
 source = SourceConfig(name="big", role="uncurated", kind="folder", path=sys.argv[1])
@@ -91,7 +91,7 @@ run_stage(get_stage("ingest"), cfg, {}, store=Store(sys.argv[2]), show_progress=
 
 
 def test_sigkill_mid_stage_resumes_to_the_same_digest(tmp_path):
-    from pipelines.config import IngestConfig, SourceConfig
+    from curation.ingest import IngestConfig, SourceConfig
 
     folder = tmp_path / "big"
     write_folder(folder, range(120), size=(384, 384))
@@ -134,7 +134,7 @@ def test_registry_refuses_a_duplicate_name():
         version=1,
         config_type=Nothing,
         fn=lambda cfg, inputs, ctx: None,
-        inputs=(),
+        inputs={},
         outputs={},
         description="clash",
     )
@@ -158,7 +158,7 @@ def test_fan_in_stage_and_empty_output(tmp_path):
         version=1,
         config_type=Count,
         fn=count_images,
-        inputs=("images",),
+        inputs={"images": IMAGES},
         outputs={"images": IMAGES},
         description="test only",
     )

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from pipelines.train_config import CropsConfig
+from training.config import CropsConfig
 from training.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,

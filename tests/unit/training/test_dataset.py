@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipelines.manifest import IMAGES, ROW_KEY_COLUMNS
-from pipelines.train_config import CropsConfig, PretrainConfig, StudentConfig, TrainConfig
+from training.config import CropsConfig, PretrainConfig, StudentConfig, TrainConfig
 from training.data.augment import MultiCropAugmentation
 from training.data.dataset import (
     CuratedImages,

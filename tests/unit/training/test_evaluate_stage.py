@@ -12,11 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.manifest import EVAL_RESULTS, EXPORTS
 from pipelines.stage import Manifest, run_stage
 from pipelines.store import Store
-from pipelines.train_config import EvalDatasetConfig, EvaluateConfig
 from training.checkpoint import EXPORT_INFO_SUFFIX
+from training.eval.config import EvalDatasetConfig, EvaluateConfig
 from training.eval.datasets import (
     UnreadableImageError,
     balanced_quotas,
@@ -26,8 +25,8 @@ from training.eval.datasets import (
 from training.eval.features import eval_transform, extract_features
 from training.eval.knn import knn_accuracy
 from training.eval.linear import linear_probe
-from training.eval.stage import EVALUATE
-from training.exports import export_row, load_exported_backbone, save_backbone
+from training.eval.stage import EVAL_RESULTS, EVALUATE
+from training.exports import EXPORTS, export_row, load_exported_backbone, save_backbone
 from training.models.vit import build_vit
 
 SMALL_IMAGE = 28  # four 7 px patches a side

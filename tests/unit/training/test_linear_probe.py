@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
-from pipelines.config import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.images import IMAGENET_MEAN, IMAGENET_STD
 from training.eval.features import FeatureSet, eval_transform, extract_features
 from training.eval.linear import (
     build_classifier_grid,

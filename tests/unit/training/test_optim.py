@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.train_config import OptimConfig, PretrainConfig, TeacherConfig
+from training.config import OptimConfig, PretrainConfig, TeacherConfig
 from training.models.vit import build_vit
 from training.optim import (
     apply_schedules,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.models.vit import ARCHS, build_vit, swiglu_hidden
+from training.models.layers import swiglu_hidden
+from training.models.vit import ARCHS, build_vit
 
 HUB_IMG_SIZE = 518  # the official hub backbones carry a 37 x 37 position grid
 PER_BLOCK_KEYS = (

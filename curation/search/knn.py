@@ -8,7 +8,7 @@ among its k nearest (the paper's k-NN graph). `edge_batches` yields the edges on
 (the stages feed them to a union-find and never hold the edge list); `searched_edges` gathers them and
 recomputes each kept edge's cosine from the vectors, so flat and IVF searches report the same number for
 the same pair. The searches take any `Searcher`: a Faiss index built here, or
-`curation.sharded_knn.ShardedIndex` (shards on executor workers). Indexes fill from any `VectorSource`:
+`curation.search.sharded.ShardedIndex` (shards on executor workers). Indexes fill from any `VectorSource`:
 an array in memory, or rows read a block at a time from a manifest's parts
 (`curation.vector_parts.StoredVectors`).
 
@@ -29,18 +29,18 @@ from typing import Protocol
 import faiss
 import numpy as np
 
-from pipelines.config import IndexKind
+from curation.search.config import DEFAULT_IVF_NPROBE, SearchConfig
 
 # Faiss's guidance: sqrt(N) to 16 sqrt(N) lists, and at least 39 training points per list.
 IVF_LISTS_PER_SQRT_ROWS = 4
 IVF_MIN_POINTS_PER_LIST = 39
 # Why: k-means on this many points per list gives stable cells; more only slows training.
 IVF_TRAIN_POINTS_PER_LIST = 256
-# Copies sit very close to each other, but near a cell border; probing a few cells finds them.
-DEFAULT_IVF_NPROBE = 32
 # Queries per search call: bounds the [batch, k] result arrays, whatever N is.
 SEARCH_BATCH_ROWS = 65_536
 TRAIN_SAMPLE_SEED = 0
+# In-memory searches default to the stages' defaults: exact below `ivf_min_rows` rows, IVF above.
+DEFAULT_SEARCH = SearchConfig()
 
 
 class Searcher(Protocol):
@@ -115,13 +115,6 @@ class Edges:
         return len(self.sources)
 
 
-def choose_index(num_rows: int, index: IndexKind, ivf_min_rows: int) -> str:
-    """`flat` or `ivf`: auto means exact below `ivf_min_rows` and IVF from there up."""
-    if index != "auto":
-        return index
-    return "ivf" if num_rows >= ivf_min_rows else "flat"
-
-
 def ivf_lists(num_rows: int) -> int:
     by_rows = IVF_LISTS_PER_SQRT_ROWS * math.isqrt(num_rows)
     return max(1, min(by_rows, num_rows // IVF_MIN_POINTS_PER_LIST))
@@ -161,9 +154,7 @@ def knn_edges(
     vectors: np.ndarray,
     num_neighbours: int,
     threshold: float,
-    index: IndexKind = "auto",
-    ivf_min_rows: int = 200_000,
-    nprobe: int = DEFAULT_IVF_NPROBE,
+    search: SearchConfig = DEFAULT_SEARCH,
 ) -> Edges:
     """Edges between rows of `vectors` (unit length) that are k-NN of each other with cosine > threshold.
 
@@ -171,14 +162,12 @@ def knn_edges(
         vectors: [N, d] L2-normalised rows.
         num_neighbours: k, neighbours searched per row (not counting the row itself).
         threshold: Edges need a cosine strictly above this.
-        index: `flat`, `ivf`, or `auto` (see `choose_index`).
-        ivf_min_rows: Where `auto` switches from exact to IVF search.
-        nprobe: IVF cells searched per query; the number of lists searches exhaustively.
+        search: The index (one, in this process: `search.shards` is not used here).
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if len(vectors) < 2:
         return _no_edges()
-    searcher = build_index(vectors, choose_index(len(vectors), index, ivf_min_rows), nprobe)
+    searcher = build_index(vectors, search.kind_for(len(vectors)), search.ivf_nprobe)
     return searched_edges(vectors, searcher, num_neighbours, threshold)
 
 
@@ -249,17 +238,8 @@ def _no_edges() -> Edges:
     return Edges(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
 
 
-def pool_index(
-    pool: np.ndarray, index: IndexKind = "auto", ivf_min_rows: int = 200_000, nprobe: int = DEFAULT_IVF_NPROBE
-) -> faiss.Index:
-    """An index over `pool` (unit vectors) for `knn_search`; build once, search with many query sets."""
-    return build_index(
-        np.ascontiguousarray(pool, dtype=np.float32), choose_index(len(pool), index, ivf_min_rows), nprobe
-    )
-
-
 def knn_search(searcher: Searcher, queries: np.ndarray, num_neighbours: int) -> tuple[np.ndarray, np.ndarray]:
-    """The `num_neighbours` rows of the index (see `pool_index`) nearest to each query by cosine.
+    """The `num_neighbours` rows of the index nearest to each query by cosine.
 
     Returns:
         (similarity [Q, k] float32, neighbour [Q, k] int64), best first, equal scores by row id (see

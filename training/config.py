@@ -1,10 +1,10 @@
-"""Typed configuration of the training stages (`pretrain`), named as in the official DINOv2 config.
+"""The DINOv2 training recipe as typed config (the `pretrain` stage), named as in the official config.
 
     ssl_default_config values (the defaults here) <- preset (configs/demo.yaml, vitl14.yaml, vitg14.yaml)
       <- --set pretrain.optim.base_lr=... -> PretrainConfig (validated once, in build_config)
 
-Defaults are the official `ssl_default_config.yaml` values (../shared/reference/dinov2-training-recipe.md
-section 1); the paper recipes live in presets. Iteration counts are "epochs" of `official_epoch_length`
+Defaults are the official `ssl_default_config.yaml` values (training/README.md lists where lvd departs
+from them); the paper recipes live in presets. Iteration counts are "epochs" of `official_epoch_length`
 iterations, as in the official code (one epoch is 1250 iterations whatever the dataset size).
 """
 
@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipelines.validation import require
+from training.models.layers import FfnLayer
+from training.models.vit import check_arch
 
-FfnLayerName = Literal["mlp", "swiglu", "swiglufused"]
 Centering = Literal["centering", "sinkhorn_knopp"]
 TrainPrecision = Literal["fp32", "bf16", "fp16"]
 BlurMode = Literal["official", "paper"]
@@ -29,8 +30,9 @@ class StudentConfig:
     """The backbone (`training.models.vit.build_vit` options)."""
 
     arch: str = "vit_large"
+    """One of `training.models.vit.ARCHS`."""
     patch_size: int = 16
-    ffn_layer: FfnLayerName = "mlp"
+    ffn_layer: FfnLayer = "mlp"
     drop_path_rate: float = 0.3
     drop_path_uniform: bool = True
     """Every block gets drop_path_rate (True), or the rate ramps linearly from 0 over depth."""
@@ -40,6 +42,7 @@ class StudentConfig:
     interpolate_offset: float = 0.1
 
     def __post_init__(self) -> None:
+        check_arch(self.arch)
         require(self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}")
         require(0 <= self.drop_path_rate < 1, f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         require(self.num_register_tokens >= 0, "num_register_tokens must be >= 0")
@@ -205,109 +208,3 @@ class PretrainConfig:
     @property
     def steps_to_run(self) -> int:
         return min(self.train.max_steps or self.total_steps, self.total_steps)
-
-
-DistillObjective = Literal["auto", "heads", "features"]
-# The paper's distillation row of Table 17: lr 1e-3 at batch 2048 under the sqrt rule is base_lr 7.07e-4
-# for 1024; 625k iterations (500 epochs) with 100k warmup (80 epochs), no stochastic depth.
-PAPER_DISTILL_BASE_LR = 1e-3 / (2048 / 1024) ** 0.5
-
-
-def _paper_distill_recipe() -> PretrainConfig:
-    return PretrainConfig(
-        student=StudentConfig(arch="vit_small", patch_size=14, drop_path_rate=0.0),
-        dino=DinoConfig(head_n_prototypes=131072, head_bottleneck_dim=384),
-        ibot=IbotConfig(separate_head=True, head_n_prototypes=131072, head_bottleneck_dim=256),
-        teacher=TeacherConfig(momentum_teacher=0.994),
-        optim=OptimConfig(
-            epochs=500,
-            warmup_epochs=80,
-            base_lr=PAPER_DISTILL_BASE_LR,
-            weight_decay_end=0.2,
-            layerwise_decay=1.0,
-        ),
-        crops=CropsConfig(local_crops_size=98),
-        train=TrainConfig(batch_size_per_gpu=32, centering="sinkhorn_knopp"),
-    )
-
-
-def _paper_teacher_arch() -> StudentConfig:
-    return StudentConfig(arch="vit_giant2", patch_size=14, ffn_layer="swiglufused", drop_path_rate=0.0)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DistillConfig:
-    """Distillation of a smaller student from a frozen teacher (recipe section 7; the `distill` stage).
-
-    `recipe` is the training loop's config for the student: the same loop as pretraining, with the
-    student's exponential moving average (momentum from `recipe.teacher`) as the final model. The
-    student is never masked and has no stochastic depth.
-    """
-
-    teacher_source: str = ""
-    """Empty: the `pretrain` stage's checkpoint (backbone + heads). Otherwise a checkpoint folder of an
-    lvd run, or a backbone `.pth` in the official DINOv2 hub format (then `teacher_arch` describes it)."""
-    teacher_arch: StudentConfig = field(default_factory=_paper_teacher_arch)
-    """Backbone options of a hub-format teacher file (an lvd checkpoint records its own)."""
-    objective: DistillObjective = "auto"
-    """heads: DINO + iBOT (+ KoLeo) against the frozen teacher heads' targets (the paper's method);
-    features: cosine matching of the teacher's normed CLS and patch features through a linear map;
-    auto: heads when the teacher has heads (an lvd checkpoint), features for a bare hub backbone, whose
-    freshly initialised heads would turn its features into targets through random prototypes."""
-    recipe: PretrainConfig = field(default_factory=_paper_distill_recipe)
-
-    def __post_init__(self) -> None:
-        require(
-            self.recipe.student.drop_path_rate == 0,
-            "recipe.student.drop_path_rate must be 0: distillation removes stochastic depth",
-        )
-
-
-EvalDatasetKind = Literal["fashion_mnist", "folder"]
-# The official linear-probe learning-rate grid (recipe 8.2).
-OFFICIAL_PROBE_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class EvalDatasetConfig:
-    """Labelled images for k-NN and linear evaluation: the Fashion-MNIST Debian package, or folders of
-    class subfolders (ImageNet layout: <root>/<class>/<image>)."""
-
-    kind: EvalDatasetKind = "fashion_mnist"
-    train_path: str = ""
-    """folder kind: the training images' root (the fashion_mnist kind reads the Debian package)."""
-    test_path: str = ""
-    train_limit: int = 0
-    """Use a class-balanced subset of this many training images (0: all)."""
-    test_limit: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind == "folder":
-            require(bool(self.train_path and self.test_path), "folder datasets need train_path and test_path")
-        require(self.train_limit >= 0 and self.test_limit >= 0, "train_limit and test_limit must be >= 0")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class EvaluateConfig:
-    """k-NN and linear probe on frozen features of every exported backbone (recipe section 8)."""
-
-    dataset: EvalDatasetConfig = field(default_factory=EvalDatasetConfig)
-    resize_size: int = 256
-    crop_size: int = 224
-    batch_size: int = 256
-    knn_ks: tuple[int, ...] = (10, 20, 100, 200)
-    knn_temperature: float = 0.07
-    linear_probe: bool = True
-    linear_lrs: tuple[float, ...] = OFFICIAL_PROBE_LRS
-    linear_epochs: int = 10
-    linear_batch_size: int = 128
-    val_fraction: float = 0.1
-    """Share of the training features held out to choose the probe's feature set and lr."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        require(self.crop_size <= self.resize_size, "crop_size must be <= resize_size")
-        require(len(self.knn_ks) > 0 and min(self.knn_ks) >= 1, "knn_ks must be positive integers")
-        require(self.knn_temperature > 0, "knn_temperature must be > 0")
-        require(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        require(self.linear_epochs >= 1 and self.batch_size >= 1, "epochs and batch sizes must be >= 1")

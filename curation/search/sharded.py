@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from curation.dedup.knn import DEFAULT_IVF_NPROBE, Searcher, VectorSource, build_index, vector_source
+from curation.search.config import DEFAULT_IVF_NPROBE, SearchConfig
+from curation.search.knn import Searcher, VectorSource, build_index, vector_source
 from pipelines.executor import Executor, HeldStates
 
 # The default: one index in this process, searched as before sharding existed.
@@ -120,7 +121,7 @@ def sharded_index(
         database: [N, d] rows (unit length for cosine); row i keeps id i. Given as stored rows, each
             worker reads its own part and the caller never holds them.
         num_shards: Workers (Ray: actors) holding one contiguous part each.
-        kind: `flat` (exact) or `ivf`, as `knn.choose_index` picks it for all N rows.
+        kind: `flat` (exact) or `ivf`, as `SearchConfig.kind_for` picks it for all N rows.
         executor: Serial builds every shard here; Ray holds each on an actor.
         nprobe: IVF cells searched per query in each shard.
     """
@@ -134,16 +135,15 @@ def sharded_index(
 
 
 def database_index(
-    database: np.ndarray | VectorSource,
-    num_shards: int,
-    kind: str,
-    executor: Executor,
-    nprobe: int = DEFAULT_IVF_NPROBE,
+    database: np.ndarray | VectorSource, search: SearchConfig, executor: Executor
 ) -> AbstractContextManager[Searcher]:
-    """The stages' seam: one Faiss index in this process for `SINGLE_INDEX`, else a `sharded_index`.
+    """The stages' seam: the index `search` describes over `database`: one Faiss index in this process
+    for `SINGLE_INDEX` shards, else a `sharded_index`.
 
     The single index is filled a block at a time and keeps no reference to `database`.
     """
-    if num_shards == SINGLE_INDEX:
-        return nullcontext(build_index(database, kind, nprobe))
-    return sharded_index(database, num_shards, kind, executor, nprobe)
+    source = vector_source(database)
+    kind = search.kind_for(len(source))
+    if search.shards == SINGLE_INDEX:
+        return nullcontext(build_index(source, kind, search.ivf_nprobe))
+    return sharded_index(source, search.shards, kind, executor, search.ivf_nprobe)

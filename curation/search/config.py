@@ -1,0 +1,44 @@
+"""`SearchConfig`: how a cosine k-NN search indexes its database, shared by every stage that searches.
+
+copy_dedup and decontaminate (their duplicate graphs) and retrieve (the pool) each hold one under
+`search`; the same keys mean the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipelines.validation import require
+
+IndexKind = Literal["auto", "flat", "ivf"]
+# Where `auto` switches from exact to IVF search.
+DEFAULT_IVF_MIN_ROWS = 200_000
+# IVF lists probed per query. Why 32 (benchmarks/ivf_search.py, anisotropic overlapping clusters, 2 CPU
+# threads): recall@4 0.9985 at 7.2x exact speed on 200,000 rows (where `auto` switches to IVF) and 0.992
+# at 7.3x on 1M; 16 gives 0.977 at 1M, too thin a margin as lists grow with the pool. Copies sit close
+# together, near a cell border at worst, so the same few dozen cells find them too.
+DEFAULT_IVF_NPROBE = 32
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SearchConfig:
+    index: IndexKind = "auto"
+    """`flat`: exact; `ivf`: approximate; `auto`: exact below `ivf_min_rows` database rows, IVF from there."""
+    ivf_min_rows: int = DEFAULT_IVF_MIN_ROWS
+    ivf_nprobe: int = DEFAULT_IVF_NPROBE
+    """IVF cells searched per query (recall against speed)."""
+    shards: int = 1
+    """Index shards, each held by one executor worker (Ray: an actor per node or GPU), merged to the
+    exact top-k; 1 keeps one index in the stage's process. Same output for any value (flat index)."""
+
+    def __post_init__(self) -> None:
+        require(self.ivf_min_rows >= 1, f"ivf_min_rows must be >= 1, got {self.ivf_min_rows}")
+        require(self.ivf_nprobe >= 1, f"ivf_nprobe must be >= 1, got {self.ivf_nprobe}")
+        require(self.shards >= 1, f"shards must be >= 1, got {self.shards}")
+
+    def kind_for(self, num_rows: int) -> Literal["flat", "ivf"]:
+        """The index a database of `num_rows` rows gets: `index`, with `auto` resolved by size."""
+        if self.index != "auto":
+            return self.index
+        return "ivf" if num_rows >= self.ivf_min_rows else "flat"

@@ -1,0 +1,51 @@
+"""The `curate-and-train` job: which stages run, what feeds what, and the config sections that makes.
+
+    ingest -> exact_dedup -> phash_dedup -> copy_dedup -> decontaminate -> embed -> cluster
+      -> retrieve -> assemble -> pretrain -> distill -> evaluate
+
+and, only when asked, the data ablation (the paper's Table 2 in miniature):
+
+    decontaminate + assemble -> random_pool -> pretrain_random -> ablate_data <- pretrain
+
+Each stage's config is the job config's section of its name, except where a node says otherwise: the
+ablation's random pool reads `ablate_data`, its pretraining `pretrain` (only the data differs) and its
+evaluation `evaluate`. `CurateAndTrainConfig` is made from these sections, plus `store` and `runtime`.
+"""
+
+from __future__ import annotations
+
+import curation  # noqa: F401  (registers the curation stages, random_pool included)
+import distillation  # noqa: F401  (registers the distill stage)
+import training  # noqa: F401  (registers pretrain, evaluate and the ablation stages)
+from flows.dag import Dag, node
+
+ABLATE_DATA = "ablate_data"
+
+CURATE_AND_TRAIN = Dag(
+    "curate-and-train",
+    (
+        node("ingest"),
+        node("exact_dedup", "ingest.images"),
+        node("phash_dedup", "exact_dedup.images"),
+        node("copy_dedup", "phash_dedup.images"),
+        node("decontaminate", "copy_dedup.images", "copy_dedup.descriptors"),
+        node("embed", "decontaminate.images"),
+        node("cluster", "embed.embeddings"),
+        node("retrieve", "embed.embeddings", "cluster.assignments", "cluster.centroids"),
+        node("assemble", "decontaminate.images", "retrieve.retrieved", "retrieve.summary"),
+        node("pretrain", "assemble.curated"),
+        node("distill", "assemble.curated", "pretrain.exports"),
+        node("evaluate", "distill.exports"),
+    ),
+    branches={
+        ABLATE_DATA: (
+            node("random_pool", "decontaminate.images", "assemble.curated", section="ablate_data"),
+            node("pretrain_random", "random_pool.curated", section="pretrain"),
+            node("ablate_data", "pretrain.exports", "pretrain_random.exports", section="evaluate"),
+        )
+    },
+    config_name="CurateAndTrainConfig",
+    module=__name__,
+)
+# Bound here under its own name so that pickle (Prefect, Ray) finds the class.
+CurateAndTrainConfig = CURATE_AND_TRAIN.config_type
