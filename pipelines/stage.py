@@ -298,8 +298,8 @@ def run_stage(
     for name, manifest in inputs.items():
         if manifest.schema_name != spec.inputs[name].name:
             raise ValueError(
-                f"stage {spec.name}: input {name} must be a {spec.inputs[name].name} manifest, "
-                f"got {manifest.schema_name}"
+                f"stage {spec.name}: input {name} takes a manifest of schema {spec.inputs[name].name}, "
+                f"got one of schema {manifest.schema_name}"
             )
     key = stage_key(spec, cfg, inputs)
     committed = load_committed(spec, key, store)

@@ -10,8 +10,8 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from curation.demo.sources import read_fashion_mnist
 from pipelines.config import build_config
+from pipelines.datasets import read_fashion_mnist
 from training.config import PretrainConfig
 
 # A 2-block, 64-wide ViT on 28-px global / 14-px local crops with 7-px patches: 16 + 4 patches per crop.

@@ -31,16 +31,14 @@ from curation.demo.corrupt import write_corrupt_cases
 from curation.demo.ground_truth import Location, TruthRow
 from curation.demo.shards import MEMBER_KEY_DIGITS, PLACEHOLDER, PoolItem, Progress, write_pool_shards
 from curation.demo.sources import (
-    FASHION_MNIST_CLASSES,
     PNG_COLOUR_TYPE_RGBA,
-    FashionMnist,
     list_adwaita_icons,
     list_tuxpaint_stamps,
-    read_fashion_mnist,
     read_png_header,
     sha256_hex,
 )
 from curation.demo.transforms import PNG_EXTENSION, encode_png
+from pipelines.datasets import FASHION_MNIST_CLASSES, FashionMnist, read_fashion_mnist
 from pipelines.images import DEFAULT_BYTES_COLUMN
 
 # Bump when the code writes different bytes for the same config, so old builds are not reused.

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curation.demo.sources import FASHION_MNIST_CLASSES
+from pipelines.datasets import FASHION_MNIST_CLASSES
 from pipelines.images import DEFAULT_MIN_SIDE
 
 FASHION_TRAIN_SIZE = 60_000

@@ -1,6 +1,7 @@
 """Readers for the real, offline image sources the demo is built from (all installed as Debian packages).
 
-    dataset-fashion-mnist     /usr/share/datasets/fashion-mnist/*.gz    28x28 grey, 10 labelled classes
+    dataset-fashion-mnist     /usr/share/datasets/fashion-mnist/*.gz    (`pipelines.datasets`, which
+                                                                         evaluation reads too)
     tuxpaint-stamps-default   /usr/share/tuxpaint/stamps/<class>/...    RGBA photo cut-outs, class = folder
     openclipart-png           /usr/share/openclipart/png/<category>/... clip art, with byte-identical files
     adwaita-icon-theme        /usr/share/icons/Adwaita/<NxN>/<context>  one icon drawn at several sizes
@@ -10,46 +11,21 @@ Readers list files and parse headers only; they never decode pixels, so listing 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import struct
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-import numpy as np
+from pipelines.datasets import MissingSourceError
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 TUXPAINT_STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
 OPENCLIPART_DIR = Path("/usr/share/openclipart/png")
 ADWAITA_DIR = Path("/usr/share/icons/Adwaita")
 
-FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 TUXPAINT_PACKAGE = "tuxpaint-stamps-default"
 OPENCLIPART_PACKAGE = "openclipart-png"
 ADWAITA_PACKAGE = "adwaita-icon-theme"
-
-# Class names in label-id order, as published with the data set.
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-FashionSplit = Literal["train", "test"]
-_FASHION_FILE_PREFIX: dict[str, str] = {"train": "train", "test": "t10k"}
-# IDX headers: a big-endian magic number, then one big-endian uint32 per dimension.
-_IDX_IMAGES_MAGIC = 2051
-_IDX_LABELS_MAGIC = 2049
-_IDX_IMAGES_HEADER = struct.Struct(">IIII")  # magic, count, rows, columns: 16 bytes
-_IDX_LABELS_HEADER = struct.Struct(">II")  # magic, count: 8 bytes
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The IHDR chunk always comes first: 4-byte length, b"IHDR", then width, height, bit depth, colour type.
@@ -59,14 +35,6 @@ PNG_COLOUR_TYPE_RGBA = 6
 PNG_SUFFIX = ".png"
 CAPTION_SUFFIX = ".txt"
 _ICON_SIZE_SEPARATOR = "x"
-
-
-class MissingSourceError(FileNotFoundError):
-    """A demo source is not installed; the message names the Debian package that provides it."""
-
-    def __init__(self, what: str, path: Path, package: str) -> None:
-        super().__init__(f"{what} not found under {path}: install it with `apt-get install -y {package}`")
-        self.package = package
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,63 +61,6 @@ def read_png_header(data: bytes) -> PngHeader | None:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-# --- Fashion-MNIST ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class FashionMnist:
-    """One split of Fashion-MNIST: `images` is (N, 28, 28) uint8, `labels` is (N,) uint8 class ids."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return FASHION_MNIST_CLASSES
-
-
-def read_fashion_mnist(split: FashionSplit, root: Path = FASHION_MNIST_DIR) -> FashionMnist:
-    """Reads one split from the gzipped IDX files of the Debian package.
-
-    Args:
-        split: "train" (60000 images) or "test" (10000 images).
-        root: folder holding `<prefix>-images-idx3-ubyte.gz` and `<prefix>-labels-idx1-ubyte.gz`.
-
-    Raises:
-        MissingSourceError: the files are not there.
-        ValueError: a file is not the IDX layout we expect, or images and labels disagree in count.
-    """
-    prefix = _FASHION_FILE_PREFIX[split]
-    images_path = root / f"{prefix}-images-idx3-ubyte.gz"
-    labels_path = root / f"{prefix}-labels-idx1-ubyte.gz"
-    for path in (images_path, labels_path):
-        if not path.is_file():
-            raise MissingSourceError("Fashion-MNIST", path, FASHION_MNIST_PACKAGE)
-    images = _read_idx_images(gzip.decompress(images_path.read_bytes()), images_path)
-    labels = _read_idx_labels(gzip.decompress(labels_path.read_bytes()), labels_path)
-    if len(images) != len(labels):
-        raise ValueError(f"{images_path}: {len(images)} images but {len(labels)} labels")
-    return FashionMnist(images=images, labels=labels)
-
-
-def _read_idx_images(raw: bytes, path: Path) -> np.ndarray:
-    magic, count, rows, columns = _IDX_IMAGES_HEADER.unpack_from(raw)
-    if magic != _IDX_IMAGES_MAGIC:
-        raise ValueError(f"{path}: IDX magic {magic}, expected {_IDX_IMAGES_MAGIC} for images")
-    pixels = np.frombuffer(raw, dtype=np.uint8, offset=_IDX_IMAGES_HEADER.size)
-    return pixels.reshape(count, rows, columns)
-
-
-def _read_idx_labels(raw: bytes, path: Path) -> np.ndarray:
-    magic, count = _IDX_LABELS_HEADER.unpack_from(raw)
-    if magic != _IDX_LABELS_MAGIC:
-        raise ValueError(f"{path}: IDX magic {magic}, expected {_IDX_LABELS_MAGIC} for labels")
-    labels = np.frombuffer(raw, dtype=np.uint8, offset=_IDX_LABELS_HEADER.size)
-    if len(labels) != count:
-        raise ValueError(f"{path}: header says {count} labels, file holds {len(labels)}")
-    return labels
 
 
 # --- Tux Paint stamps ------------------------------------------------------------------------------

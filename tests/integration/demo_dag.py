@@ -8,6 +8,7 @@ configs get new keys, so nothing committed is overwritten.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 
 from curation.demo import build_demo_data
@@ -18,12 +19,30 @@ from tests.helpers import SMALL_DEMO, demo_job_config
 
 DEMO_DAG_DIR = "small-demo-dag"
 SMALL_DEMO_FILES_PER_SHARD = 16
+# Rows per shard of the stages that fan out over rows: a few shards each on the small demo, so that
+# shard-level resume has finished shards to keep (the demo's own sizes give one shard each here).
+SMALL_DEMO_ROWS_PER_SHARD = 32
+SMALL_DEMO_QUERIES_PER_SHARD = 4
+
+
+def small_demo_config(data: Path, store: Path) -> CurateAndTrainConfig:
+    """The demo preset on small demo data, tiny training sections, a few shards per fan-out stage."""
+    cfg = demo_job_config(data, store, files_per_shard=SMALL_DEMO_FILES_PER_SHARD)
+    rows = SMALL_DEMO_ROWS_PER_SHARD
+    return replace(
+        cfg,
+        phash_dedup=replace(cfg.phash_dedup, rows_per_shard=rows),
+        copy_dedup=replace(cfg.copy_dedup, rows_per_shard=rows),
+        embed=replace(cfg.embed, rows_per_shard=rows),
+        cluster=replace(cfg.cluster, rows_per_shard=rows),
+        retrieve=replace(cfg.retrieve, rows_per_shard=SMALL_DEMO_QUERIES_PER_SHARD),
+    )
 
 
 @functools.cache
 def small_demo_dag(base: Path) -> tuple[CurateAndTrainConfig, dict[str, StageRun]]:
-    """The small demo's job config (tiny training sections) and the runs of its whole DAG, under `base`."""
+    """The small demo's job config and the runs of its whole DAG, under `base`."""
     root = base / DEMO_DAG_DIR
     data = build_demo_data(root / "demo-data", SMALL_DEMO)
-    cfg = demo_job_config(data, root / "store", files_per_shard=SMALL_DEMO_FILES_PER_SHARD)
+    cfg = small_demo_config(data, root / "store")
     return cfg, run_pipeline(CURATE_AND_TRAIN, cfg)

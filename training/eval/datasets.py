@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from curation.demo.sources import FASHION_MNIST_CLASSES, read_fashion_mnist
+from pipelines.datasets import FASHION_MNIST_CLASSES, read_fashion_mnist
 from pipelines.images import IMAGE_EXTENSIONS, load_rgb
 from training.eval.config import EvalDatasetConfig
 

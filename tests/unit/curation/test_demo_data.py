@@ -17,14 +17,9 @@ from PIL import Image
 from curation.demo import DemoDataConfig, build_demo_data
 from curation.demo import ground_truth as gt
 from curation.demo.corrupt import BOMB_SIDE, write_corrupt_cases
-from curation.demo.sources import (
-    MissingSourceError,
-    list_adwaita_icons,
-    list_openclipart,
-    list_tuxpaint_stamps,
-    read_fashion_mnist,
-)
+from curation.demo.sources import list_adwaita_icons, list_openclipart, list_tuxpaint_stamps
 from curation.demo.transforms import TRANSFORMS
+from pipelines.datasets import MissingSourceError, read_fashion_mnist
 from pipelines.images import (
     DEFAULT_BYTES_COLUMN,
     DEFAULT_MAX_PIXELS,

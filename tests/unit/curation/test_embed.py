@@ -91,7 +91,12 @@ def test_a_partial_run_resumes_to_the_same_digest(setup, tmp_path):
     Path(store.part_path("embed", full.key, "embeddings", missing)).unlink()
     shard_records[0].unlink()
     Path(store.record_path("embed", full.key)).unlink()
+    finished = sorted(Path(full.outputs["embeddings"].uri).glob("*.parquet")) + shard_records[1:]
+    written = {path: path.stat().st_mtime_ns for path in finished}
     resumed = _embed(cfg, images, tmp_path / "store")
     assert not resumed.reused
     assert resumed.outputs["embeddings"].digest == full.outputs["embeddings"].digest
     assert resumed.record["stats"]["rows"] == NUM_IMAGES
+    # Only the missing shard was computed again: every finished part and record is the file it was.
+    assert {path: path.stat().st_mtime_ns for path in finished} == written
+    assert Path(store.part_path("embed", full.key, "embeddings", missing)).is_file()

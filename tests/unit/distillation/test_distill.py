@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,10 +15,13 @@ from distillation.teacher import load_checkpoint_teacher, load_hub_teacher
 from pipelines.config import build_config
 from tests.training_helpers import fashion_manifest, tiny_distill_section, tiny_pretrain_config
 from training.checkpoint import export_backbone
+from training.data.dataset import make_train_loader
 from training.exports import export_row, load_exported_backbone
 from training.models.vit import build_vit
 from training.trainer import CHECKPOINTS_DIR, read_metrics, train
 
+# Cosine distance 1 - cos is 1 for orthogonal features; random maps stay well away from agreement (0).
+MIN_UNTRAINED_DISTANCE = 0.5
 LOSS_COLUMNS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "objective")
 
 
@@ -94,15 +98,44 @@ def test_a_hub_format_backbone_file_distills_by_feature_matching(pretrained, tmp
     distill(cfg, images, tmp_path / "run", show_progress=False)
     metrics = read_metrics(tmp_path / "run")
     assert metrics.num_rows == 2
-    # Cosine distances lie in [0, 2]; an untrained student is far from the teacher's features.
-    for name in ("dino_global_crops_loss", "ibot_loss"):
-        assert all(0.0 <= value <= 2.0 for value in metrics.column(name).to_pylist())
+    # Step 0 logs the untrained student's cosine distances to the teacher's features on batch 0:
+    # recomputed here from both models' outputs with 1 - a.b / (|a| |b|) written out.
+    expected = untrained_feature_distances(cfg, hub_file, images)
+    for name, value in expected.items():
+        assert metrics.column(name)[0].as_py() == pytest.approx(value, rel=1e-5), name
+    # Random projections point anywhere: an untrained student is far from the teacher's features.
+    assert all(value > MIN_UNTRAINED_DISTANCE for value in expected.values()), expected
     # The same file with freshly initialised frozen heads runs the paper's objective as well.
     heads = dataclasses.replace(cfg, objective="heads")
     distill(heads, images, tmp_path / "heads", show_progress=False)
     assert read_metrics(tmp_path / "heads").num_rows == 2
     teacher = load_hub_teacher(hub_file, cfg, with_heads=False)
     assert teacher.options["img_size"] == 56  # the grid its position table was made for
+
+
+def _cosine_distance(student: np.ndarray, teacher: np.ndarray) -> float:
+    dots = (student * teacher).sum(axis=-1)
+    norms = np.linalg.norm(student, axis=-1) * np.linalg.norm(teacher, axis=-1)
+    return float((1 - dots / norms).mean())
+
+
+def untrained_feature_distances(cfg: DistillConfig, hub_file, images) -> dict[str, float]:
+    """CLS and patch cosine distances of the initial student (as the trainer seeds and builds it) to the
+    teacher's normed features, on the first training batch."""
+    teacher = load_hub_teacher(hub_file, cfg, with_heads=False)
+    torch.manual_seed(cfg.recipe.train.seed)
+    model = DistillMetaArch(cfg, teacher, "features")
+    loader = make_train_loader(images, cfg.recipe, rank=0, world_size=1, start_step=0, num_workers=0)
+    crops = next(loader)["collated_global_crops"]
+    with torch.no_grad():
+        target = teacher.modules["backbone"](crops, is_training=True)
+        own = model.student["backbone"](crops, is_training=True)
+        head = model.student["feature_head"]
+        cls, patches = head.cls_proj(own["x_norm_clstoken"]), head.patch_proj(own["x_norm_patchtokens"])
+    return {
+        "dino_global_crops_loss": _cosine_distance(cls.numpy(), target["x_norm_clstoken"].numpy()),
+        "ibot_loss": _cosine_distance(patches.numpy(), target["x_norm_patchtokens"].numpy()),
+    }
 
 
 def test_the_random_init_export_is_the_students_starting_point(pretrained, tmp_path):
