@@ -29,9 +29,10 @@ def runs_table(runs: Mapping[str, StageRun]) -> Table:
 
 
 def rich_table(view: TableView) -> Table:
+    """A terminal table of `view`; narrow terminals fold cells onto more lines, never cut them."""
     table = Table(title=view.title, title_justify="left")
     for column in view.header:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in view.rows:
         table.add_row(*row)
     return table

@@ -185,7 +185,9 @@ def test_an_fsspec_store_gives_the_same_manifests_as_a_folder(tmp_path):
 def test_an_input_of_another_schema_is_refused_before_anything_runs(tmp_path):
     ingest = _ingest(three_source_config(tmp_path / "data"), tmp_path / "store")
     rejects = ingest.outputs["rejected"]  # a `rejected` manifest where `images` is due
-    with pytest.raises(ValueError, match="input images takes a manifest of schema images, got one of schema rejected"):
+    with pytest.raises(
+        ValueError, match="input images takes a manifest of schema images, got one of schema rejected"
+    ):
         run_stage(
             get_stage("exact_dedup"),
             get_stage("exact_dedup").config_type(),
