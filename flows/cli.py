@@ -18,9 +18,8 @@ from rich.console import Console
 from flows.curate_and_train import ABLATE_DATA, CURATE_AND_TRAIN
 from flows.dag import DagError, UnknownStageError, UpstreamMissingError, run_single_stage
 from flows.summary import print_runs
-from pipelines.config import ConfigError
-from pipelines.manifest import ManifestError
 from pipelines.stage import StageRun
+from pipelines.validation import UserInputError
 
 USER_ERROR_EXIT = 2
 DEFAULT_HEAD_ROWS = 10
@@ -102,14 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     try:
         return _dispatch(args, console)
-    except (
-        ConfigError,
-        DagError,
-        ManifestError,
-        FileNotFoundError,
-        UpstreamMissingError,
-        UnknownStageError,
-    ) as err:
+    except (UserInputError, DagError, FileNotFoundError, UpstreamMissingError, UnknownStageError) as err:
         print(f"lvd: error: {err}", file=sys.stderr)
         return USER_ERROR_EXIT
 

@@ -22,6 +22,7 @@ from pipelines.config import build_config, job_config_type, resolve_config
 from pipelines.executor import Executor, build_executor
 from pipelines.stage import Manifest, StageRun, StageSpec, get_stage, load_committed, run_stage, stage_key
 from pipelines.store import Store
+from pipelines.validation import UserInputError
 
 SOURCE_SEPARATOR = "."
 
@@ -34,7 +35,7 @@ class UpstreamMissingError(RuntimeError):
     """A stage was asked to run alone before the stages it reads from were committed."""
 
 
-class UnknownStageError(ValueError):
+class UnknownStageError(UserInputError):
     """A stage name that is not a node of the DAG."""
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from pipelines.validation import require
+from pipelines.validation import UserInputError, require
 
 PRESETS_PACKAGE = "configs"
 PRESET_SUFFIX = ".yaml"
@@ -36,7 +36,7 @@ ExecutorKind = Literal["serial", "ray"]
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A user-facing configuration error; its message is one line naming the key."""
 
 

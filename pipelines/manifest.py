@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.validation import UserInputError
+
 SCHEMA_NAME_KEY = b"lvd.schema"
 SCHEMA_VERSION_KEY = b"lvd.schema_version"
 STAGE_RECORD_FILE = "_STAGE.json"
@@ -30,7 +32,7 @@ Role = Literal["curated", "uncurated", "eval"]
 ROLES: tuple[str, ...] = get_args(Role)
 
 
-class ManifestError(ValueError):
+class ManifestError(UserInputError):
     """A manifest is missing, malformed, or does not match the schema it claims."""
 
 

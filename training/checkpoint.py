@@ -9,7 +9,8 @@
 Each rank writes its own shards, so saving scales with the world size and a checkpoint resumes on any
 other world size (DCP reshards on load). The step folder is renamed from `.partial` only after every
 rank finished, and `latest` moves after that: a run killed mid-save resumes from the previous
-checkpoint. Every `torch.load` uses weights_only=True.
+checkpoint. Nothing loaded runs code: every `torch.load` uses weights_only=True, and DCP's pickled
+`.metadata` is read through `dcp_metadata.SafeReader`, which admits checkpoint metadata only.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from pipelines.store import write_text_atomic
 from training.config import StudentConfig
+from training.dcp_metadata import SafeReader
 
 CONFIG_FILE = "config.json"
 BACKBONES_FILE = "backbones.json"
@@ -123,17 +125,22 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     uninterrupted run would not have used either.
     """
     model_state = {MODEL_KEY: get_model_state_dict(model), "step": torch.tensor(0)}
-    dcp.load(model_state, checkpoint_id=str(path))
+    dcp.load(model_state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)))
     set_model_state_dict(model, model_state[MODEL_KEY])
     optimizer_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(optimizer_state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    dcp.load(
+        optimizer_state,
+        checkpoint_id=str(path),
+        storage_reader=SafeReader(str(path)),
+        planner=DefaultLoadPlanner(allow_partial_load=True),
+    )
     set_optimizer_state_dict(model, optimizer, optimizer_state["optimizer"])
     return int(model_state["step"])
 
 
 def read_model_tensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     """Full (unsharded) model tensors of a checkpoint whose names start with `prefix`, in one process."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    metadata = SafeReader(str(path)).read_metadata().state_dict_metadata
     wanted = f"{MODEL_KEY}.{prefix}"
     tensors = {
         name.removeprefix(f"{MODEL_KEY}."): torch.empty(meta.size, dtype=meta.properties.dtype)
@@ -144,7 +151,7 @@ def read_model_tensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: no model tensors named {prefix}* in this checkpoint")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=SINGLE_PROCESS_LOAD_WARNING)  # reading alone is the intent
-        dcp.load({MODEL_KEY: tensors}, checkpoint_id=str(path))
+        dcp.load({MODEL_KEY: tensors}, checkpoint_id=str(path), storage_reader=SafeReader(str(path)))
     return tensors
 
 
