@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DEMO_DATA := build/demo-data
 PREFECT_PORT ?= 4200
+SERVER_WAIT_S ?= 60
 # Debian packages holding the real images of the demo (see ../shared/reference/offline-data.md), and
 # Chromium, which the report's browser test opens the page in (headless).
 DEBIAN_PACKAGES := dataset-fashion-mnist openclipart-png tuxpaint-stamps-default adwaita-icon-theme chromium
@@ -52,7 +53,8 @@ serve: setup
 	export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PREFECT_SERVER_ANALYTICS_ENABLED=false; \
 	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & server=$$!; \
 	trap "kill $$server" EXIT; \
-	until curl -sf $$PREFECT_API_URL/health >/dev/null; do sleep 1; done; \
+	for attempt in $$(seq $(SERVER_WAIT_S)); do curl -sf $$PREFECT_API_URL/health >/dev/null && break; sleep 1; done; \
+	curl -sf $$PREFECT_API_URL/health >/dev/null || { echo "no Prefect server answered in $(SERVER_WAIT_S) s" >&2; exit 1; }; \
 	$(BIN)/lvd serve --preset demo
 
 clean:

@@ -236,7 +236,7 @@ def run_cluster(cfg: ClusterConfig, inputs: Mapping[str, Manifest], ctx: StageCo
         "seconds": {phase: round(value, 3) for phase, value in timings.items()},
     }
     if num_clusters < cfg.num_clusters:
-        stats["warning"] = f"num_clusters {cfg.num_clusters} capped at the {num_rows} rows to cluster"
+        ctx.warn(f"num_clusters {cfg.num_clusters} capped at the {num_rows} rows to cluster")
     return stats
 
 

@@ -14,17 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.images import (
     DEFAULT_BYTES_COLUMN,
+    DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,
     IMAGE_EXTENSIONS,
     DecodeLimits,
     ProbedImage,
     RawItem,
-    RejectReason,
     iter_folder_files,
     iter_parquet_images,
     iter_tar_images,
@@ -34,7 +35,7 @@ from pipelines.images import (
 from pipelines.manifest import IMAGES, REJECTED, Role
 from pipelines.stage import Manifest, Shard, ShardResult, StageContext, StageSpec, register_stage
 from pipelines.store import sha256_text
-from pipelines.validation import require
+from pipelines.validation import UserInputError, require
 
 SHARD_ID_LENGTH = 16
 TAR_SUFFIX = ".tar"
@@ -71,6 +72,9 @@ class IngestConfig:
     """Decompression-bomb guard: images with more pixels are rejected before decoding."""
     min_side: int = DEFAULT_MIN_SIDE
     """Images whose shorter side is smaller are rejected as too small."""
+    max_bytes: int = DEFAULT_MAX_BYTES
+    """Files (and tar members, Parquet cells) larger than this are rejected unread; so are special files
+    (FIFOs, devices) in folder sources, which are never opened."""
     files_per_shard: int = 512
     """Folder sources: files per unit of parallel work and resume."""
     row_groups_per_shard: int = 4
@@ -79,6 +83,7 @@ class IngestConfig:
     def __post_init__(self) -> None:
         require(self.max_pixels > 0, f"max_pixels must be > 0, got {self.max_pixels}")
         require(self.min_side >= 1, f"min_side must be >= 1, got {self.min_side}")
+        require(self.max_bytes >= 1, f"max_bytes must be >= 1, got {self.max_bytes}")
         require(self.files_per_shard >= 1, f"files_per_shard must be >= 1, got {self.files_per_shard}")
         require(
             self.row_groups_per_shard >= 1,
@@ -142,7 +147,7 @@ def _source_shards(source: SourceConfig, cfg: IngestConfig) -> tuple[list[Shard]
         ], 0
     shards = []
     for parquet in _files_with_suffix(path, PARQUET_SUFFIX):
-        num_groups = pq.ParquetFile(parquet).metadata.num_row_groups
+        num_groups = checked_parquet(source, parquet).metadata.num_row_groups
         for start in range(0, num_groups, cfg.row_groups_per_shard):
             groups = tuple(range(start, min(start + cfg.row_groups_per_shard, num_groups)))
             shard_id = _shard_id(source.name, _file_identity(parquet), source.bytes_column, *map(str, groups))
@@ -151,6 +156,35 @@ def _source_shards(source: SourceConfig, cfg: IngestConfig) -> tuple[list[Shard]
             )
             shards.append(Shard(shard_id, payload))
     return shards, 0
+
+
+class SourceError(UserInputError):
+    """A source that cannot be read as its kind says (named in the message, with what is wrong)."""
+
+
+def checked_parquet(source: SourceConfig, path: Path) -> pq.ParquetFile:
+    """A Parquet source file whose `bytes_column` holds binary values, opened.
+
+    Raises:
+        SourceError: the file is not Parquet, lacks the column, or the column holds something else.
+    """
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise SourceError(f"source {source.name!r}: {path} is not a readable Parquet file: {err}") from None
+    schema = parquet.schema_arrow
+    if source.bytes_column not in schema.names:
+        raise SourceError(
+            f"source {source.name!r}: {path} has no column {source.bytes_column!r} (set bytes_column); "
+            f"columns: {', '.join(schema.names)}"
+        )
+    kind = schema.field(source.bytes_column).type
+    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+        raise SourceError(
+            f"source {source.name!r}: column {source.bytes_column!r} of {path} holds {kind}, not image bytes "
+            "(binary)"
+        )
+    return parquet
 
 
 def _link_safe_identity(uri: str) -> str:
@@ -176,23 +210,23 @@ def fingerprint_sources(cfg: IngestConfig) -> str:
     return sha256_text("\n".join(shard.shard_id for shard in shards))
 
 
-def _raw_items(shard: ShardInput) -> Iterator[RawItem]:
+def _raw_items(shard: ShardInput, max_bytes: int) -> Iterator[RawItem]:
     if shard.kind == "folder":
-        return iter_folder_files(list(shard.uris))
+        return iter_folder_files(list(shard.uris), max_bytes)
     if shard.kind == "tar":
-        return iter_tar_images(shard.path, shard.extensions)
-    return iter_parquet_images(shard.path, shard.bytes_column, list(shard.row_groups))
+        return iter_tar_images(shard.path, shard.extensions, max_bytes)
+    return iter_parquet_images(shard.path, shard.bytes_column, list(shard.row_groups), max_bytes)
 
 
 def ingest_shard(limits: DecodeLimits, shard: ShardInput) -> ShardResult:
     """Reads and probes every image of one shard. Never raises on a bad image: it becomes a row."""
     images, rejected = [], []
     container = {"folder": "file", "tar": "tar", "parquet": "parquet"}[shard.kind]
-    for item in _raw_items(shard):
+    for item in _raw_items(shard, limits.max_bytes):
         common = {"source": shard.source, "role": shard.role, "uri": item.uri}
         if item.data is None:
             detail = item.read_error or "unreadable"
-            rejected.append({**common, "image_id": None, "reason": RejectReason.UNREADABLE, "detail": detail})
+            rejected.append({**common, "image_id": None, "reason": str(item.reason), "detail": detail})
             continue
         image_id = hashlib.sha256(item.data).hexdigest()
         outcome = probe_image(item.data, limits)
@@ -237,8 +271,11 @@ def _shard_stats(source: str, images: list[dict], rejected: list[dict]) -> dict[
 def run_ingest(cfg: IngestConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
     del inputs  # ingest reads sources from the config, not from the store
     shards, num_ignored = plan_ingest(cfg)
-    limits = DecodeLimits(max_pixels=cfg.max_pixels, min_side=cfg.min_side)
+    limits = DecodeLimits(max_pixels=cfg.max_pixels, min_side=cfg.min_side, max_bytes=cfg.max_bytes)
     stats = ctx.map_shards(functools.partial(ingest_shard, limits), shards)
+    if not stats.get("images"):
+        named = ", ".join(source.name for source in cfg.sources) or "none configured"
+        ctx.warn(f"no images in any source ({named}): every later stage has nothing to work on")
     return {**stats, "shards": len(shards), "files_ignored_by_extension": num_ignored}
 
 

@@ -217,8 +217,6 @@ def retrieve_source(
     if cfg.collisions == "keep_once":
         hits = keep_once(hits)
     stats["rows"] = len(hits.pool)
-    if not queries.num_rows:
-        stats["warning"] = f"no embeddings of source {source.source!r}: nothing retrieved"
     stats["seconds"] = round(time.perf_counter() - started, 3)
     return hits_table(hits, pool, queries, source.source, source.mode), stats
 
@@ -271,6 +269,13 @@ def run_retrieve(cfg: RetrieveConfig, inputs: Mapping[str, Manifest], ctx: Stage
     summary = []
     examples = []
     for source in cfg.sources:
+        if not queries[source.source].num_rows:
+            ctx.warn(f"no embeddings of source {source.source!r}: nothing retrieved")
+        elif source.mode == SAMPLE_MODE and source.num_neighbours > pool.num_rows:
+            ctx.warn(
+                f"{source.source}: num_neighbours {source.num_neighbours} capped at the {pool.num_rows} "
+                "pool images"
+            )
         table, stats = retrieve_source(source, cfg, queries[source.source], pool, neighbours, centroids)
         part = hashlib.sha256(source.source.encode()).hexdigest()[:PART_ID_LENGTH]
         ctx.write_output("retrieved", table, shard_id=part)

@@ -28,7 +28,7 @@ from distillation.teacher import (
 from pipelines.manifest import CURATED
 from pipelines.stage import ARTIFACTS_DIR, Manifest, StageContext, StageSpec, register_stage
 from training.checkpoint import backbone_options, export_backbone
-from training.exports import EXPORTS, export_row, save_backbone
+from training.exports import EXPORTS, export_row, read_exports, save_backbone
 from training.ssl import build_backbone
 from training.stages import (
     RUN_DIR,
@@ -109,7 +109,7 @@ def run_distill(cfg: DistillConfig, inputs: Mapping[str, Manifest], ctx: StageCo
     images = inputs["curated"].read(CURATED)
     if images.num_rows == 0:
         return nothing_to_train(ctx, ctx.spec.name)
-    source, teacher_export = teacher_source(cfg, inputs["exports"].read(EXPORTS).to_pylist())
+    source, teacher_export = teacher_source(cfg, read_exports(inputs["exports"]))
     resolved = dataclasses.replace(cfg, teacher_source=str(source))
     run_dir = ctx.local_dir(RUN_DIR)
     artifacts = ctx.local_dir(ARTIFACTS_DIR)
@@ -138,7 +138,7 @@ def run_distill(cfg: DistillConfig, inputs: Mapping[str, Manifest], ctx: StageCo
 DISTILL = register_stage(
     StageSpec(
         name="distill",
-        version=2,
+        version=3,  # 3: exports name files inside the store relative to the manifest (movable stores)
         config_type=DistillConfig,
         fn=run_distill,
         inputs={"curated": CURATED, "exports": EXPORTS},

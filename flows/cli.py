@@ -1,4 +1,4 @@
-"""The `lvd` command: run, ablate-data, stage, manifest, serve, report, demo-data.
+"""The `lvd` command: run, ablate-data, stage, manifest, verify, serve, report, demo-data.
 
 User errors (bad config, missing inputs, unknown manifests) print one line and exit with status 2;
 only real bugs print a traceback.
@@ -7,7 +7,10 @@ only real bugs print a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,12 +19,17 @@ from typing import Any
 from rich.console import Console
 
 from flows.curate_and_train import ABLATE_DATA, CURATE_AND_TRAIN
-from flows.dag import DagError, UnknownStageError, UpstreamMissingError, run_single_stage
+from flows.dag import DagError, UnknownStageError, UpstreamMissingError, open_store, run_single_stage
 from flows.summary import print_runs
 from pipelines.stage import StageRun
 from pipelines.validation import UserInputError
 
 USER_ERROR_EXIT = 2
+SIGTERM_EXIT = 128 + signal.SIGTERM
+# Writes a store or disk refuses: full, over quota or a size limit, read-only, not permitted.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+# The loggers Prefect reports task and flow run failures on.
+PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 DEFAULT_HEAD_ROWS = 10
 DEFAULT_DEMO_DATA_DIR = "build/demo-data"
 DEFAULT_REPORT_PATH = "build/report.html"
@@ -46,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run curate-and-train in this process (Prefect flow, no server)")
+    run = commands.add_parser(
+        "run",
+        help="run curate-and-train in this process, recorded by $PREFECT_API_URL's server or by a private "
+        "local Prefect server that stops with the run",
+    )
     _add_config_options(run)
     run.add_argument("--until", metavar="STAGE", help="stop after this stage (default: run the whole DAG)")
     run.add_argument(
@@ -80,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "head":
             sub.add_argument("-n", "--rows", type=int, default=DEFAULT_HEAD_ROWS)
 
+    verify = commands.add_parser(
+        "verify", help="check every committed part against its recorded size and sha256 (exit 1 on damage)"
+    )
+    verify.add_argument("stage", nargs="?", help="one stage (default: every stage in the store)")
+    verify.add_argument("--store", help="store root (default: the demo preset's store)")
+
     serve = commands.add_parser("serve", help="serve the Prefect deployments (needs PREFECT_API_URL)")
     _add_config_options(serve)
 
@@ -94,9 +112,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(SIGTERM_EXIT)
+
+
+class UserErrorsWithoutTraceback(logging.Filter):
+    """Keeps Prefect's log line about a failed run, without a traceback, when what failed is the user's
+    input: `lvd` says what is wrong in its own one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserInputError):
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # Why: SIGTERM's default ends the process at once; as SystemExit it unwinds `finally` blocks, so the
+    # run's private Prefect server (and Ray) are stopped too.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     # Why: Prefect's telemetry calls home at server start; offline machines only get errors from it.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    for logger_name in PREFECT_RUN_LOGGERS:
+        logging.getLogger(logger_name).addFilter(UserErrorsWithoutTraceback())
     args = build_parser().parse_args(argv)
     console = Console()
     try:
@@ -104,11 +141,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserInputError, DagError, FileNotFoundError, UpstreamMissingError, UnknownStageError) as err:
         print(f"lvd: error: {err}", file=sys.stderr)
         return USER_ERROR_EXIT
+    except OSError as err:
+        if err.errno not in STORAGE_ERRNOS:
+            raise
+        # A store (or disk) that cannot take more: the stage that hit it committed nothing; rerun resumes.
+        print(f"lvd: error: {err.filename or 'the store'}: {err.strerror}", file=sys.stderr)
+        return USER_ERROR_EXIT
 
 
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command == "manifest":
         return _manifest(args, console)
+    if args.command == "verify":
+        from flows.verify import verify
+        from pipelines.store import Store
+
+        return verify(Store(args.store or CURATE_AND_TRAIN.resolve_config("demo").store), args.stage, console)
     if args.command == "demo-data":
         from curation.demo import DemoDataConfig, build_demo_data
 
@@ -122,9 +170,12 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         ablate = args.command == "ablate-data" or args.ablate_data
         until = CURATE_AND_TRAIN.branch_upstream(ABLATE_DATA) if args.command == "ablate-data" else args.until
         CURATE_AND_TRAIN.nodes_until(until)  # an unknown stage name fails here, before Prefect starts
+        from flows.local_server import run_server
         from flows.prefect_flows import curate_and_train
 
-        runs = curate_and_train(until=until, ablate_data=ablate, config=cfg)
+        open_store(cfg)  # a store that cannot take files fails here, before any server or work starts
+        with run_server():
+            runs = curate_and_train(until=until, ablate_data=ablate, config=cfg)
         _print_summary(runs, cfg, console)
         return 0
     if args.command == "stage":

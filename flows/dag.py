@@ -239,6 +239,13 @@ def executor_for(cfg: Any) -> Executor:
     return build_executor(runtime.executor, runtime.num_workers, runtime.ray_address, runtime.gpus_per_worker)
 
 
+def open_store(cfg: Any) -> Store:
+    """The job's store, checked to take files before any stage runs."""
+    store = Store(cfg.store)
+    store.check_writable()
+    return store
+
+
 def run_pipeline(
     dag: Dag,
     cfg: Any,
@@ -248,7 +255,7 @@ def run_pipeline(
 ) -> dict[str, StageRun]:
     """Runs the nodes in order (up to `until`, then the asked-for branches); committed stages are
     reused, so a rerun costs key checks."""
-    store = Store(cfg.store)
+    store = open_store(cfg)
     executor = executor or executor_for(cfg)
     runs: dict[str, StageRun] = {}
     for item in dag.nodes_to_run(until, branches):
@@ -291,6 +298,6 @@ def committed_upstream(dag: Dag, stage: str, cfg: Any, store: Store) -> dict[str
 
 
 def run_single_stage(dag: Dag, stage: str, cfg: Any, executor: Executor | None = None) -> StageRun:
-    store = Store(cfg.store)
+    store = open_store(cfg)
     upstream = committed_upstream(dag, stage, cfg, store)
     return run_node(dag, dag.node(stage), cfg, upstream, store, executor or executor_for(cfg))

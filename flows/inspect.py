@@ -15,7 +15,13 @@ import pyarrow.compute as pc
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.manifest import STAGE_RECORD_FILE, ManifestError, manifest_schema_info, read_manifest
+from pipelines.manifest import (
+    REASON_COLUMN,
+    STAGE_RECORD_FILE,
+    ManifestError,
+    manifest_schema_info,
+    read_manifest,
+)
 from pipelines.store import Store
 
 TOP_VALUES = 3
@@ -42,7 +48,10 @@ def resolve_target(target: str, store: Store) -> Target:
     if output and output not in outputs:
         raise ManifestError(f"stage {stage!r} has no output {output!r}; outputs: {', '.join(outputs)}")
     chosen = [output] if output else list(outputs)
-    return Target({name: outputs[name]["uri"] for name in chosen}, record)
+    # Where the store is now, never a location written in the record.
+    return Target(
+        {name: store.uri_of(store.output_dir(stage, record["key"], name)) for name in chosen}, record
+    )
 
 
 def latest_record(stage: str, store: Store) -> dict:
@@ -98,12 +107,12 @@ def _summary(column: pa.ChunkedArray) -> str:
 
 
 def reasons_table(data: pa.Table) -> Table | None:
-    if "reason" not in data.column_names:
+    if REASON_COLUMN not in data.column_names:
         return None
     table = Table(title="rejects by reason", title_justify="left")
     table.add_column("reason")
     table.add_column("rows", justify="right")
-    counts = sorted(pc.value_counts(data.column("reason")).to_pylist(), key=lambda item: -item["counts"])
+    counts = sorted(pc.value_counts(data.column(REASON_COLUMN)).to_pylist(), key=lambda item: -item["counts"])
     for item in counts:
         table.add_row(str(item["values"]), str(item["counts"]))
     return table

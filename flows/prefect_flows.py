@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
 from flows.curate_and_train import ABLATE_DATA, CURATE_AND_TRAIN
-from flows.dag import DagNode, committed_upstream, executor_for, run_node
+from flows.dag import DagNode, committed_upstream, executor_for, open_store, run_node
 from flows.report import build_report, report_markdown, store_report_path
 from flows.summary import stage_markdown
 from pipelines.executor import Executor
@@ -74,7 +74,7 @@ def curate_and_train(
     preset, file and overrides (a deployment's parameters) resolved here.
     """
     cfg = _config(preset, config_file, overrides, config)
-    store = Store(cfg.store)
+    store = open_store(cfg)
     executor = executor_for(cfg)
     runs: dict[str, StageRun] = {}
     branches = (ABLATE_DATA,) if ablate_data else ()
@@ -94,7 +94,7 @@ def run_one_stage(
 ) -> StageRun:
     """Reruns one stage against the committed outputs of the stages it reads from."""
     cfg = _config(preset, config_file, overrides, config)
-    store = Store(cfg.store)
+    store = open_store(cfg)
     upstream = committed_upstream(CURATE_AND_TRAIN, stage, cfg, store)
     return stage_task(CURATE_AND_TRAIN.node(stage), cfg, upstream, store, executor_for(cfg))
 

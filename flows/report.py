@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from flows.curate_and_train import CURATE_AND_TRAIN
 from flows.dag import committed_runs
-from flows.summary import markdown_table, stage_tables
+from flows.summary import markdown_table, stage_tables, stage_warnings
 from pipelines.manifest import REASON_COLUMN
 from pipelines.stage import ARTIFACTS_DIR, StageRun, get_stage
 from pipelines.store import Store, write_text_atomic
@@ -45,7 +45,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertic
 th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
 figcaption, .counts { color: #555; font-size: 0.9em; } .not-run { color: #888; font-style: italic; }
-nav ol { columns: 2; } code { font-size: 0.9em; }
+nav ol { columns: 2; } code { font-size: 0.9em; } .warning { color: #8a5a00; }
 """
 
 
@@ -165,7 +165,8 @@ def stage_body(run: StageRun, store: Store) -> str:
     tables = "".join(f"<h3>{html.escape(view.title)}</h3>" + html_table(view) for view in stage_tables(run))
     figures = spec.figures(run) if spec.figures is not None else []
     computed = "".join(html_figure(figure.png, figure.caption) for figure in figures)
-    return _counts_line(run) + tables + computed + _pictures(run, store)
+    warnings = "".join(f'<p class="warning">warning: {html.escape(text)}</p>' for text in stage_warnings(run))
+    return warnings + _counts_line(run) + tables + computed + _pictures(run, store)
 
 
 # -- the page ------------------------------------------------------------------------------------------

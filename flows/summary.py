@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.stage import StageRun, get_stage
+from pipelines.stage import WARNINGS_KEY, StageRun, get_stage
 from pipelines.views import TableView, shown_counts
 
 SECONDS_PER_MINUTE = 60
@@ -44,10 +44,19 @@ def stage_tables(run: StageRun) -> list[TableView]:
     return list(spec.tables(run)) if spec.tables is not None else []
 
 
+def stage_warnings(run: StageRun) -> list[str]:
+    """What the stage warned about when it ran (`StageContext.warn`)."""
+    return list(run.record.get("stats", {}).get(WARNINGS_KEY, []))
+
+
 def print_runs(runs: Mapping[str, StageRun], console: Console | None = None) -> None:
-    """The run table, every stage's tables (accuracies, composition), then every manifest's location."""
+    """The run table, the stages' warnings, every stage's tables (accuracies, composition), then every
+    manifest's location."""
     console = console or Console()
     console.print(runs_table(runs))
+    for stage, run in runs.items():
+        for warning in stage_warnings(run):
+            console.print(f"warning: {stage}: {warning}", style="yellow", soft_wrap=True, highlight=False)
     total = sum(run.record["timings"]["seconds"] for run in runs.values())
     console.print(f"compute time of these runs: {total / SECONDS_PER_MINUTE:.1f} min", highlight=False)
     for run in runs.values():
@@ -81,6 +90,7 @@ def stage_markdown(run: StageRun) -> str:
     counts = shown_counts(stats, get_stage(run.name).shown_stats)
     if counts:
         lines += ["", *markdown_table(["count", "value"], counts)]
+    lines += [f"\n**warning**: {warning}" for warning in stage_warnings(run)]
     reasons = stats.get("rejected_by_reason") or {}
     if reasons:
         lines += ["", *markdown_table(["reject reason", "rows"], sorted(reasons.items()))]

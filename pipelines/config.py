@@ -75,9 +75,15 @@ def job_config_type(name: str, sections: Mapping[str, type], module: str) -> typ
         if not dataclasses.is_dataclass(section_type):
             raise ValueError(f"config section {section!r}: {section_type!r} is not a dataclass")
         fields.append((section, section_type, field(default_factory=section_type)))
-    cls = dataclasses.make_dataclass(name, fields, frozen=True, kw_only=True, slots=True)
+    namespace = {"__post_init__": _check_store}
+    cls = dataclasses.make_dataclass(name, fields, frozen=True, kw_only=True, slots=True, namespace=namespace)
     cls.__module__ = module  # Python 3.11's make_dataclass has no `module` argument
     return cls
+
+
+def _check_store(job: Any) -> None:
+    # Why: an empty store would put every stage folder in the current directory.
+    require(bool(job.store.strip()), f"store must name a folder or an fsspec URI, got {job.store!r}")
 
 
 # -- building from plain data ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import io
 import os
+import stat
 import tarfile
 import warnings
 from collections.abc import Iterator
@@ -39,6 +40,8 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
 WHITE = (255, 255, 255)
+# No image file worth training on is this large; bigger files are rejected unread (memory stays bounded).
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 # Pillow's own decompression-bomb limit: about a quarter of a GiB of 24-bit pixels.
 DEFAULT_MAX_PIXELS = 89_478_485
 # Images smaller than this on either side carry too little signal for a 14-pixel patch grid.
@@ -59,14 +62,48 @@ class RejectReason(enum.StrEnum):
     TOO_MANY_PIXELS = "too_many_pixels"  # decompression bomb guard
     TOO_SMALL = "too_small"
     DECODE_ERROR = "decode_error"  # any other failure while decoding pixels
+    NOT_A_FILE = "not_a_file"  # a FIFO, device, socket or folder named like an image: never opened
+    TOO_MANY_BYTES = "too_many_bytes"  # larger than the byte limit: never read whole
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeLimits:
-    """Bounds checked before and after decoding one image."""
+    """Bounds checked before reading, before decoding and after decoding one image."""
 
     max_pixels: int
     min_side: int
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+
+class UnreadableItem(OSError):
+    """Bytes that are not read, and why: `reason` is the rejected row's reason."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of a regular file (through symlinks) of at most `max_bytes` bytes.
+
+    Raises:
+        UnreadableItem: not a regular file (a FIFO would block forever, /dev/zero never ends), or larger
+            than `max_bytes` (checked on the size, then on what a read returns, in case it grew).
+        OSError: the file cannot be read at all (permissions, a dangling link).
+    """
+    status = os.stat(path)
+    if not stat.S_ISREG(status.st_mode):
+        raise UnreadableItem(
+            RejectReason.NOT_A_FILE, f"not a regular file (mode {stat.filemode(status.st_mode)})"
+        )
+    if status.st_size > max_bytes:
+        raise UnreadableItem(RejectReason.TOO_MANY_BYTES, f"{status.st_size} bytes, limit {max_bytes}")
+    with open(path, "rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise UnreadableItem(RejectReason.TOO_MANY_BYTES, f"over {max_bytes} bytes when read")
+    return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,8 +223,8 @@ def read_bytes(uri: str, byte_offset: int | None = None, byte_size: int | None =
     of scanning the archive's headers.
     """
     container, fragment = _split_fragment(uri)
-    if fragment is None:
-        return Path(uri).read_bytes()
+    if fragment is None:  # a file ingest accepted: still a regular file, at most the size it had
+        return read_regular_file(uri, byte_size if byte_size is not None else DEFAULT_MAX_BYTES)
     if container.endswith(TAR_SUFFIXES):
         if byte_offset is not None and byte_size is not None:
             with open(container, "rb") as handle:
@@ -238,12 +275,13 @@ def _read_parquet_cell(path: str, row: int, column: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class RawItem:
-    """One candidate image as read from a source: bytes, or the error that prevented reading them."""
+    """One candidate image as read from a source: bytes, or why they were not read."""
 
     uri: str
     data: bytes | None
     read_error: str | None = None
     byte_offset: int | None = None  # where a tar member's bytes start inside the archive
+    reason: RejectReason = RejectReason.UNREADABLE  # when `data` is None
 
 
 def list_folder_images(root: str | os.PathLike, extensions: tuple[str, ...]) -> tuple[list[str], int]:
@@ -262,29 +300,43 @@ def list_folder_images(root: str | os.PathLike, extensions: tuple[str, ...]) -> 
     return sorted(found), num_ignored
 
 
-def iter_folder_files(uris: list[str]) -> Iterator[RawItem]:
+def iter_folder_files(uris: list[str], max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[RawItem]:
+    """Each file's bytes; special files and oversized ones are not read, and say why."""
     for uri in uris:
         try:
-            yield RawItem(uri, Path(uri).read_bytes())
+            yield RawItem(uri, read_regular_file(uri, max_bytes))
+        except UnreadableItem as err:
+            yield RawItem(uri, None, err.detail, reason=err.reason)
         except OSError as err:
             yield RawItem(uri, None, f"{type(err).__name__}: {err.strerror or err}")
 
 
-def iter_tar_images(tar_path: str | os.PathLike, extensions: tuple[str, ...]) -> Iterator[RawItem]:
-    """Image members of a WebDataset-style tar, in archive order; other members are ignored."""
+def iter_tar_images(
+    tar_path: str | os.PathLike, extensions: tuple[str, ...], max_bytes: int = DEFAULT_MAX_BYTES
+) -> Iterator[RawItem]:
+    """Image members of a WebDataset-style tar, in archive order; other members are ignored, and an
+    oversized image member is not read."""
     with tarfile.open(tar_path) as tar:
         suffixes = tuple(extension.lower() for extension in extensions)
         for member in tar:
             if not member.isfile() or not member.name.lower().endswith(suffixes):
                 continue
+            uri = tar_uri(tar_path, member.name)
+            if member.size > max_bytes:
+                detail = f"{member.size} bytes, limit {max_bytes}"
+                yield RawItem(uri, None, detail, member.offset_data, RejectReason.TOO_MANY_BYTES)
+                continue
             extracted = tar.extractfile(member)
             data = extracted.read() if extracted is not None else None
             error = None if data is not None else "not a regular file"
-            yield RawItem(tar_uri(tar_path, member.name), data, error, byte_offset=member.offset_data)
+            yield RawItem(uri, data, error, byte_offset=member.offset_data)
 
 
 def iter_parquet_images(
-    parquet_path: str | os.PathLike, bytes_column: str, row_groups: list[int]
+    parquet_path: str | os.PathLike,
+    bytes_column: str,
+    row_groups: list[int],
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Iterator[RawItem]:
     """Rows of the given row groups; the URI carries the row's index in the whole file."""
     parquet = pq.ParquetFile(parquet_path)
@@ -294,7 +346,14 @@ def iter_parquet_images(
         for offset, value in enumerate(column.to_pylist()):
             row = first_row_of_group[group] + offset
             uri = parquet_uri(parquet_path, row, bytes_column)
-            yield RawItem(uri, value, None if value is not None else "null bytes")
+            if value is None:
+                yield RawItem(uri, None, "null bytes")
+            elif len(value) > max_bytes:
+                yield RawItem(
+                    uri, None, f"{len(value)} bytes, limit {max_bytes}", reason=RejectReason.TOO_MANY_BYTES
+                )
+            else:
+                yield RawItem(uri, value)
 
 
 def _row_group_offsets(parquet: pq.ParquetFile) -> list[int]:

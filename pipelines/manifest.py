@@ -177,6 +177,11 @@ def part_name(shard_id: str) -> str:
     return f"{PART_PREFIX}{shard_id}{PART_SUFFIX}"
 
 
+def shard_id_of(part: str) -> str:
+    """The shard id in a part's file name (`part_name`'s inverse)."""
+    return part.removeprefix(PART_PREFIX).removesuffix(PART_SUFFIX)
+
+
 def _parts(fs: fsspec.AbstractFileSystem, location: str) -> list[str]:
     if fs.isfile(location):
         return [location]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,30 +20,28 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipelines.executor import Executor, SerialExecutor
-from pipelines.manifest import ManifestError, ManifestSchema, read_manifest
-from pipelines.store import Store, canonical_json, sha256_text
+from pipelines.manifest import ManifestSchema, read_manifest
+from pipelines.record import (
+    RECORD_FORMAT_VERSION,
+    Manifest,
+    StageRun,
+    discard_damaged,
+    input_entry,
+    located_inputs,
+    output_entry,
+    record_problems,
+    seal_output,
+)
+from pipelines.store import TEMP_MARKER, Store, canonical_json, sha256_text
 from pipelines.views import FigureView, TableView
 
 KEY_LENGTH = 16
 ARTIFACTS_DIR = "artifacts"
-RECORD_FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    """A committed stage output: where it is, what schema it has, and a digest of its content."""
-
-    uri: str
-    schema_name: str
-    digest: str
-    num_rows: int
-
-    def read(self, schema: ManifestSchema | None = None) -> pa.Table:
-        return read_manifest(self.uri, schema)
+WARNINGS_KEY = "warnings"  # the stats entry of a stage's `ctx.warn` messages
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +120,13 @@ class StageContext:
     executor: Executor
     show_progress: bool = True
     stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, message: str) -> None:
+        """Something the user should know although the stage goes on (a value capped, nothing to do):
+        logged now, kept in the record's stats under `warnings`, printed by the run summary."""
+        logger.warning("%s: %s", self.spec.name, message)
+        self.warnings.append(message)
 
     def map_shards(
         self,
@@ -269,18 +275,6 @@ def stage_key(spec: StageSpec, cfg: Any, inputs: Mapping[str, Manifest]) -> str:
     return sha256_text(canonical_json(material))[:KEY_LENGTH]
 
 
-@dataclass(frozen=True, slots=True)
-class StageRun:
-    """A committed stage: its key, folder, outputs and the record written at commit."""
-
-    name: str
-    key: str
-    uri: str
-    outputs: dict[str, Manifest]
-    record: dict[str, Any]
-    reused: bool
-
-
 def run_stage(
     spec: StageSpec,
     cfg: Any,
@@ -305,67 +299,74 @@ def run_stage(
     committed = load_committed(spec, key, store)
     if committed is not None:
         return committed
+    # Why a lock: a second run of the same stage and key (two configs sharing upstream stages) waits for
+    # this one and then reuses its commit, instead of both writing, and sweeping, one folder.
+    with store.stage_lock(spec.name, key):
+        record, problems = record_problems(store, spec.name, key, tuple(spec.outputs))
+        if not problems:
+            return _committed_run(spec, key, store, record)
+        if store.exists(store.record_path(spec.name, key)):
+            # A commit that no longer matches its files is no commit: recompute what it cannot vouch for.
+            logger.warning("stage %s %s: %s; recomputing", spec.name, key, "; ".join(problems[:3]))
+            discard_damaged(store, spec.name, key, tuple(spec.outputs), record)
+        store.remove_temp_files(store.stage_dir(spec.name, key))
+        return _compute(spec, cfg, inputs, key, store, executor or SerialExecutor(), show_progress)
+
+
+def _compute(
+    spec: StageSpec,
+    cfg: Any,
+    inputs: Mapping[str, Manifest],
+    key: str,
+    store: Store,
+    executor: Executor,
+    show_progress: bool,
+) -> StageRun:
     started = time.time()
-    store.remove_temp_files(store.stage_dir(spec.name, key))
-    ctx = StageContext(spec, key, store, executor or SerialExecutor(), show_progress)
-    stats = spec.fn(cfg, inputs, ctx) or {}
-    outputs = {name: _seal_output(store, spec, key, name, schema) for name, schema in spec.outputs.items()}
+    ctx = StageContext(spec, key, store, executor, show_progress)
+    stats = dict(spec.fn(cfg, inputs, ctx) or {})
+    if ctx.warnings:
+        stats[WARNINGS_KEY] = ctx.warnings
+    sealed = {name: seal_output(store, spec.name, key, name, schema) for name, schema in spec.outputs.items()}
     record = {
         "format_version": RECORD_FORMAT_VERSION,
         "stage": spec.name,
         "version": spec.version,
         "key": key,
         "config": config_to_dict(cfg),
-        "inputs": {name: dataclasses.asdict(manifest) for name, manifest in inputs.items()},
-        "outputs": {name: dataclasses.asdict(manifest) for name, manifest in outputs.items()},
+        "inputs": {name: input_entry(manifest, store) for name, manifest in inputs.items()},
+        "outputs": {name: output_entry(manifest, parts) for name, (manifest, parts) in sealed.items()},
         "stats": stats,
         "artifacts": _list_artifacts(store, spec.name, key),
         "timings": {"started": started, "seconds": round(time.time() - started, 3)},
         "lvd_version": _lvd_version(),
     }
     store.write_json_atomic(store.record_path(spec.name, key), record)
-    return StageRun(
-        spec.name, key, store.uri_of(store.stage_dir(spec.name, key)), outputs, record, reused=False
-    )
+    outputs = {name: manifest for name, (manifest, _) in sealed.items()}
+    stage_uri = store.uri_of(store.stage_dir(spec.name, key))
+    return StageRun(spec.name, key, stage_uri, outputs, record, reused=False, inputs=dict(inputs))
 
 
 def load_committed(spec: StageSpec, key: str, store: Store) -> StageRun | None:
-    """The committed run at `key`, or None if it is absent or does not validate."""
-    record_path = store.record_path(spec.name, key)
-    if not store.exists(record_path):
-        return None
-    record = store.read_json(record_path)
-    if (
-        record.get("stage") != spec.name
-        or record.get("key") != key
-        or set(record["outputs"]) != set(spec.outputs)
-    ):
-        return None
-    outputs = {name: Manifest(**fields) for name, fields in record["outputs"].items()}
-    return StageRun(
-        spec.name, key, store.uri_of(store.stage_dir(spec.name, key)), outputs, record, reused=True
-    )
+    """The committed run at `key`, or None if it is absent or no longer matches its record (a part
+    missing, added or resized: cheap checks only; `lvd verify` hashes every part)."""
+    record, problems = record_problems(store, spec.name, key, tuple(spec.outputs))
+    return None if problems else _committed_run(spec, key, store, record)
 
 
-def _seal_output(store: Store, spec: StageSpec, key: str, name: str, schema: ManifestSchema) -> Manifest:
-    """Validates every part of one output and digests it (part names and bytes, in name order)."""
-    directory = store.output_dir(spec.name, key, name)
-    parts = store.list_parts(directory)
-    num_rows = 0
-    digest_lines = []
-    for part in parts:
-        with store.fs.open(part, "rb") as handle:
-            metadata = pq.ParquetFile(handle).metadata
-            part_schema = metadata.schema.to_arrow_schema()
-        if not schema.conforms(part_schema):
-            raise ManifestError(
-                f"stage {spec.name}, output {name}, {part}: schema differs from {schema.name}"
-            )
-        num_rows += metadata.num_rows
-        digest_lines.append(f"{part.rsplit('/', 1)[-1]} {store.file_sha256(part)}")
-    store.fs.makedirs(directory, exist_ok=True)  # an output with no parts is an empty manifest
-    digest = sha256_text("\n".join([schema.name, str(schema.version), *digest_lines]))
-    return Manifest(uri=store.uri_of(directory), schema_name=schema.name, digest=digest, num_rows=num_rows)
+def _committed_run(spec: StageSpec, key: str, store: Store, record: dict[str, Any]) -> StageRun:
+    """A committed run located in this store: outputs in the stage's folder, inputs below the root."""
+    outputs = {
+        name: Manifest(
+            store.uri_of(store.output_dir(spec.name, key, name)),
+            entry["schema_name"],
+            entry["digest"],
+            entry["num_rows"],
+        )
+        for name, entry in record["outputs"].items()
+    }
+    stage_uri = store.uri_of(store.stage_dir(spec.name, key))
+    return StageRun(spec.name, key, stage_uri, outputs, record, True, located_inputs(record, store))
 
 
 def _list_artifacts(store: Store, stage: str, key: str) -> list[str]:
@@ -373,7 +374,7 @@ def _list_artifacts(store: Store, stage: str, key: str) -> list[str]:
     if not store.fs.isdir(directory):
         return []
     return sorted(
-        path.rsplit("/", 1)[-1] for path in store.fs.ls(directory, detail=False) if ".tmp-" not in path
+        path.rsplit("/", 1)[-1] for path in store.fs.ls(directory, detail=False) if TEMP_MARKER not in path
     )
 
 

@@ -12,11 +12,15 @@ stores), so a killed run leaves only complete files behind and resumes at the fi
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +29,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from pipelines.manifest import PART_SUFFIX, STAGE_RECORD_FILE, part_name
+from pipelines.manifest import PART_PREFIX, PART_SUFFIX, STAGE_RECORD_FILE, part_name
+from pipelines.validation import UserInputError
 
 SHARD_RECORDS_DIR = "_shards"
 HASH_CHUNK_BYTES = 1 << 20
+# Marks a file still being written (temp name, renamed over the final one when complete).
+TEMP_MARKER = ".tmp-"
+LOCK_FILE = ".lock"
+WRITE_PROBE_FILE = ".lvd-write-probe"
+logger = logging.getLogger(__name__)
 
 
 def canonical_json(value: Any) -> str:
@@ -38,6 +48,10 @@ def canonical_json(value: Any) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+class StoreError(UserInputError):
+    """The store cannot be used (not writable, full); the message names it."""
 
 
 class Store:
@@ -88,6 +102,36 @@ class Store:
             return []
         return sorted(self.fs.glob(f"{directory}/*{PART_SUFFIX}"))
 
+    def part_sizes(self, directory: str) -> dict[str, int]:
+        """File name -> size of every committed part in `directory` (temp files of writers excluded)."""
+        if not self.fs.isdir(directory):
+            return {}
+        return {
+            entry["name"].rsplit("/", 1)[-1]: int(entry["size"])
+            for entry in self.fs.ls(directory, detail=True)
+            if entry["type"] == "file" and _is_part(entry["name"].rsplit("/", 1)[-1])
+        }
+
+    def relative_location(self, uri: str) -> str:
+        """`uri` below this store's root as a path relative to it; anything else as it is."""
+        prefix = self.uri_of(self.root).rstrip("/") + "/"
+        return uri.removeprefix(prefix) if uri.startswith(prefix) else uri
+
+    def absolute_location(self, location: str) -> str:
+        """The inverse of `relative_location`, against wherever this store is now."""
+        if "://" in location or location.startswith("/"):
+            return location
+        return self.uri_of(f"{self.root}/{location}")
+
+    def list_stages(self) -> list[str]:
+        """The folders at the store's root: one per stage that ever ran."""
+        if not self.fs.isdir(self.root):
+            return []
+        entries = self.fs.ls(self.root, detail=True)
+        return sorted(
+            entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry["type"] == "directory"
+        )
+
     def list_stage_keys(self, stage: str) -> list[str]:
         stage_root = f"{self.root}/{stage}"
         if not self.fs.isdir(stage_root):
@@ -110,12 +154,17 @@ class Store:
         if not self._is_local:
             self.fs.pipe_file(path, data)  # one PUT: object stores publish whole objects only
             return
-        temp_path = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(temp_path, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_path, path)
+        temp_path = f"{path}{TEMP_MARKER}{uuid.uuid4().hex}"
+        try:
+            with open(temp_path, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp_path, path)
+        except OSError as err:
+            Path(temp_path).unlink(missing_ok=True)
+            # Why re-raised with the path: a full or read-only store must be named in the one-line error.
+            raise OSError(err.errno, err.strerror, path) from err
         _fsync_directory(parent)
 
     def write_json_atomic(self, path: str, value: Any) -> None:
@@ -126,11 +175,52 @@ class Store:
         pq.write_table(table, buffer, compression="zstd", use_dictionary=_dictionary_columns(table.schema))
         self.write_bytes_atomic(path, buffer.getvalue())
 
+    def check_writable(self) -> None:
+        """Raises StoreError now, before any work, when this (local) store cannot take a file.
+
+        Why here: a read-only or full store otherwise surfaces only after a stage has done its work.
+        """
+        if not self._is_local:
+            return  # an object store answers per request; its errors name the object
+        probe = f"{self.root}/{WRITE_PROBE_FILE}"
+        try:
+            self.write_bytes_atomic(probe, b"lvd")
+            self.remove(probe)
+        except OSError as err:
+            raise StoreError(f"store {self.uri}: cannot write there: {err.strerror or err}") from None
+
+    def remove(self, path: str) -> None:
+        """Deletes a file if it is there."""
+        if self.fs.exists(path):
+            self.fs.rm_file(path)
+
+    @contextlib.contextmanager
+    def stage_lock(self, stage: str, key: str) -> Iterator[None]:
+        """Holds the stage folder of (stage, key) for one run at a time, across processes on this machine
+        (an advisory lock on `<stage folder>/.lock`). Object stores take no lock: two runs computing the
+        same stage there write the same content, each part atomically."""
+        if not self._is_local:
+            yield
+            return
+        directory = Path(self.stage_dir(stage, key))
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / LOCK_FILE, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.warning("stage %s %s: another run holds it; waiting for it to finish", stage, key)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def remove_temp_files(self, directory: str) -> None:
-        """Drops temp files a killed writer left behind; complete files are never touched."""
+        """Drops temp files a killed writer left behind; complete files are never touched. Call it only
+        under the folder's `stage_lock`, where no other run is writing."""
         if self._is_local and self.fs.isdir(directory):
             for path in self.fs.find(directory):
-                if ".tmp-" in path.rsplit("/", 1)[-1]:
+                if TEMP_MARKER in path.rsplit("/", 1)[-1]:
                     self.fs.rm_file(path)
 
 
@@ -139,7 +229,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     file beside it, fsynced, then renamed over it."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+    temp = target.with_name(f"{target.name}{TEMP_MARKER}{uuid.uuid4().hex}")
     try:
         with open(temp, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -149,6 +239,10 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     finally:
         temp.unlink(missing_ok=True)
     _fsync_directory(str(target.parent))
+
+
+def _is_part(name: str) -> bool:
+    return name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX) and TEMP_MARKER not in name
 
 
 def _fsync_directory(directory: str) -> None:

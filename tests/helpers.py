@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import resource
+import signal
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -130,3 +132,16 @@ def images_row(name: str, source: str, role: str) -> dict:
         "mode": "RGB",
         "num_frames": 1,
     }
+
+
+# Under this file-size limit the store's write probe fits, an ingest part does not.
+FILE_SIZE_LIMIT = 2048
+
+
+def limit_file_size() -> None:
+    """A subprocess's `preexec_fn`: files over FILE_SIZE_LIMIT bytes cannot be written.
+
+    Why SIGXFSZ ignored: a write past the limit then fails with EFBIG, as a full disk fails with ENOSPC.
+    """
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))

@@ -20,7 +20,7 @@ from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
 from training.eval.config import EvaluateConfig
 from training.eval.results import EVAL_RESULTS, accuracy_tables, result_rows, results_markdown
 from training.eval.stage import evaluate_backbone, evaluation_stats, load_eval_data
-from training.exports import EXPORTS
+from training.exports import EXPORTS, read_exports
 from training.stages import PRETRAIN, TEACHER_MODEL
 
 TABLE_FILE = "table2.md"
@@ -40,7 +40,7 @@ PRETRAIN_RANDOM = register_stage(
 
 def teacher_export(exports: Manifest, input_name: str) -> dict[str, Any]:
     """The teacher row of a pretraining run's exports manifest."""
-    rows = [row for row in exports.read(EXPORTS).to_pylist() if row["model"] == TEACHER_MODEL]
+    rows = [row for row in read_exports(exports) if row["model"] == TEACHER_MODEL]
     if len(rows) != 1:
         raise ValueError(f"ablate_data: {input_name} must hold one {TEACHER_MODEL!r} row, found {len(rows)}")
     return rows[0]
@@ -50,7 +50,8 @@ def run_ablate_data(cfg: EvaluateConfig, inputs: Mapping[str, Manifest], ctx: St
     untrained = [name for name in COMPARED_INPUTS if inputs[name].num_rows == 0]
     if untrained:
         ctx.write_output("results", EVAL_RESULTS.empty_table())
-        return {"models": {}, "warning": f"ablate_data: nothing was trained for {', '.join(untrained)}"}
+        ctx.warn(f"nothing was trained for {', '.join(untrained)}; nothing evaluated")
+        return {"models": {}}
     data = load_eval_data(cfg)
     results = [
         dataclasses.replace(

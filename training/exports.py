@@ -30,6 +30,7 @@ EXPORTS = ManifestSchema(
     version=1,
     fields=(
         pa.field("model", pa.string(), nullable=False),  # teacher | student | student_random_init
+        # Files inside the store: relative to the manifest's own folder (the store may move); others as given.
         pa.field("path", pa.string(), nullable=False),
         pa.field("sha256", pa.string(), nullable=False),
         pa.field("arch", pa.string(), nullable=False),
@@ -92,6 +93,37 @@ def export_row(
         "parameters": sum(tensor.numel() for tensor in state.values()),
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
     }
+
+
+LOCATED_COLUMNS = ("path", "checkpoint")
+
+
+def exports_table(rows: list[dict[str, Any]], manifest_dir: str, store_root: str) -> pa.Table:
+    """EXPORTS rows as written to the manifest in `manifest_dir`: files under `store_root` are named
+    relative to that folder, so the store can be copied or moved and its exports still resolve."""
+
+    def stored(location: str | None) -> str | None:
+        if location is None or not Path(location).resolve().is_relative_to(Path(store_root).resolve()):
+            return location
+        return os.path.relpath(Path(location).resolve(), Path(manifest_dir).resolve())
+
+    return EXPORTS.table_from_rows(
+        [{**row, **{column: stored(row[column]) for column in LOCATED_COLUMNS}} for row in rows]
+    )
+
+
+def read_exports(manifest: Any) -> list[dict[str, Any]]:
+    """The rows of an exports manifest with every file location absolute, wherever the store is now."""
+
+    def located(location: str | None) -> str | None:
+        if location is None or os.path.isabs(location):
+            return location
+        return os.path.normpath(os.path.join(manifest.uri, location))
+
+    return [
+        {**row, **{column: located(row[column]) for column in LOCATED_COLUMNS}}
+        for row in manifest.read(EXPORTS).to_pylist()
+    ]
 
 
 def load_exported_backbone(row: dict[str, Any]) -> nn.Module:

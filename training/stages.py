@@ -33,7 +33,7 @@ from pipelines.views import FigureView
 from training.checkpoint import export_backbone
 from training.config import PretrainConfig
 from training.eval.pca_picture import pca_picture_png, spread_images
-from training.exports import EXPORTS, export_row, load_exported_backbone
+from training.exports import EXPORTS, export_row, exports_table, load_exported_backbone, read_exports
 from training.plots import loss_curve_png
 from training.trainer import CHECKPOINTS_DIR, TRAIN_METRICS, read_metrics, train
 
@@ -81,7 +81,8 @@ def nothing_to_train(ctx: StageContext, stage: str) -> dict[str, Any]:
     """Commits empty outputs for a training stage given no images, and says so in its stats."""
     ctx.write_output("metrics", TRAIN_METRICS.empty_table())
     ctx.write_output("exports", EXPORTS.empty_table())
-    return {"steps": 0, "images": 0, "warning": f"{stage}: the curated manifest is empty; nothing trained"}
+    ctx.warn(f"{stage}: the curated manifest is empty; nothing trained")
+    return {"steps": 0, "images": 0}
 
 
 def finish_training(
@@ -91,7 +92,7 @@ def finish_training(
     curve, and returns the stats they share."""
     metrics = TRAIN_METRICS.validate(read_metrics(run_dir))
     ctx.write_output("metrics", metrics)
-    ctx.write_output("exports", EXPORTS.table_from_rows(exports))
+    ctx.write_output("exports", exports_table(exports, ctx.output_uri("exports"), ctx.store.root))
     ctx.write_artifact(LOSS_CURVE_FILE, loss_curve_png(metrics, title))
     objective = metrics.column("objective")
     return {
@@ -121,11 +122,11 @@ def run_pretrain(cfg: PretrainConfig, inputs: Mapping[str, Manifest], ctx: Stage
 def teacher_pca_figures(run: StageRun) -> list[FigureView]:
     """The DINOv2 picture of a committed pretraining: PCA of its teacher's patch features on a few of
     the images it trained on (none when it trained nothing)."""
-    exports = run.outputs["exports"].read(EXPORTS).to_pylist()
+    exports = read_exports(run.outputs["exports"])
     if not exports:
         return []
     export = next((row for row in exports if row["model"] == TEACHER_MODEL), exports[0])
-    images = spread_images(run.record["inputs"]["curated"]["uri"], PCA_IMAGE_COUNT)
+    images = spread_images(run.inputs["curated"].uri, PCA_IMAGE_COUNT)
     png = pca_picture_png(load_exported_backbone(export), images)
     caption = (
         f"the DINOv2 picture: pretrained {export['model']} ({export['arch']}), the first three PCA "
@@ -138,7 +139,7 @@ def teacher_pca_figures(run: StageRun) -> list[FigureView]:
 PRETRAIN = register_stage(
     StageSpec(
         name="pretrain",
-        version=2,
+        version=3,  # 3: exports name files inside the store relative to the manifest (movable stores)
         config_type=PretrainConfig,
         fn=run_pretrain,
         inputs={"curated": CURATED},

@@ -57,7 +57,9 @@ class GraphSearch:
 def check_graph_settings(num_neighbours: int, threshold: float) -> None:
     """What every duplicate-graph config requires of k and the cosine threshold (raises ValueError)."""
     require(num_neighbours >= 1, f"num_neighbours must be >= 1, got {num_neighbours}")
-    require(-1.0 <= threshold <= 1.0, f"threshold must be a cosine in [-1, 1], got {threshold}")
+    # Why not [-1, 1]: a copy threshold at or below 0 makes nearly every pair a copy (at -0.5 the demo
+    # lost 246 of 247 pool images), and 1 makes none; both are mistakes, not settings.
+    require(0.0 < threshold < 1.0, f"threshold must be a cosine in (0, 1), got {threshold}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,6 @@ from flows.cli import main
 from flows.curate_and_train import ABLATE_DATA, CURATE_AND_TRAIN
 from flows.dag import run_pipeline
 from flows.report import PAGE_TITLE
-from pipelines.manifest import read_manifest
 from pipelines.stage import StageRun
 from tests.integration.demo_dag import small_demo_dag
 from training.eval.pca_picture import TILE_PIXELS
@@ -178,7 +177,7 @@ def test_report_loads_every_image_decodes_and_the_console_stays_clean(browser, r
     pretrainings = ("pretrain", "pretrain_random")
     assert len(images) == pictures + len(pretrainings)
     pca = sorted(width for alt, _, width in images if "PCA components" in alt)
-    trained_on = [read_manifest(runs[stage].record["inputs"]["curated"]["uri"]) for stage in pretrainings]
+    trained_on = [runs[stage].inputs["curated"].read() for stage in pretrainings]
     distinct = [len(set(table.column("image_id").to_pylist())) for table in trained_on]
     assert pca == sorted(min(PCA_IMAGE_COUNT, count) * TILE_PIXELS for count in distinct)
     assert console_errors(browser.events[start:]) == []

@@ -34,7 +34,7 @@ from training.eval.results import (
     results_chart_png,
     results_markdown,
 )
-from training.exports import EXPORTS, load_exported_backbone
+from training.exports import EXPORTS, load_exported_backbone, read_exports
 
 RESULTS_TABLE_FILE = "results.md"
 RESULTS_CHART_FILE = "results.png"
@@ -130,10 +130,11 @@ def model_stats(result: ModelResult, reported_k: int) -> dict[str, Any]:
 
 
 def run_evaluate(cfg: EvaluateConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
-    exports = inputs["exports"].read(EXPORTS).to_pylist()
+    exports = read_exports(inputs["exports"])
     if not exports:
         ctx.write_output("results", EVAL_RESULTS.empty_table())
-        return {"models": {}, "warning": "evaluate: the exports manifest is empty; nothing evaluated"}
+        ctx.warn("the exports manifest is empty; nothing evaluated")
+        return {"models": {}}
     models = [export["model"] for export in exports]
     if len(set(models)) != len(models):
         raise ValueError(f"evaluate: model names in the exports manifest must be unique, got {models}")

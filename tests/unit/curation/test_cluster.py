@@ -68,7 +68,9 @@ def test_training_sample_is_bounded_and_cluster_count_capped(tmp_path):
     assert run.outputs["assignments"].num_rows == NUM_PLANTED * PER_CLUSTER  # every row still assigned
     capped, _ = _run(tmp_path, ClusterConfig(num_clusters=10_000), store_name="capped")
     assert capped.record["stats"]["clusters"] == NUM_PLANTED * PER_CLUSTER
-    assert "capped" in capped.record["stats"]["warning"]
+    assert capped.record["stats"]["warnings"] == [
+        f"num_clusters 10000 capped at the {NUM_PLANTED * PER_CLUSTER} rows to cluster"
+    ]
 
 
 def test_serial_and_ray_write_identical_outputs(tmp_path, ray_session):

@@ -18,7 +18,7 @@ from pipelines.images import DecodeLimits, load_rgb, read_bytes
 from pipelines.manifest import IMAGES, REJECTED, read_manifest
 from pipelines.stage import get_stage, run_stage
 from pipelines.store import Store
-from tests.helpers import three_source_config
+from tests.helpers import three_source_config, write_folder, write_parquet, write_tar
 
 NOBODY_UID = 65534
 LIMITS = DecodeLimits(max_pixels=IngestConfig().max_pixels, min_side=IngestConfig().min_side)
@@ -105,3 +105,32 @@ def test_a_hash_sign_in_folder_names_does_not_break_container_uris(tmp_path):
     assert len(images) == 36
     for row in images:
         assert hashlib.sha256(read_bytes(row["uri"])).hexdigest() == row["image_id"]
+
+
+@pytest.mark.timeout(60)  # a FIFO opened for reading would block forever; /dev/zero never ends
+def test_special_files_and_oversized_ones_are_rejected_unread(tmp_path):
+    folder = tmp_path / "odd"
+    write_folder(folder, range(2))  # two ordinary images beside the odd files
+    os.mkfifo(folder / "fifo.jpg")
+    (folder / "zero.jpg").symlink_to("/dev/zero")
+    (folder / "big.png").write_bytes(b"\x89PNG" + b"\0" * 20_000)
+    tar, parquet = write_tar(tmp_path / "a.tar", range(2)), write_parquet(tmp_path / "w.parquet", range(2))
+    sources = (
+        SourceConfig(name="odd", role="uncurated", kind="folder", path=str(folder)),
+        SourceConfig(name="shards", role="uncurated", kind="tar", path=str(tar)),
+        SourceConfig(name="web", role="uncurated", kind="parquet", path=str(parquet)),
+    )
+    max_bytes = 10_000  # every image written here is about 6 kB; big.png is over
+    run = _ingest(IngestConfig(sources=sources, max_bytes=max_bytes), tmp_path / "store")
+    rejected = {Path(row["uri"]).name: row for row in read_manifest(run.outputs["rejected"].uri).to_pylist()}
+    assert {name: row["reason"] for name, row in rejected.items()} == {
+        "fifo.jpg": "not_a_file",
+        "zero.jpg": "not_a_file",
+        "big.png": "too_many_bytes",
+    }
+    assert rejected["big.png"]["detail"] == f"20004 bytes, limit {max_bytes}"
+    assert run.outputs["images"].num_rows == 6  # two per source
+    # The same limit stops oversized tar members and Parquet cells unread.
+    tiny = _ingest(IngestConfig(sources=sources[1:], max_bytes=16), tmp_path / "tiny")
+    reasons = read_manifest(tiny.outputs["rejected"].uri).column("reason").to_pylist()
+    assert reasons == ["too_many_bytes"] * 4 and tiny.outputs["images"].num_rows == 0

@@ -168,7 +168,7 @@ def test_a_pool_source_cannot_be_a_seed_source(tmp_path):
         _retrieve(inputs, store, cfg)
     missing = _retrieve(inputs, store, RetrieveConfig(sources=(RetrievalSourceConfig(source="absent"),)))
     assert missing.outputs["retrieved"].num_rows == 0
-    assert "nothing retrieved" in missing.record["stats"]["sources"]["absent"]["warning"]
+    assert missing.record["stats"]["warnings"] == ["no embeddings of source 'absent': nothing retrieved"]
 
 
 SHARD_QUERIES = 5  # 12 + 10 queries: 3 + 2 search shards

@@ -45,6 +45,13 @@ def test_demo_preset_has_every_role():
             "ingest.sources.0.role: must be one of 'curated', 'uncurated', 'eval', got 'seed'",
         ),
         ({"copy_dedup": {"search": {"shards": 0}}}, "copy_dedup.search: shards must be >= 1, got 0"),
+        ({"copy_dedup": {"threshold": -0.5}}, "copy_dedup: threshold must be a cosine in (0, 1), got -0.5"),
+        (
+            {"decontaminate": {"threshold": 1.0}},
+            "decontaminate: threshold must be a cosine in (0, 1), got 1.0",
+        ),
+        ({"store": ""}, "config: store must name a folder or an fsspec URI, got ''"),
+        ({"ingest": {"max_bytes": 0}}, "ingest: max_bytes must be >= 1, got 0"),
         (
             {"retrieve": {"sources": [{"source": "s", "min_query_hits": -3}]}},
             "retrieve.sources.0: min_query_hits must be >= 0, got -3",
@@ -116,8 +123,8 @@ def test_an_unknown_embedder_kind_lists_the_registered_ones():
 def test_cli_fails_fast_with_one_line_and_no_traceback(tmp_path, capsys):
     assert main(["run", "--set", "ingest.max_pixel=10", "--set", f"store={tmp_path}"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "lvd: error: ingest.max_pixel: unknown key; allowed: sources, max_pixels, min_side, files_per_shard, "
-        "row_groups_per_shard"
+        "lvd: error: ingest.max_pixel: unknown key; allowed: sources, max_pixels, min_side, max_bytes, "
+        "files_per_shard, row_groups_per_shard"
     ]
     assert not any(tmp_path.iterdir()), "work started before the config was validated"
 

@@ -48,3 +48,18 @@ def test_a_stage_artifact_in_markdown_carries_its_tables(tmp_path):
     markdown = stage_markdown(_evaluate_run(tmp_path))
     assert "## top-1 accuracy on fashion_mnist" in markdown
     assert "| teacher | 1,000 | 55.1 | 56.0 | 70.0 | cls lr=0.1 |" in markdown
+
+
+def test_the_run_summary_says_what_a_stage_warned_about(tmp_path):
+    run = _evaluate_run(tmp_path)
+    warned = StageRun(
+        "cluster",
+        "key",
+        str(tmp_path),
+        {},
+        {**run.record, "stats": {"warnings": ["num_clusters 9 capped"]}},
+        False,
+    )
+    console = Console(record=True, width=200)
+    print_runs({"cluster": warned}, console)
+    assert "warning: cluster: num_clusters 9 capped" in console.export_text()
