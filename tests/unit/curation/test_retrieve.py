@@ -171,6 +171,18 @@ def test_a_pool_source_cannot_be_a_seed_source(tmp_path):
     assert missing.record["stats"]["warnings"] == ["no embeddings of source 'absent': nothing retrieved"]
 
 
+def test_more_neighbours_than_pool_images_are_capped_with_a_warning(tmp_path):
+    queries, _ = planted(2, 3, seed=6)
+    inputs, store = _setup(tmp_path, {"seeds": queries})
+    pool = inputs["assignments"].num_rows
+    source = RetrievalSourceConfig(source="seeds", num_neighbours=pool + 5)
+    run = _retrieve(inputs, store, RetrieveConfig(sources=(source,)))
+    assert run.record["stats"]["warnings"] == [
+        f"seeds: num_neighbours {pool + 5} capped at the {pool} pool images"
+    ]
+    assert run.outputs["retrieved"].num_rows == len(queries) * pool  # every pool image, once per query
+
+
 SHARD_QUERIES = 5  # 12 + 10 queries: 3 + 2 search shards
 SHARDED_SOURCES = (
     RetrievalSourceConfig(source="near", num_neighbours=NEIGHBOURS),
