@@ -132,7 +132,10 @@ def record_problems(
     except ValueError as err:
         return None, [f"unreadable record: {err}"]
     if record.get("format_version") != RECORD_FORMAT_VERSION:
-        return None, [f"record format {record.get('format_version')}, expected {RECORD_FORMAT_VERSION}"]
+        found = record.get("format_version")
+        return None, [
+            f"record format {found}, this lvd writes {RECORD_FORMAT_VERSION}: the next run recomputes it"
+        ]
     names = sorted(record.get("outputs", {}))
     renamed = outputs is not None and names != sorted(outputs)
     if record.get("stage") != stage or record.get("key") != key or renamed:

@@ -27,7 +27,7 @@ from training.eval.knn import knn_accuracy
 from training.eval.linear import linear_probe
 from training.eval.stage import EVAL_RESULTS, EVALUATE
 from training.exports import EXPORTS, export_row, load_exported_backbone, save_backbone
-from training.models.vit import build_vit
+from training.models.vit import build_vit_from_options
 
 SMALL_IMAGE = 28  # four 7 px patches a side
 PATCH = 7
@@ -60,8 +60,7 @@ def random_backbone(seed: int) -> torch.nn.Module:
     Why not the ViT's own init: its small weights leave the CLS almost the same for every image (cosine
     similarities within 1e-6 of 1), so k-NN would be decided by rounding.
     """
-    options = tiny_options()
-    backbone = build_vit(options.pop("arch"), **options)
+    backbone = build_vit_from_options(tiny_options())
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in backbone.parameters():
