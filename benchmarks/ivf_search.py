@@ -173,7 +173,7 @@ def main() -> None:
     flat_build, exact_seconds = result["flat_build_seconds"], result["exact_seconds"]
     print(f"exact IndexFlatIP: build {flat_build:.1f} s, search {exact_seconds:.2f} s")
     print(f"difficulty: {result['difficulty']}")
-    print(f"IVF (lvd knn.pool_index): nlist {result['nlist']}, build {result['ivf_build_seconds']:.1f} s")
+    print(f"IVF (lvd knn.build_index): nlist {result['nlist']}, build {result['ivf_build_seconds']:.1f} s")
     print(f"{'nprobe':>7} {'search s':>9} {'x exact':>8} {'recall@' + str(K):>9}  goal")
     for point in result["sweep"]:
         verdict = "met" if point["met"] else "-"

@@ -127,13 +127,12 @@ class UserErrorsWithoutTraceback(logging.Filter):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Why: SIGTERM's default ends the process at once; as SystemExit it unwinds `finally` blocks, so the
-    # run's private Prefect server (and Ray) are stopped too.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     # Why: Prefect's telemetry calls home at server start; offline machines only get errors from it.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     for logger_name in PREFECT_RUN_LOGGERS:
-        logging.getLogger(logger_name).addFilter(UserErrorsWithoutTraceback())
+        prefect_logger = logging.getLogger(logger_name)
+        if not any(isinstance(found, UserErrorsWithoutTraceback) for found in prefect_logger.filters):
+            prefect_logger.addFilter(UserErrorsWithoutTraceback())
     args = build_parser().parse_args(argv)
     console = Console()
     try:
@@ -174,8 +173,14 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         from flows.prefect_flows import curate_and_train
 
         open_store(cfg)  # a store that cannot take files fails here, before any server or work starts
-        with run_server():
-            runs = curate_and_train(until=until, ablate_data=ablate, config=cfg)
+        # Why: SIGTERM's default ends the process at once; as SystemExit it unwinds `finally` blocks, so
+        # the run's private Prefect server (and Ray) are stopped too.
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        try:
+            with run_server():
+                runs = curate_and_train(until=until, ablate_data=ablate, config=cfg)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         _print_summary(runs, cfg, console)
         return 0
     if args.command == "stage":

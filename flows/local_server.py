@@ -89,7 +89,9 @@ def run_server() -> Iterator[str]:
         "--factory", "prefect.server.api.server:create_app", "--host", HOST, "--port", str(port),
         "--log-level", "error", "--lifespan", "on",
     ]  # fmt: skip
-    process = subprocess.Popen(command, env={**os.environ, **SERVER_ENV}, preexec_fn=_stop_with_parent)
+    # PR_SET_PDEATHSIG is Linux's; elsewhere the server is stopped by `finally` (not after kill -9).
+    tie = _stop_with_parent if sys.platform.startswith("linux") else None
+    process = subprocess.Popen(command, env={**os.environ, **SERVER_ENV}, preexec_fn=tie)
     try:
         _wait_healthy(process, api_url)
         with temporary_settings(updates={PREFECT_API_URL: api_url}):

@@ -19,9 +19,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.manifest import ManifestError, ManifestSchema, shard_id_of
+from pipelines.manifest import ManifestError, ManifestSchema, read_manifest, shard_id_of
 from pipelines.store import Store, sha256_text
 
 RECORD_FORMAT_VERSION = 2
@@ -37,9 +38,7 @@ class Manifest:
     digest: str
     num_rows: int
 
-    def read(self, schema: ManifestSchema | None = None):
-        from pipelines.manifest import read_manifest
-
+    def read(self, schema: ManifestSchema | None = None) -> pa.Table:
         return read_manifest(self.uri, schema)
 
 
@@ -108,11 +107,16 @@ def input_entry(manifest: Manifest, store: Store) -> dict[str, Any]:
 
 
 def located_inputs(record: dict[str, Any], store: Store) -> dict[str, Manifest]:
+    """The record's inputs located against this store's root (wherever it is now)."""
     return {
-        name: Manifest(store.absolute_location(entry["location"]), entry["schema_name"], entry["digest"],
-                       entry["num_rows"])
+        name: Manifest(
+            store.absolute_location(entry["location"]),
+            entry["schema_name"],
+            entry["digest"],
+            entry["num_rows"],
+        )
         for name, entry in record.get("inputs", {}).items()
-    }  # fmt: skip
+    }
 
 
 def record_problems(
@@ -131,6 +135,8 @@ def record_problems(
         record = store.read_json(path)
     except ValueError as err:
         return None, [f"unreadable record: {err}"]
+    if not isinstance(record, dict):
+        return None, ["the record is not a JSON object"]
     if record.get("format_version") != RECORD_FORMAT_VERSION:
         found = record.get("format_version")
         return None, [
@@ -142,7 +148,10 @@ def record_problems(
         return None, ["the record names another stage, key or outputs"]
     problems = []
     for name, entry in record["outputs"].items():
-        problems += _output_problems(store, store.output_dir(stage, key, name), name, entry[PARTS_KEY], full)
+        parts = entry.get(PARTS_KEY) if isinstance(entry, dict) else None
+        if not isinstance(parts, list):
+            return None, [f"the record lists no parts for output {name}"]
+        problems += _output_problems(store, store.output_dir(stage, key, name), name, parts, full)
     return record, problems
 
 
