@@ -154,18 +154,7 @@ class Store:
         if not self._is_local:
             self.fs.pipe_file(path, data)  # one PUT: object stores publish whole objects only
             return
-        temp_path = f"{path}{TEMP_MARKER}{uuid.uuid4().hex}"
-        try:
-            with open(temp_path, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp_path, path)
-        except OSError as err:
-            Path(temp_path).unlink(missing_ok=True)
-            # Why re-raised with the path: a full or read-only store must be named in the one-line error.
-            raise OSError(err.errno, err.strerror, path) from err
-        _fsync_directory(parent)
+        write_bytes_local_atomic(path, data)
 
     def write_json_atomic(self, path: str, value: Any) -> None:
         self.write_bytes_atomic(path, json.dumps(value, sort_keys=True, indent=2, default=str).encode())
@@ -224,21 +213,29 @@ class Store:
                     self.fs.rm_file(path)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+def write_bytes_local_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Writes a local file so that readers see the old file or the whole new one, never a prefix: a temp
-    file beside it, fsynced, then renamed over it."""
+    file beside it, fsynced, renamed over it, the folder fsynced. A refused write names the path."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.with_name(f"{target.name}{TEMP_MARKER}{uuid.uuid4().hex}")
     try:
-        with open(temp, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with open(temp, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, target)
+    except OSError as err:
+        # Why re-raised with the path: a full or read-only store must be named in the one-line error.
+        raise OSError(err.errno, err.strerror, str(target)) from err
     finally:
         temp.unlink(missing_ok=True)
     _fsync_directory(str(target.parent))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """`write_bytes_local_atomic` of `text` as UTF-8 (pages, sidecar JSON, checkpoint pointers)."""
+    write_bytes_local_atomic(path, text.encode("utf-8"))
 
 
 def _is_part(name: str) -> bool:
