@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_TERMINATED = threading.Event()
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
+    _TERMINATED.set()
     raise SystemExit(SIGTERM_EXIT)
 
 
@@ -175,10 +180,17 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         open_store(cfg)  # a store that cannot take files fails here, before any server or work starts
         # Why: SIGTERM's default ends the process at once; as SystemExit it unwinds `finally` blocks, so
         # the run's private Prefect server (and Ray) are stopped too.
+        _TERMINATED.clear()
         previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             with run_server():
                 runs = curate_and_train(until=until, ablate_data=ablate, config=cfg)
+        except BaseException:
+            # Prefect may wrap the unwinding SystemExit (a crash state, its own TerminationSignal): a
+            # terminated run ends as one, whatever shape the exception took on its way out.
+            if _TERMINATED.is_set():
+                return SIGTERM_EXIT
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
         _print_summary(runs, cfg, console)
