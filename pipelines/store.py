@@ -263,3 +263,18 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
 def _is_float_vector(data_type: pa.DataType) -> bool:
     nested = pa.types.is_list(data_type) or pa.types.is_fixed_size_list(data_type)
     return nested and pa.types.is_floating(data_type.value_type)
+
+
+def location_in_manifest(location: str, manifest_dir: str, store_root: str) -> str:
+    """How a manifest names a file: relative to the manifest's folder when the file lies inside the store
+    (so the store may be copied or moved), anything else as given (a user's own weights file)."""
+    if not Path(location).resolve().is_relative_to(Path(store_root).resolve()):
+        return location
+    return os.path.relpath(Path(location).resolve(), Path(manifest_dir).resolve())
+
+
+def location_from_manifest(location: str, manifest_uri: str) -> str:
+    """The inverse of `location_in_manifest`: an absolute location, wherever the store is now."""
+    if os.path.isabs(location):
+        return location
+    return os.path.normpath(os.path.join(manifest_uri, location))

@@ -6,6 +6,7 @@ the HTML report and the Prefect artifacts render them without knowing which stag
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,3 +48,22 @@ def shown_counts(stats: Mapping[str, Any], labels: Mapping[str, str]) -> list[tu
 def table_view(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> TableView:
     """A TableView with every cell as text."""
     return TableView(title, tuple(header), tuple(tuple(str(cell) for cell in row) for row in rows))
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display on servers and CI), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_png(figure: Any, dpi: int) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed."""
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    pyplot().close(figure)
+    return buffer.getvalue()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pipelines.manifest import ManifestSchema
-from pipelines.store import write_text_atomic
+from pipelines.store import location_from_manifest, location_in_manifest, write_text_atomic
 from training.checkpoint import EXPORT_INFO_SUFFIX
 from training.models.vit import build_vit_from_options
 
@@ -103,9 +103,7 @@ def exports_table(rows: list[dict[str, Any]], manifest_dir: str, store_root: str
     relative to that folder, so the store can be copied or moved and its exports still resolve."""
 
     def stored(location: str | None) -> str | None:
-        if location is None or not Path(location).resolve().is_relative_to(Path(store_root).resolve()):
-            return location
-        return os.path.relpath(Path(location).resolve(), Path(manifest_dir).resolve())
+        return None if location is None else location_in_manifest(location, manifest_dir, store_root)
 
     return EXPORTS.table_from_rows(
         [{**row, **{column: stored(row[column]) for column in LOCATED_COLUMNS}} for row in rows]
@@ -116,9 +114,7 @@ def read_exports(manifest: Any) -> list[dict[str, Any]]:
     """The rows of an exports manifest with every file location absolute, wherever the store is now."""
 
     def located(location: str | None) -> str | None:
-        if location is None or os.path.isabs(location):
-            return location
-        return os.path.normpath(os.path.join(manifest.uri, location))
+        return None if location is None else location_from_manifest(location, manifest.uri)
 
     return [
         {**row, **{column: located(row[column]) for column in LOCATED_COLUMNS}}

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import io
-
 import pyarrow as pa
+
+from pipelines.views import figure_png, pyplot
 
 LOSS_COLUMNS = ("objective", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss")
 SCHEDULE_COLUMNS = ("lr", "teacher_temp", "momentum")
@@ -14,10 +14,7 @@ DPI = 110
 
 def loss_curve_png(metrics: pa.Table, title: str) -> bytes:
     """Loss terms per step (left) and the schedules scaled to their maxima (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = metrics.column("step").to_numpy()
     figure, (losses, schedules) = plt.subplots(1, 2, figsize=FIGURE_SIZE)
@@ -31,8 +28,4 @@ def loss_curve_png(metrics: pa.Table, title: str) -> bytes:
         schedules.plot(steps, values / peak, label=f"{name} / {peak:.3g}", linewidth=1.2)
     schedules.set(xlabel="step", title="schedules (scaled to their maxima)")
     schedules.legend(fontsize="small")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI)
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure_png(figure, DPI)

@@ -7,7 +7,6 @@ ModelResults --results_markdown / results_chart_png--> the stage's artifacts
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ import pyarrow as pa
 
 from pipelines.manifest import ManifestSchema
 from pipelines.stage import StageRun
-from pipelines.views import TableView, table_view
+from pipelines.views import TableView, figure_png, pyplot, table_view
 from training.eval.linear import ProbeResult
 
 KNN_PROTOCOL = "knn"
@@ -99,10 +98,7 @@ def results_markdown(results: Sequence[ModelResult], ks: Sequence[int], title: s
 
 def results_chart_png(results: Sequence[ModelResult], ks: Sequence[int], title: str) -> bytes:
     """Grouped bars: per model, k-NN top-1 for each k and the linear probe's top-1, in percent."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     series = {f"k-NN k={k}": [result.knn_top1[k] for result in results] for k in ks}
     probes = [result.probe for result in results if result.probe is not None]
@@ -122,11 +118,7 @@ def results_chart_png(results: Sequence[ModelResult], ks: Sequence[int], title: 
     )
     axes.set(ylabel="top-1 (%)", ylim=(0, PERCENT), title=title)
     axes.legend(fontsize="small")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=CHART_DPI)
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure_png(figure, CHART_DPI)
 
 
 def accuracy_view(results: pa.Table, title: str) -> TableView:
