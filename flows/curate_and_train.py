@@ -1,7 +1,9 @@
 """The `curate-and-train` job: which stages run, what feeds what, and the config sections that makes.
 
-    ingest -> exact_dedup -> phash_dedup -> copy_dedup -> decontaminate -> embed -> cluster
-      -> retrieve -> assemble -> pretrain -> distill -> evaluate
+    ingest -> exact_dedup -> phash_dedup -> copy_descriptor -> copy_dedup -> decontaminate -> embed
+      -> cluster -> retrieve -> assemble -> pretrain -> distill -> evaluate
+
+(copy_descriptor trains on phash_dedup's rows; copy_dedup and decontaminate both use its model)
 
 and, only when asked, the data ablation (the paper's Table 2 in miniature):
 
@@ -27,8 +29,9 @@ CURATE_AND_TRAIN = Dag(
         node("ingest"),
         node("exact_dedup", "ingest.images"),
         node("phash_dedup", "exact_dedup.images"),
-        node("copy_dedup", "phash_dedup.images"),
-        node("decontaminate", "copy_dedup.images", "copy_dedup.descriptors"),
+        node("copy_descriptor", "phash_dedup.images"),
+        node("copy_dedup", "phash_dedup.images", "copy_descriptor.model"),
+        node("decontaminate", "copy_dedup.images", "copy_dedup.descriptors", "copy_descriptor.model"),
         node("embed", "decontaminate.images"),
         node("cluster", "embed.embeddings"),
         node("retrieve", "embed.embeddings", "cluster.assignments", "cluster.centroids"),

@@ -101,6 +101,11 @@ SMALL_DEMO = DemoDataConfig(
 TINY_DAG_STEPS = 2
 
 
+# The copy descriptor of the tests' demo runs: a few steps on small crops (the stage's path, not its quality).
+TINY_DESCRIPTOR_STEPS = 3
+TINY_DESCRIPTOR_IMAGE_SIZE = 64
+
+
 def demo_job_config(data: Path, store: Path, **ingest_options) -> CurateAndTrainConfig:
     """The demo preset pointed at demo data built under `data`, serial and quiet, storing under `store`,
     with a tiny pretraining run."""
@@ -112,6 +117,11 @@ def demo_job_config(data: Path, store: Path, **ingest_options) -> CurateAndTrain
         store=str(store),
         runtime=replace(preset.runtime, executor="serial", show_progress=False),
         ingest=replace(preset.ingest, sources=sources, **ingest_options),
+        copy_descriptor=replace(
+            preset.copy_descriptor,
+            image_size=TINY_DESCRIPTOR_IMAGE_SIZE,
+            train=replace(preset.copy_descriptor.train, steps=TINY_DESCRIPTOR_STEPS, batch_size=8),
+        ),
         **{name: getattr(tiny, name) for name in ("pretrain", "distill", "evaluate")},
     )
 

@@ -1,8 +1,10 @@
 """The `copy_dedup` stage: near-copies by copy-detection descriptors (the paper's SSCD self-dedup).
 
-images --per shard: embedder--> descriptors (every input row; resumable)
-  --rows of `roles` only: `graph.duplicate_graph` (Faiss k-NN, k neighbours, cosine > threshold, edges
-    streamed into a union-find)--> components
+images --per shard: the `copy_descriptor` model's embedder--> descriptors (every input row; resumable)
+  --rows of `roles` only: `graph.graph_index` (Faiss, one index or shards)
+  --`probe.probe_graph`: sampled rows' nearest neighbours; the threshold, calibrated on held-out
+    synthetic copies for a target precision unless the config sets one--> calibration.png, near misses
+  --k-NN graph (k neighbours, cosine > threshold, edges streamed into a union-find)--> components
   --keep rule--> images (one per component, plus protected rows), rejected (naming the kept row)
 
 The k-NN index is one Faiss index here, or with `search.shards` > 1 split over the executor's workers
@@ -19,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from curation.copydetect.calibrate import CalibrationConfig
+from curation.copydetect.stage import COPY_DESCRIPTOR, descriptor_embedder
 from curation.dedup.components import (
     DEDUP_SHOWN_STATS,
     DUPLICATES_REJECTED,
@@ -30,14 +34,14 @@ from curation.dedup.components import (
 from curation.dedup.descriptors import DESCRIPTORS, describe_shard
 from curation.dedup.graph import (
     PAPER_GRAPH_NEIGHBOURS,
-    GraphSearch,
     check_graph_settings,
-    duplicate_graph,
+    graph_index,
     locate_descriptors,
     pair_cosines,
 )
+from curation.dedup.normalise import DEFAULT_BACKGROUND_ROWS
+from curation.dedup.probe import THRESHOLD_SHOWN_STATS, probe_graph, record_probe
 from curation.dedup.sheets import duplicate_groups_sheet
-from curation.embedders import EmbedderConfig, stage_weights_fingerprint
 from curation.search import SearchConfig
 from pipelines.manifest import IMAGES, Role
 from pipelines.shards import row_shards
@@ -46,32 +50,40 @@ from pipelines.validation import require
 
 REASON = "copy_duplicate"
 SHEET_NAME = "duplicate_groups.png"
-# The paper's copy-detection edges: cosine > 0.6 on SSCD descriptors.
+# The paper's copy-detection edges: cosine > 0.6 on SSCD descriptors (set it with an SSCD file).
 PAPER_COPY_THRESHOLD = 0.6
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CopyDedupConfig:
-    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     roles: tuple[Role, ...] = ("uncurated",)
     """Rows of these roles form the duplicate graph (the paper dedups the uncurated pool); the others pass
     through, with descriptors for decontaminate. Add curated/eval to dedup across roles (keep rule)."""
     num_neighbours: int = PAPER_GRAPH_NEIGHBOURS
-    threshold: float = PAPER_COPY_THRESHOLD
-    """Edges with cosine similarity above this join images into one duplicate component."""
+    threshold: float | None = None
+    """Edges with cosine similarity above this join images into one duplicate component. Unset: chosen
+    by `calibration` for the descriptor at hand (the paper's 0.6 is for SSCD's own weights)."""
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    score_normalization: bool = True
+    """SSCD's score normalisation (`curation.dedup.normalise`): the threshold compares a pair's cosine
+    minus its rows' background similarity. The paper's thresholds are raw cosines: set false with them."""
+    background_rows: int = DEFAULT_BACKGROUND_ROWS
     search: SearchConfig = field(default_factory=SearchConfig)
     rows_per_shard: int = 256
     keep: KeepRuleConfig = field(default_factory=KeepRuleConfig)
 
     def __post_init__(self) -> None:
         check_graph_settings(self.num_neighbours, self.threshold)
+        require(self.background_rows >= 1, f"background_rows must be >= 1, got {self.background_rows}")
         require(self.rows_per_shard >= 1, f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
         require(bool(self.roles), "roles must name at least one role")
 
 
 def run_copy_dedup(cfg: CopyDedupConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
     images = inputs["images"].read(IMAGES)
-    worker = functools.partial(describe_shard, cfg.embedder)
+    # Why only with rows: an empty pool's copy_descriptor run holds no model, and none is needed.
+    embedder = descriptor_embedder(inputs["model"]) if images.num_rows else None
+    worker = functools.partial(describe_shard, embedder)
     shard_stats = ctx.map_shards(worker, row_shards(images, cfg.rows_per_shard), outputs=["descriptors"])
     described = shard_stats.get("descriptors", {})
     if described.get("seconds"):
@@ -82,8 +94,21 @@ def run_copy_dedup(cfg: CopyDedupConfig, inputs: Mapping[str, Manifest], ctx: St
     scope = np.flatnonzero(
         np.isin(np.asarray(images.column("role").to_pylist(), dtype=object), list(cfg.roles))
     )
-    search = GraphSearch(cfg.num_neighbours, cfg.threshold, cfg.search)
-    graph = duplicate_graph(images, descriptors, scope, search, ctx.executor)
+    in_scope = np.zeros(images.num_rows, dtype=bool)
+    in_scope[scope] = True
+    with graph_index(images, descriptors, scope, cfg.search, ctx.executor) as index:
+        probe = probe_graph(
+            index,
+            images,
+            scope,
+            in_scope,
+            cfg.num_neighbours,
+            cfg.threshold,
+            cfg.calibration,
+            embedder,
+            cfg.background_rows if cfg.score_normalization else 0,
+        )
+        graph = index.components(cfg.num_neighbours, probe.threshold, probe.bias)
     labels = graph.labels
 
     resolution = resolve_groups(images, labels, cfg.keep)
@@ -97,9 +122,10 @@ def run_copy_dedup(cfg: CopyDedupConfig, inputs: Mapping[str, Manifest], ctx: St
     ctx.write_output("images", images.filter(resolution.keep))
     ctx.write_output("rejected", rejected)
     if len(dropped):
-        title = f"copy-detection duplicates (cosine > {cfg.threshold})"
+        title = f"copy-detection duplicates (score > {probe.threshold:.3f})"
         ctx.write_artifact(SHEET_NAME, duplicate_groups_sheet(images, labels, resolution, title))
     return {
+        **record_probe(probe, images, cfg.calibration, ctx),
         "rows_in": images.num_rows,
         "rows_out": int(resolution.keep.sum()),
         "rejected": len(dropped),
@@ -115,13 +141,12 @@ def run_copy_dedup(cfg: CopyDedupConfig, inputs: Mapping[str, Manifest], ctx: St
 COPY_DEDUP = register_stage(
     StageSpec(
         name="copy_dedup",
-        version=2,
+        version=4,
         config_type=CopyDedupConfig,
         fn=run_copy_dedup,
-        inputs={"images": IMAGES},
+        inputs={"images": IMAGES, "model": COPY_DESCRIPTOR},
         outputs={"images": IMAGES, "rejected": DUPLICATES_REJECTED, "descriptors": DESCRIPTORS},
         description="drop near-copies found by copy-detection descriptors, k-NN and connected components",
-        shown_stats=DEDUP_SHOWN_STATS,
-        fingerprint=stage_weights_fingerprint,  # the weights file content keys it
+        shown_stats={**DEDUP_SHOWN_STATS, **THRESHOLD_SHOWN_STATS},
     )
 )

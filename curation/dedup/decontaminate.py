@@ -1,8 +1,10 @@
 """The `decontaminate` stage: pool images too close to an evaluation image go, whole component and all.
 
-images + descriptors (copy_dedup's, restricted to these images, read where they lie)
-  --`graph.duplicate_graph` (Faiss k-NN, cosine > threshold, one index or `search.shards` shards on the
-    executor's workers; edges streamed into a union-find)--> components
+images + descriptors (copy_dedup's, restricted to these images, read where they lie) + the descriptor model
+  --`graph.graph_index` (Faiss, one index or `search.shards` shards on the executor's workers)
+  --`probe.probe_graph`: sampled eval rows' nearest pool rows; the threshold, calibrated on held-out
+    synthetic copies of eval images unless the config sets one--> calibration.png, near misses
+  --k-NN graph (cosine > threshold, edges streamed into a union-find)--> components
   --components holding an eval image--> their drop_roles rows are rejected, each naming the eval image
                                         of its component most similar to it
   --> images (the rest), rejected (reason eval_contamination), decontaminated.png
@@ -17,6 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from curation.copydetect.calibrate import CalibrationConfig
+from curation.copydetect.stage import COPY_DESCRIPTOR, descriptor_embedder
 from curation.dedup.components import (
     DEDUP_SHOWN_STATS,
     DUPLICATES_REJECTED,
@@ -26,16 +30,16 @@ from curation.dedup.components import (
 from curation.dedup.descriptors import DESCRIPTORS
 from curation.dedup.graph import (
     PAPER_GRAPH_NEIGHBOURS,
-    GraphSearch,
     HeldRows,
     check_graph_settings,
-    duplicate_graph,
+    graph_index,
     held_rows,
     locate_descriptors,
 )
-from curation.pictures import Tile, contact_sheet
+from curation.dedup.normalise import DEFAULT_BACKGROUND_ROWS
+from curation.dedup.probe import THRESHOLD_SHOWN_STATS, image_tile, probe_graph, record_probe
+from curation.pictures import contact_sheet
 from curation.search import SearchConfig
-from pipelines.images import read_image_bytes
 from pipelines.manifest import IMAGES, Role
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
 from pipelines.validation import require
@@ -47,20 +51,28 @@ SHEET_PAIRS = 32
 SHEET_PAIRS_PER_ROW = 4
 # Rows of a contaminated component compared with its eval images at once: bounds a [rows, evals] block.
 MATCH_BLOCK_ROWS = 4096
-# The paper removes pool images with cosine > 0.45 to an evaluation image (on SSCD descriptors).
+# The paper removes pool images with cosine > 0.45 to an evaluation image (on SSCD descriptors; set it
+# with an SSCD file).
 PAPER_DECONTAMINATION_THRESHOLD = 0.45
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DecontaminateConfig:
     num_neighbours: int = PAPER_GRAPH_NEIGHBOURS
-    threshold: float = PAPER_DECONTAMINATION_THRESHOLD
-    """Pool images in a component (cosine > threshold) with an eval image are removed."""
+    threshold: float | None = None
+    """Pool images in a component (cosine > threshold) with an eval image are removed. Unset: chosen by
+    `calibration` on synthetic copies of eval images against their nearest pool images."""
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    score_normalization: bool = True
+    """SSCD's score normalisation (`curation.dedup.normalise`): the threshold compares a pair's cosine
+    minus its rows' background similarity. The paper's thresholds are raw cosines: set false with them."""
+    background_rows: int = DEFAULT_BACKGROUND_ROWS
     drop_roles: tuple[Role, ...] = ("uncurated",)
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
         check_graph_settings(self.num_neighbours, self.threshold)
+        require(self.background_rows >= 1, f"background_rows must be >= 1, got {self.background_rows}")
         require(
             EVAL_ROLE not in self.drop_roles,
             "drop_roles must not contain eval: eval images are the references",
@@ -100,14 +112,28 @@ def run_decontaminate(
     images = inputs["images"].read(IMAGES)
     descriptors = locate_descriptors(images, inputs["descriptors"])
     every_row = np.arange(images.num_rows)
-    search = GraphSearch(cfg.num_neighbours, cfg.threshold, cfg.search)
-    graph = duplicate_graph(images, descriptors, every_row, search, ctx.executor)
-    labels = graph.labels
-
     roles = np.asarray(images.column("role").to_pylist(), dtype=object)
     eval_rows = np.flatnonzero(roles == EVAL_ROLE)
+    droppable = np.isin(roles, list(cfg.drop_roles))
+    # Why only with rows: an empty pool's copy_descriptor run holds no model, and none is needed.
+    embedder = descriptor_embedder(inputs["model"]) if images.num_rows else None
+    with graph_index(images, descriptors, every_row, cfg.search, ctx.executor) as index:
+        probe = probe_graph(
+            index,
+            images,
+            eval_rows,
+            droppable,
+            cfg.num_neighbours,
+            cfg.threshold,
+            cfg.calibration,
+            embedder,
+            cfg.background_rows if cfg.score_normalization else 0,
+        )
+        graph = index.components(cfg.num_neighbours, probe.threshold, probe.bias)
+    labels = graph.labels
+
     contaminated = np.isin(labels, labels[eval_rows])
-    dropped = np.flatnonzero(contaminated & np.isin(roles, list(cfg.drop_roles)))
+    dropped = np.flatnonzero(contaminated & droppable)
     # Only the rejected rows and the eval rows are ever compared again: read just those.
     vectors = held_rows(descriptors, np.concatenate([dropped, eval_rows]))
     match, similarity = best_eval_matches(vectors, labels, dropped, eval_rows)
@@ -118,8 +144,11 @@ def run_decontaminate(
     ctx.write_output("images", images.filter(keep))
     ctx.write_output("rejected", rejected)
     if len(dropped):
-        ctx.write_artifact(SHEET_NAME, contamination_sheet(images, dropped, match, similarity, cfg.threshold))
+        ctx.write_artifact(
+            SHEET_NAME, contamination_sheet(images, dropped, match, similarity, probe.threshold)
+        )
     return {
+        **record_probe(probe, images, cfg.calibration, ctx),
         "rows_in": images.num_rows,
         "rows_out": int(keep.sum()),
         "rejected": len(dropped),
@@ -133,14 +162,6 @@ def run_decontaminate(
     }
 
 
-def _tile(row: dict, caption: str, highlight: bool) -> Tile:
-    try:
-        data = read_image_bytes(row)
-    except OSError:
-        data = None
-    return Tile(data, caption, highlight=highlight)
-
-
 def contamination_sheet(
     images: pa.Table, dropped: np.ndarray, match: np.ndarray, similarity: np.ndarray, threshold: float
 ) -> bytes:
@@ -150,26 +171,26 @@ def contamination_sheet(
     picks = order[np.unique(np.linspace(0, len(order) - 1, min(SHEET_PAIRS, len(order))).round().astype(int))]
     tiles = []
     for position in picks:
-        pool, reference = images.slice(int(dropped[position]), 1), images.slice(int(match[position]), 1)
-        tiles.append(_tile(pool.to_pylist()[0], f"pool {similarity[position]:.2f}", highlight=False))
-        tiles.append(_tile(reference.to_pylist()[0], "eval", highlight=True))
+        tiles.append(image_tile(images, int(dropped[position]), f"pool {similarity[position]:.2f}"))
+        tiles.append(image_tile(images, int(match[position]), "eval", highlight=True))
     width = 2 * SHEET_PAIRS_PER_ROW
     rows = [tiles[start : start + width] for start in range(0, len(tiles), width)]
-    title = f"decontaminated: pool image, then its eval match (cosine > {threshold}), most similar first"
+    title = f"decontaminated: pool image, then its eval match (score > {threshold:.3f}), most similar first"
     return contact_sheet(rows, title)
 
 
 DECONTAMINATE = register_stage(
     StageSpec(
         name="decontaminate",
-        version=2,
+        version=4,
         config_type=DecontaminateConfig,
         fn=run_decontaminate,
-        inputs={"images": IMAGES, "descriptors": DESCRIPTORS},
+        inputs={"images": IMAGES, "descriptors": DESCRIPTORS, "model": COPY_DESCRIPTOR},
         outputs={"images": IMAGES, "rejected": DUPLICATES_REJECTED},
         description="drop pool images whose duplicate component holds an evaluation image",
         shown_stats={
             **DEDUP_SHOWN_STATS,
+            **THRESHOLD_SHOWN_STATS,
             "eval_images_matched": "eval images matched",
             "contaminated_components": "contaminated components",
         },

@@ -13,8 +13,10 @@ the labels. Never the edge list.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import pyarrow as pa
 from curation.dedup.components import ComponentLabels
 from curation.dedup.descriptors import DESCRIPTORS
 from curation.search import SearchConfig, database_index
-from curation.search.knn import SEARCH_BATCH_ROWS, Searcher, VectorSource, edge_batches
+from curation.search.knn import SEARCH_BATCH_ROWS, Searcher, VectorSource, edge_batches, knn_search
 from curation.vector_parts import PartRows, StoredVectors, located_columns, stored_vectors
 from pipelines.executor import Executor
 from pipelines.manifest import ROW_KEY_COLUMNS, align_rows, row_order
@@ -34,6 +36,8 @@ from pipelines.validation import require
 DESCRIPTOR_COLUMN = "descriptor"
 # The paper's copy-detection k-NN graph: 64 neighbours per image.
 PAPER_GRAPH_NEIGHBOURS = 64
+# A probe that finds too few allowed neighbours searches this many times wider.
+NEIGHBOUR_WIDENING = 4
 
 
 def locate_descriptors(images: pa.Table, descriptors: Manifest | str) -> StoredVectors:
@@ -54,12 +58,15 @@ class GraphSearch:
     search: SearchConfig
 
 
-def check_graph_settings(num_neighbours: int, threshold: float) -> None:
-    """What every duplicate-graph config requires of k and the cosine threshold (raises ValueError)."""
+def check_graph_settings(num_neighbours: int, threshold: float | None) -> None:
+    """What every duplicate-graph config requires of k and the cosine threshold (raises ValueError);
+    None: the stage calibrates it."""
     require(num_neighbours >= 1, f"num_neighbours must be >= 1, got {num_neighbours}")
     # Why not [-1, 1]: a copy threshold at or below 0 makes nearly every pair a copy (at -0.5 the demo
     # lost 246 of 247 pool images), and 1 makes none; both are mistakes, not settings.
-    require(0.0 < threshold < 1.0, f"threshold must be a cosine in (0, 1), got {threshold}")
+    require(
+        threshold is None or 0.0 < threshold < 1.0, f"threshold must be a cosine in (0, 1), got {threshold}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,16 +93,84 @@ def duplicate_graph(
         search: The k-NN settings.
         executor: Holds the index shards when `search.search.shards` > 1.
     """
-    started = time.perf_counter()
-    # Key order: row ids (and so tie-breaks) do not depend on how upstream stages laid out their parts.
-    ordered = graph_rows[row_order(images.select(list(ROW_KEY_COLUMNS)).take(graph_rows))]
-    rows = descriptors.take(ordered)
-    with database_index(rows, search.search, executor) as searcher:
+    with graph_index(images, descriptors, graph_rows, search.search, executor) as index:
+        return index.components(search.num_neighbours, search.threshold)
+
+
+class GraphIndex:
+    """The searchable index of a graph's rows, in key order; the stage may probe it before the graph.
+
+    Row ids, and so tie-breaks, follow the key order, never how upstream stages laid out their parts.
+    """
+
+    def __init__(
+        self, images: pa.Table, descriptors: StoredVectors, graph_rows: np.ndarray, search: SearchConfig
+    ):
+        self.ordered = graph_rows[row_order(images.select(list(ROW_KEY_COLUMNS)).take(graph_rows))]
+        self.rows = descriptors.take(self.ordered)
+        self.num_images = images.num_rows
+        self.kind = search.kind_for(len(self.rows))
+        self.searcher: Searcher | None = None
+        self.started = time.perf_counter()
+
+    def components(
+        self, num_neighbours: int, threshold: float, bias: np.ndarray | None = None
+    ) -> DuplicateGraph:
+        """The graph's components; with `bias` (per index position), edges compare normalised scores."""
+        assert self.searcher is not None, "GraphIndex is used inside graph_index(...)"
         labels, edges = streamed_components(
-            rows, searcher, search.num_neighbours, search.threshold, ordered, images.num_rows
+            self.rows, self.searcher, num_neighbours, threshold, self.ordered, self.num_images, bias
         )
-    kind = search.search.kind_for(len(rows))
-    return DuplicateGraph(labels, edges, kind, time.perf_counter() - started)
+        return DuplicateGraph(labels, edges, self.kind, time.perf_counter() - self.started)
+
+    def positions(self, images_rows: np.ndarray) -> np.ndarray:
+        """Where each of `images_rows` (rows of the graph) lies in the index."""
+        order = np.argsort(self.ordered, kind="stable")
+        return order[np.searchsorted(self.ordered, images_rows, sorter=order)]
+
+    def neighbours(
+        self, queries: np.ndarray, num_neighbours: int, allowed: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Up to `num_neighbours` nearest graph rows of each query (images row ids in the graph) among
+        the `allowed` ones (bool per images row), the query itself left out; the search widens until
+        each query has enough or all rows were searched.
+
+        Returns:
+            (images row ids [Q, k], cosines [Q, k]); id -1 and cosine nan where a query has fewer.
+        """
+        assert self.searcher is not None, "GraphIndex is used inside graph_index(...)"
+        vectors = self.rows.read_rows(self.positions(queries))
+        width = min(num_neighbours + 1, len(self.rows))
+        while True:
+            scores, found = knn_search(self.searcher, vectors, width)
+            ids = np.where(found >= 0, self.ordered[np.maximum(found, 0)], -1)
+            keep = (ids >= 0) & (ids != queries[:, None]) & allowed[np.maximum(ids, 0)]
+            if keep.sum(axis=1).min(initial=num_neighbours) >= num_neighbours or width >= len(self.rows):
+                break
+            width = min(width * NEIGHBOUR_WIDENING, len(self.rows))
+        rank = np.cumsum(keep, axis=1) - 1
+        chosen = keep & (rank < num_neighbours)
+        out_ids = np.full((len(queries), num_neighbours), -1, dtype=np.int64)
+        out_scores = np.full((len(queries), num_neighbours), np.nan, dtype=np.float32)
+        query_index = np.nonzero(chosen)[0]
+        out_ids[query_index, rank[chosen]] = ids[chosen]
+        out_scores[query_index, rank[chosen]] = scores[chosen]
+        return out_ids, out_scores
+
+
+@contextlib.contextmanager
+def graph_index(
+    images: pa.Table,
+    descriptors: StoredVectors,
+    graph_rows: np.ndarray,
+    search: SearchConfig,
+    executor: Executor,
+) -> Iterator[GraphIndex]:
+    """The index of `graph_rows`' descriptors (one here, or shards on the executor's workers)."""
+    index = GraphIndex(images, descriptors, graph_rows, search)
+    with database_index(index.rows, search, executor) as searcher:
+        index.searcher = searcher
+        yield index
 
 
 def streamed_components(
@@ -105,6 +180,7 @@ def streamed_components(
     threshold: float,
     row_ids: np.ndarray,
     num_ids: int,
+    bias: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Labels of the k-NN graph's components and its number of distinct edges, the edges never held.
 
@@ -113,6 +189,7 @@ def streamed_components(
         num_neighbours, threshold: k, and the cosine an edge must exceed.
         row_ids: Row i of `rows` is node row_ids[i] of the labels (e.g. an images row index).
         num_ids: Nodes in the labels; those not in `row_ids` stay components of their own.
+        bias: Optional, per row of `rows`: edges compare cosine minus the mean of the two biases.
 
     Returns:
         (labels [num_ids] int64: the smallest node of each node's component, distinct edges)
@@ -120,7 +197,7 @@ def streamed_components(
     components = ComponentLabels(num_ids)
     with tempfile.TemporaryDirectory(prefix="lvd-edges-") as spill:
         tally = EdgeTally(len(rows), Path(spill))
-        for batch in edge_batches(rows, searcher, num_neighbours, threshold):
+        for batch in edge_batches(rows, searcher, num_neighbours, threshold, bias):
             components.add_edges(row_ids[batch.sources], row_ids[batch.targets])
             tally.add(batch.sources, batch.targets)
         edges = tally.count()

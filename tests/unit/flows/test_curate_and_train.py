@@ -111,11 +111,11 @@ def test_every_registered_arch_is_accepted_wherever_an_arch_is_named():
 
 def test_an_unknown_embedder_kind_lists_the_registered_ones():
     with pytest.raises(ConfigError) as error:
-        CURATE_AND_TRAIN.build_config({"copy_dedup": {"embedder": {"kind": "sscd_magic"}}})
+        CURATE_AND_TRAIN.build_config({"copy_descriptor": {"pretrained": {"kind": "sscd_magic"}}})
     registered = ", ".join(embedder_kinds())
     assert (
         str(error.value)
-        == f"copy_dedup.embedder: unknown embedder kind 'sscd_magic'; registered: {registered}"
+        == f"copy_descriptor.pretrained: unknown embedder kind 'sscd_magic'; registered: {registered}"
     )
     assert {"torchscript", "efficientnet_lite0", "vit"} <= set(embedder_kinds())
 
