@@ -11,6 +11,7 @@ The other images of the batch are the negatives. Everything random comes from th
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ class DescriptorTrainConfig:
     max_images: int = 8192
     """Pool images sampled to train on (held in memory as thumbnails)."""
     seed: int = 0
+    threads: int | None = None
+    """CPU threads for training; unset: one per core of the machine, whatever OMP_NUM_THREADS says. Why
+    fixed: CPU kernels split their sums by thread, so the weights (and every key after them) depend on it."""
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
@@ -66,6 +70,7 @@ class DescriptorTrainConfig:
             0 <= self.mix_probability <= 1, f"mix_probability must be in [0, 1], got {self.mix_probability}"
         )
         require(self.max_images >= 2, f"max_images must be >= 2, got {self.max_images}")
+        require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +133,21 @@ def train_descriptor(
 ) -> list[TrainingStep]:
     """Trains `net` in place on `images` (RGB); returns the loss history every HISTORY_EVERY_STEPS steps."""
     require(len(images) >= 2, f"training a copy descriptor needs at least 2 images, got {len(images)}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    try:
+        return _train(net, images, image_size, cfg, show_progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(
+    net: CopyDescriptorNet,
+    images: Sequence[Image.Image],
+    image_size: int,
+    cfg: DescriptorTrainConfig,
+    show_progress: bool,
+) -> list[TrainingStep]:
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     batch_size = min(cfg.batch_size, len(images))

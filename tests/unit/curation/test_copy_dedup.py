@@ -26,7 +26,10 @@ from tests.unit.curation.copy_scenario import (
     ingest_copy_scenario,
 )
 
-CONFIG = CopyDedupConfig(num_neighbours=TEST_NEIGHBOURS, threshold=TEST_THRESHOLD, rows_per_shard=8)
+# Raw cosines at the scenario's threshold (normalisation has tests of its own).
+CONFIG = CopyDedupConfig(
+    num_neighbours=TEST_NEIGHBOURS, threshold=TEST_THRESHOLD, rows_per_shard=8, score_normalization=False
+)
 
 
 NEAR_MISS_SHEETS = (NEAR_MISSES_OVER, NEAR_MISSES_UNDER)
@@ -183,6 +186,9 @@ def test_no_images_commit_empty_outputs(tmp_path):
     }
     inputs = {"images": run.outputs["images"], "descriptors": run.outputs["descriptors"], "model": model}
     decontaminated = run_stage(
-        get_stage("decontaminate"), DecontaminateConfig(threshold=TEST_THRESHOLD), inputs, store=store
+        get_stage("decontaminate"),
+        DecontaminateConfig(threshold=TEST_THRESHOLD, score_normalization=False),
+        inputs,
+        store=store,
     )
     assert decontaminated.outputs["rejected"].num_rows == 0

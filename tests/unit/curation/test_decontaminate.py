@@ -24,8 +24,10 @@ from tests.unit.curation.copy_scenario import (
 )
 
 # Why 0.999: copy_dedup must keep the eval copies here, so that decontaminate is the stage that finds them.
-DESCRIBE_ONLY = CopyDedupConfig(threshold=0.999, rows_per_shard=16)
-CONFIG = DecontaminateConfig(num_neighbours=TEST_NEIGHBOURS, threshold=TEST_THRESHOLD)
+DESCRIBE_ONLY = CopyDedupConfig(threshold=0.999, rows_per_shard=16, score_normalization=False)
+CONFIG = DecontaminateConfig(
+    num_neighbours=TEST_NEIGHBOURS, threshold=TEST_THRESHOLD, score_normalization=False
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torchvision
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from curation.dedup.copy import CopyDedupConfig
+from curation.copydetect.stage import CopyDescriptorConfig
 from curation.embedders import (
     EmbedderConfig,
     build_embedder,
@@ -132,17 +132,20 @@ def test_a_weights_file_replaced_in_place_changes_the_stage_key_and_the_loaded_m
     # One long-lived process (as `lvd serve`): the first key and model must not be served from a cache.
     path = tmp_path / "replaced.pt"
     path.write_bytes(torchscript_file.read_bytes())
-    cfg = CopyDedupConfig(embedder=EmbedderConfig(kind="torchscript", path=str(path), image_size=TINY_SIZE))
-    copy_dedup = get_stage("copy_dedup")
+    # The stage that names a user's weights file: copy_descriptor with `pretrained` (an SSCD file, say).
+    cfg = CopyDescriptorConfig(
+        pretrained=EmbedderConfig(kind="torchscript", path=str(path), image_size=TINY_SIZE)
+    )
+    descriptor = get_stage("copy_descriptor")
     images = Manifest("/nowhere/images", "images", "digest", 0)
-    first_key, first_model = stage_key(copy_dedup, cfg, {"images": images}), build_embedder(cfg.embedder)
+    first_key, first_model = stage_key(descriptor, cfg, {"images": images}), build_embedder(cfg.pretrained)
     torch.manual_seed(1)
     other = torchvision.models.resnet18(weights=None, num_classes=TINY_DIM).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(torch.jit.trace(other, torch.zeros(1, 3, TINY_SIZE, TINY_SIZE)), str(path))
-    assert stage_key(copy_dedup, cfg, {"images": images}) != first_key
-    second_model = build_embedder(cfg.embedder)
+    assert stage_key(descriptor, cfg, {"images": images}) != first_key
+    second_model = build_embedder(cfg.pretrained)
     assert second_model is not first_model
     photo = _photos()[0]
     assert not np.allclose(first_model.embed_images([photo]), second_model.embed_images([photo]))

@@ -198,7 +198,9 @@ def _digests(run) -> dict[str, str]:
 def test_copy_dedup_outputs_are_the_same_with_one_index_or_shards(tmp_path):
     _, store, images = ingest_copy_scenario(tmp_path)
     # 16 neighbours: more than each of the 3 shards' 11 rows holds.
-    cfg = CopyDedupConfig(num_neighbours=16, threshold=TEST_THRESHOLD, rows_per_shard=16)
+    cfg = CopyDedupConfig(
+        num_neighbours=16, threshold=TEST_THRESHOLD, rows_per_shard=16, score_normalization=False
+    )
     model = descriptor_model(store, images)
     runs = [
         run_stage(
@@ -218,7 +220,7 @@ def test_copy_dedup_outputs_are_the_same_with_one_index_or_shards(tmp_path):
 def test_decontaminate_outputs_are_the_same_with_one_index_or_shards(tmp_path):
     _, store, images = ingest_copy_scenario(tmp_path)
     # Why 0.999: copy_dedup keeps the eval copies, so decontaminate has them to find.
-    describe = CopyDedupConfig(threshold=0.999, rows_per_shard=16)
+    describe = CopyDedupConfig(threshold=0.999, rows_per_shard=16, score_normalization=False)
     model = descriptor_model(store, images)
     described = run_stage(get_stage("copy_dedup"), describe, {"images": images, "model": model}, store=store)
     inputs = {
@@ -230,7 +232,10 @@ def test_decontaminate_outputs_are_the_same_with_one_index_or_shards(tmp_path):
         run_stage(
             get_stage("decontaminate"),
             DecontaminateConfig(
-                num_neighbours=16, threshold=TEST_THRESHOLD, search=SearchConfig(shards=shards)
+                num_neighbours=16,
+                threshold=TEST_THRESHOLD,
+                search=SearchConfig(shards=shards),
+                score_normalization=False,
             ),
             inputs,
             store=store,

@@ -144,25 +144,41 @@ def test_every_input_is_fed_by_an_earlier_output_of_the_schema_the_stage_declare
             assert seen[source.stage][source.output] == spec.inputs[name], f"{item.stage}.{name}"
         seen[item.stage] = spec.outputs
     assert list(seen) == [
-        "ingest", "exact_dedup", "phash_dedup", "copy_dedup", "decontaminate", "embed", "cluster", "retrieve",
-        "assemble", "pretrain", "distill", "evaluate", "random_pool", "pretrain_random", "ablate_data",
+        "ingest", "exact_dedup", "phash_dedup", "copy_descriptor", "copy_dedup", "decontaminate", "embed",
+        "cluster", "retrieve", "assemble", "pretrain", "distill", "evaluate", "random_pool",
+        "pretrain_random",
+        "ablate_data",
     ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("sources", "message"),
     [
-        (("copy_dedup.images",), r"decontaminate: takes inputs \['images', 'descriptors'\] but is given 1"),
-        (("copy_dedup.images", "copy_dedup.rejected"), "decontaminate.descriptors takes descriptors v1, but"),
-        (("copy_dedup.images", "copy_dedup.vectors"), "decontaminate.descriptors: copy_dedup has no output"),
         (
-            ("copy_dedup.images", "embed.embeddings"),
+            ("copy_dedup.images",),
+            r"decontaminate: takes inputs \['images', 'descriptors', 'model'\] but is given 1",
+        ),
+        (
+            ("copy_dedup.images", "copy_dedup.rejected", "copy_descriptor.model"),
+            "decontaminate.descriptors takes descriptors v1, but",
+        ),
+        (
+            ("copy_dedup.images", "copy_dedup.vectors", "copy_descriptor.model"),
+            "decontaminate.descriptors: copy_dedup has no output",
+        ),
+        (
+            ("copy_dedup.images", "embed.embeddings", "copy_descriptor.model"),
             "decontaminate.descriptors: source embed.embeddings is not",
         ),
     ],
 )
 def test_a_miswired_dag_fails_when_it_is_built(sources, message):
-    nodes = [node("ingest"), node("copy_dedup", "ingest.images"), node("decontaminate", *sources)]
+    nodes = [
+        node("ingest"),
+        node("copy_descriptor", "ingest.images"),
+        node("copy_dedup", "ingest.images", "copy_descriptor.model"),
+        node("decontaminate", *sources),
+    ]
     with pytest.raises(DagError, match=message):
         Dag("broken", nodes, config_name="BrokenConfig", module=__name__)
 
