@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from curation.copydetect.model import build_descriptor_net, check_trunk, export_torchscript, trunk_fingerprint
 from curation.copydetect.train import DescriptorTrainConfig, thumbnail, train_descriptor
@@ -124,8 +125,12 @@ def run_copy_descriptor(
         ctx.warn(f"{len(pool)} images of roles {list(cfg.roles)} to train on: no descriptor trained")
         ctx.write_output("model", COPY_DESCRIPTOR.empty_table())
         return {"source": TRAINED, "images_trained_on": len(pool)}
-    net = build_descriptor_net(cfg.trunk, cfg.trainable_blocks, cfg.dim, cfg.gem_p)
-    history = train_descriptor(net, pool, cfg.image_size, cfg.train, show_progress=ctx.show_progress)
+    # Why fork: the projection's initial weights come from torch's global generator, which whatever ran
+    # before in this process has advanced; seeded here, the model depends on the config alone.
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.train.seed)
+        net = build_descriptor_net(cfg.trunk, cfg.trainable_blocks, cfg.dim, cfg.gem_p)
+        history = train_descriptor(net, pool, cfg.image_size, cfg.train, show_progress=ctx.show_progress)
     path = export_torchscript(net, cfg.image_size, ctx.local_dir(WEIGHTS_DIR) / MODEL_FILE)
     settings = EmbedderConfig(
         kind="torchscript", path=str(path), image_size=cfg.image_size, batch_size=cfg.describe_batch_size

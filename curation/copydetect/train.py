@@ -149,7 +149,6 @@ def _train(
     show_progress: bool,
 ) -> list[TrainingStep]:
     rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
     batch_size = min(cfg.batch_size, len(images))
     trainable = [parameter for parameter in net.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

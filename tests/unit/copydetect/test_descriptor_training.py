@@ -12,11 +12,15 @@ import pytest
 import torch
 from PIL import ImageOps
 
-from curation.copydetect.augment import held_out_copy, training_view
+from curation.copydetect.augment import held_out_copy, to_tensor, training_view
 from curation.copydetect.model import build_descriptor_net, export_torchscript
+from curation.copydetect.stage import CopyDescriptorConfig, descriptor_embedder
 from curation.copydetect.train import DescriptorTrainConfig, mix_batch, train_descriptor
 from curation.demo.sources import list_tuxpaint_stamps
 from pipelines.images import load_rgb
+from pipelines.stage import get_stage, run_stage
+from pipelines.store import Store
+from tests.unit.curation.copy_scenario import ingest_copy_scenario
 
 SIZE = 64
 NUM_IMAGES = 16
@@ -58,8 +62,6 @@ def test_a_mixed_view_shows_both_images_and_names_both_as_sources():
 
 def _margins(net, photos) -> np.ndarray:
     """Per image: cosine with its held-out copy minus the highest cosine with another image."""
-    from curation.copydetect.augment import to_tensor
-
     rng = np.random.default_rng(11)
     with torch.inference_mode():
         originals = net(torch.stack([to_tensor(p.resize((SIZE, SIZE))) for p in photos]))
@@ -77,7 +79,6 @@ def test_training_raises_copies_above_the_hardest_other_image(photos, tmp_path):
     cfg = DescriptorTrainConfig(steps=40, batch_size=8, learning_rate=1e-3, seed=0)
     history = train_descriptor(net, photos, SIZE, cfg, show_progress=False)
     after = _margins(net, photos)
-    print("margins before", before.round(3), "after", after.round(3))
     assert history[-1].loss < history[0].loss
     assert after.mean() > before.mean() + 0.05
     assert (after > 0).mean() >= 0.75  # most copies now beat every other image
@@ -106,3 +107,21 @@ def test_training_raises_copies_above_the_hardest_other_image(photos, tmp_path):
     loaded = torch.load(tmp_path / "out.pt")
     torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.linalg.norm(loaded, dim=1), torch.ones(3), atol=1e-5, rtol=0)
+
+
+def test_the_trained_model_depends_on_its_config_alone_not_on_the_process_random_state(tmp_path):
+    _, _, images = ingest_copy_scenario(tmp_path)
+    cfg = CopyDescriptorConfig(
+        image_size=SIZE, trainable_blocks=1, train=DescriptorTrainConfig(steps=2, batch_size=4)
+    )
+    weights = []
+    for seed in (1, 2):  # what ran before in the process left torch's generator somewhere else
+        torch.manual_seed(seed)
+        run = run_stage(
+            get_stage("copy_descriptor"), cfg, {"images": images}, store=Store(tmp_path / f"s{seed}")
+        )
+        path = descriptor_embedder(run.outputs["model"]).path
+        weights.append(torch.jit.load(path).state_dict())
+    # Why weights, not the files' sha256: a second trace in one process names its classes apart.
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
