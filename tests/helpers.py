@@ -102,27 +102,23 @@ TINY_DAG_STEPS = 2
 
 
 # The copy descriptor of the tests' demo runs: a few steps on small crops (the stage's path, not its quality).
-TINY_DESCRIPTOR_STEPS = 3
-TINY_DESCRIPTOR_IMAGE_SIZE = 64
+TINY_DESCRIPTOR = {"image_size": 64, "train": {"steps": 3, "batch_size": 8}}
 
 
 def demo_job_config(data: Path, store: Path, **ingest_options) -> CurateAndTrainConfig:
     """The demo preset pointed at demo data built under `data`, serial and quiet, storing under `store`,
     with a tiny pretraining run."""
     preset = CURATE_AND_TRAIN.resolve_config("demo")
-    tiny = CURATE_AND_TRAIN.build_config(tiny_training_sections(TINY_DAG_STEPS))
+    tiny = CURATE_AND_TRAIN.build_config(
+        {**tiny_training_sections(TINY_DAG_STEPS), "copy_descriptor": TINY_DESCRIPTOR}
+    )
     sources = tuple(replace(s, path=str(data / s.path.rsplit("/", 1)[-1])) for s in preset.ingest.sources)
     return replace(
         preset,
         store=str(store),
         runtime=replace(preset.runtime, executor="serial", show_progress=False),
         ingest=replace(preset.ingest, sources=sources, **ingest_options),
-        copy_descriptor=replace(
-            preset.copy_descriptor,
-            image_size=TINY_DESCRIPTOR_IMAGE_SIZE,
-            train=replace(preset.copy_descriptor.train, steps=TINY_DESCRIPTOR_STEPS, batch_size=8),
-        ),
-        **{name: getattr(tiny, name) for name in ("pretrain", "distill", "evaluate")},
+        **{name: getattr(tiny, name) for name in ("copy_descriptor", "pretrain", "distill", "evaluate")},
     )
 
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from pipelines.manifest import IMAGES, read_manifest
-from tests.helpers import TINY_DAG_STEPS, three_source_config
+from tests.helpers import TINY_DAG_STEPS, TINY_DESCRIPTOR, three_source_config
 from tests.training_helpers import tiny_training_sections
 
 SERVER_START_TIMEOUT_S = 120
@@ -99,6 +99,7 @@ def test_deployment_run_through_a_real_server(tmp_path, prefect_server):
                 "runtime": {"executor": "serial", "show_progress": False},
                 "ingest": {"sources": sources, "files_per_shard": 5},
                 **tiny_training_sections(TINY_DAG_STEPS),
+                "copy_descriptor": TINY_DESCRIPTOR,
             }
         )
     )
