@@ -10,6 +10,7 @@ all a user needs, like SSCD's own `.torchscript.pt` files.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,6 +107,16 @@ class CopyDescriptorNet(nn.Module):
 def build_descriptor_net(trunk: str, trainable_blocks: int, dim: int, gem_p: float) -> CopyDescriptorNet:
     check_trunk(trunk)
     return CopyDescriptorNet(TRUNKS[trunk].build(trainable_blocks), dim, gem_p)
+
+
+def weights_sha256(net: nn.Module) -> str:
+    """sha256 of every parameter and buffer (name, dtype, shape, bytes), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def export_torchscript(net: CopyDescriptorNet, image_size: int, path: Path) -> Path:

@@ -1,7 +1,7 @@
 """The `copy_descriptor` stage: the copy-detection model that `copy_dedup` and `decontaminate` use.
 
 images (rows of `roles`) --seeded sample, thumbnails--> `train.train_descriptor` (SSCD's recipe on the
-  pool itself) --trace--> descriptor.torchscript.pt --> model (one row: the file, its sha256, and the
+  pool itself) --trace--> descriptor.torchscript.pt --> model (one row: the file, its weights' sha256, the
   `torchscript` embedder settings that load it)
 
 or, with `pretrained` set (a downloaded SSCD file, or any embedder as a baseline), no training: the row
@@ -23,7 +23,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from curation.copydetect.model import build_descriptor_net, check_trunk, export_torchscript, trunk_fingerprint
+from curation.copydetect.model import (
+    build_descriptor_net,
+    check_trunk,
+    export_torchscript,
+    trunk_fingerprint,
+    weights_sha256,
+)
 from curation.copydetect.train import DescriptorTrainConfig, thumbnail, train_descriptor
 from curation.embedders import EmbedderConfig, weights_fingerprint
 from pipelines.config import build_config
@@ -49,7 +55,9 @@ COPY_DESCRIPTOR = ManifestSchema(
         pa.field("source", pa.string(), nullable=False),  # trained | pretrained
         # The weights file: inside the store, relative to the manifest's folder (the store may move).
         pa.field("path", pa.string()),
-        pa.field("sha256", pa.string(), nullable=False),  # of the weights file
+        # What the weights are: a trained descriptor's parameters and buffers (`weights_sha256`: the
+        # TorchScript file's own bytes differ from one tracing process to another), else the file's sha256.
+        pa.field("sha256", pa.string(), nullable=False),
         pa.field("embedder", pa.string(), nullable=False),  # JSON: EmbedderConfig fields except path
     ),
 )
@@ -112,7 +120,8 @@ def run_copy_descriptor(
 ) -> dict[str, Any]:
     if cfg.pretrained is not None:
         path = None if cfg.pretrained.path is None else os.path.abspath(cfg.pretrained.path)
-        ctx.write_output("model", model_table(PRETRAINED, cfg.pretrained, path, ctx))
+        sha256 = weights_fingerprint(cfg.pretrained)
+        ctx.write_output("model", model_table(PRETRAINED, cfg.pretrained, path, sha256, ctx))
         return {"source": PRETRAINED, "kind": cfg.pretrained.kind}
 
     images = inputs["images"].read(IMAGES)
@@ -135,7 +144,7 @@ def run_copy_descriptor(
     settings = EmbedderConfig(
         kind="torchscript", path=str(path), image_size=cfg.image_size, batch_size=cfg.describe_batch_size
     )
-    ctx.write_output("model", model_table(TRAINED, settings, str(path), ctx))
+    ctx.write_output("model", model_table(TRAINED, settings, str(path), weights_sha256(net), ctx))
     first, last = history[0], history[-1]
     return {
         "source": TRAINED,
@@ -151,7 +160,9 @@ def run_copy_descriptor(
     }
 
 
-def model_table(source: str, embedder: EmbedderConfig, path: str | None, ctx: StageContext) -> pa.Table:
+def model_table(
+    source: str, embedder: EmbedderConfig, path: str | None, sha256: str, ctx: StageContext
+) -> pa.Table:
     """The one-row `copy_descriptor` manifest: the weights file (absolute `path`) and how to load it."""
     settings = {item.name: getattr(embedder, item.name) for item in dataclasses.fields(embedder)}
     settings["path"] = None  # the row's own `path` column says where the file is
@@ -159,7 +170,7 @@ def model_table(source: str, embedder: EmbedderConfig, path: str | None, ctx: St
     row = {
         "source": source,
         "path": stored,
-        "sha256": weights_fingerprint(dataclasses.replace(embedder, path=path)),
+        "sha256": sha256,
         "embedder": json.dumps(settings),
     }
     return COPY_DESCRIPTOR.table_from_rows([row])

@@ -114,7 +114,7 @@ def test_the_trained_model_depends_on_its_config_alone_not_on_the_process_random
     cfg = CopyDescriptorConfig(
         image_size=SIZE, trainable_blocks=1, train=DescriptorTrainConfig(steps=2, batch_size=4)
     )
-    weights = []
+    weights, recorded = [], []
     for seed in (1, 2):  # what ran before in the process left torch's generator somewhere else
         torch.manual_seed(seed)
         run = run_stage(
@@ -122,6 +122,9 @@ def test_the_trained_model_depends_on_its_config_alone_not_on_the_process_random
         )
         path = descriptor_embedder(run.outputs["model"]).path
         weights.append(torch.jit.load(path).state_dict())
-    # Why weights, not the files' sha256: a second trace in one process names its classes apart.
+        recorded.append(run.outputs["model"].read().column("sha256")[0].as_py())
+    # The manifest records the weights' sha256, not the file's: a second trace in one process names its
+    # classes apart, so the same weights make other file bytes.
+    assert recorded[0] == recorded[1]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
