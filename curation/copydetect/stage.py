@@ -194,7 +194,7 @@ def descriptor_embedder(model: Manifest) -> EmbedderConfig:
 COPY_DESCRIPTOR_STAGE = register_stage(
     StageSpec(
         name="copy_descriptor",
-        version=1,
+        version=2,  # 2: initial weights seeded from the config; the row records the weights' sha256
         config_type=CopyDescriptorConfig,
         fn=run_copy_descriptor,
         inputs={"images": IMAGES},
