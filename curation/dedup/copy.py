@@ -35,12 +35,11 @@ from curation.dedup.descriptors import DESCRIPTORS, describe_shard
 from curation.dedup.graph import (
     PAPER_GRAPH_NEIGHBOURS,
     check_graph_settings,
-    graph_index,
     locate_descriptors,
     pair_cosines,
 )
 from curation.dedup.normalise import DEFAULT_BACKGROUND_ROWS
-from curation.dedup.probe import THRESHOLD_SHOWN_STATS, probe_graph, record_probe
+from curation.dedup.probe import THRESHOLD_SHOWN_STATS, probed_graph, record_probe
 from curation.dedup.sheets import duplicate_groups_sheet
 from curation.search import SearchConfig
 from pipelines.manifest import IMAGES, Role
@@ -96,19 +95,7 @@ def run_copy_dedup(cfg: CopyDedupConfig, inputs: Mapping[str, Manifest], ctx: St
     )
     in_scope = np.zeros(images.num_rows, dtype=bool)
     in_scope[scope] = True
-    with graph_index(images, descriptors, scope, cfg.search, ctx.executor) as index:
-        probe = probe_graph(
-            index,
-            images,
-            scope,
-            in_scope,
-            cfg.num_neighbours,
-            cfg.threshold,
-            cfg.calibration,
-            embedder,
-            cfg.background_rows if cfg.score_normalization else 0,
-        )
-        graph = index.components(cfg.num_neighbours, probe.threshold, probe.bias)
+    probe, graph = probed_graph(images, descriptors, scope, scope, in_scope, cfg, embedder, ctx.executor)
     labels = graph.labels
 
     resolution = resolve_groups(images, labels, cfg.keep)

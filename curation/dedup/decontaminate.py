@@ -32,12 +32,11 @@ from curation.dedup.graph import (
     PAPER_GRAPH_NEIGHBOURS,
     HeldRows,
     check_graph_settings,
-    graph_index,
     held_rows,
     locate_descriptors,
 )
 from curation.dedup.normalise import DEFAULT_BACKGROUND_ROWS
-from curation.dedup.probe import THRESHOLD_SHOWN_STATS, image_tile, probe_graph, record_probe
+from curation.dedup.probe import THRESHOLD_SHOWN_STATS, image_tile, probed_graph, record_probe
 from curation.pictures import contact_sheet
 from curation.search import SearchConfig
 from pipelines.manifest import IMAGES, Role
@@ -117,19 +116,9 @@ def run_decontaminate(
     droppable = np.isin(roles, list(cfg.drop_roles))
     # Why only with rows: an empty pool's copy_descriptor run holds no model, and none is needed.
     embedder = descriptor_embedder(inputs["model"]) if images.num_rows else None
-    with graph_index(images, descriptors, every_row, cfg.search, ctx.executor) as index:
-        probe = probe_graph(
-            index,
-            images,
-            eval_rows,
-            droppable,
-            cfg.num_neighbours,
-            cfg.threshold,
-            cfg.calibration,
-            embedder,
-            cfg.background_rows if cfg.score_normalization else 0,
-        )
-        graph = index.components(cfg.num_neighbours, probe.threshold, probe.bias)
+    probe, graph = probed_graph(
+        images, descriptors, every_row, eval_rows, droppable, cfg, embedder, ctx.executor
+    )
     labels = graph.labels
 
     contaminated = np.isin(labels, labels[eval_rows])

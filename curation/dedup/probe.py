@@ -15,6 +15,7 @@ against the pool rows it may drop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -27,10 +28,13 @@ from curation.copydetect.calibrate import (
     calibration_png,
     choose_threshold,
 )
-from curation.dedup.graph import GraphIndex
+from curation.dedup.graph import DuplicateGraph, GraphIndex, graph_index
 from curation.dedup.normalise import Background
 from curation.embedders import EmbedderConfig, build_embedder
 from curation.pictures import Tile, contact_sheet
+from curation.search import SearchConfig
+from curation.vector_parts import StoredVectors
+from pipelines.executor import Executor
 from pipelines.images import load_row_rgb, read_image_bytes
 from pipelines.stage import StageContext
 
@@ -119,6 +123,44 @@ def probe_graph(
         positives = positives - (bias[positions] + background.bias(copies, positions)) / 2
     chosen = choose_threshold(positives, scores, calibration.target_precision, calibration.copy_rate)
     return Probe(chosen.threshold, chosen, pairs, bias)
+
+
+class ProbedGraphSettings(Protocol):
+    """The settings copy_dedup and decontaminate share for their graph and its threshold."""
+
+    num_neighbours: int
+    threshold: float | None
+    calibration: CalibrationConfig
+    search: SearchConfig
+    score_normalization: bool
+    background_rows: int
+
+
+def probed_graph(
+    images: pa.Table,
+    descriptors: StoredVectors,
+    graph_rows: np.ndarray,
+    candidates: np.ndarray,
+    allowed: np.ndarray,
+    cfg: ProbedGraphSettings,
+    embedder: EmbedderConfig | None,
+    executor: Executor,
+) -> tuple[Probe, DuplicateGraph]:
+    """The graph over `graph_rows`, its index probed first (`probe_graph`) for the threshold it uses."""
+    with graph_index(images, descriptors, graph_rows, cfg.search, executor) as index:
+        background = cfg.background_rows if cfg.score_normalization else 0
+        probe = probe_graph(
+            index,
+            images,
+            candidates,
+            allowed,
+            cfg.num_neighbours,
+            cfg.threshold,
+            cfg.calibration,
+            embedder,
+            background,
+        )
+        return probe, index.components(cfg.num_neighbours, probe.threshold, probe.bias)
 
 
 def distinct_pairs(first: np.ndarray, second: np.ndarray, similarity: np.ndarray) -> NeighbourPairs:
