@@ -2,8 +2,10 @@
 
 images rows in the graph --locate_descriptors: keys of the descriptors parts only--> where each row's
   descriptor lies --key order (the search's row ids: the same graph whatever the part layout)-->
-  a Faiss index filled a block at a time (one here, or `search.shards` shards on executor workers, each
-  reading its own rows) --k-NN of each query block, cosine > threshold--> edge batches
+  `graph_index`: a Faiss index filled a block at a time (one here, or `search.shards` shards on executor
+  workers, each reading its own rows), which the stage may probe first (`GraphIndex.neighbours`)
+  --`GraphIndex.components`: k-NN of each query block, score > threshold (the cosine, or minus the rows'
+  biases when normalised)--> edge batches
   --streamed_components: ComponentLabels (8 bytes a row) + EdgeTally (pairs spilled to local disk)-->
   a label per images row (the smallest row index of its component), the number of distinct edges
 
@@ -49,15 +51,6 @@ def locate_descriptors(images: pa.Table, descriptors: Manifest | str) -> StoredV
     return stored_vectors(where.take(align_rows(images, keys)), DESCRIPTOR_COLUMN)
 
 
-@dataclass(frozen=True, slots=True)
-class GraphSearch:
-    """How the graph is searched: k neighbours, edges with cosine > threshold, and the index."""
-
-    num_neighbours: int
-    threshold: float
-    search: SearchConfig
-
-
 def check_graph_settings(num_neighbours: int, threshold: float | None) -> None:
     """What every duplicate-graph config requires of k and the cosine threshold (raises ValueError);
     None: the stage calibrates it."""
@@ -75,26 +68,6 @@ class DuplicateGraph:
     edges: int  # distinct undirected edges
     index: str  # the index kind searched: flat | ivf
     seconds: float
-
-
-def duplicate_graph(
-    images: pa.Table,
-    descriptors: StoredVectors,
-    graph_rows: np.ndarray,
-    search: GraphSearch,
-    executor: Executor,
-) -> DuplicateGraph:
-    """Components of the k-NN graph over `graph_rows` of `images`; every other row is alone.
-
-    Args:
-        images: The stage's rows (only the key columns are used).
-        descriptors: Row i is the descriptor of images row i (`locate_descriptors`).
-        graph_rows: Images row indices that form the graph.
-        search: The k-NN settings.
-        executor: Holds the index shards when `search.search.shards` > 1.
-    """
-    with graph_index(images, descriptors, graph_rows, search.search, executor) as index:
-        return index.components(search.num_neighbours, search.threshold)
 
 
 class GraphIndex:

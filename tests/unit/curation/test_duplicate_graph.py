@@ -12,7 +12,7 @@ import pytest
 from curation.dedup import graph as graph_module
 from curation.dedup.components import connected_components
 from curation.dedup.descriptors import descriptors_table
-from curation.dedup.graph import EdgeTally, GraphSearch, duplicate_graph, locate_descriptors
+from curation.dedup.graph import DuplicateGraph, EdgeTally, graph_index, locate_descriptors
 from curation.search import SearchConfig, knn
 from curation.search.knn import build_index, knn_edges
 from pipelines.executor import SerialExecutor
@@ -54,9 +54,10 @@ def stored(tmp_path):
     return images, locate_descriptors(images, str(tmp_path)), by_image
 
 
-def _search(shards: int, index: str = "flat") -> GraphSearch:
-    search = SearchConfig(index=index, ivf_min_rows=10**6, ivf_nprobe=8, shards=shards)
-    return GraphSearch(NEIGHBOURS, THRESHOLD, search)
+def _graph(images, descriptors, scope: np.ndarray, shards: int) -> DuplicateGraph:
+    search = SearchConfig(index="flat", ivf_min_rows=10**6, ivf_nprobe=8, shards=shards)
+    with graph_index(images, descriptors, scope, search, SerialExecutor()) as index:
+        return index.components(NEIGHBOURS, THRESHOLD)
 
 
 @pytest.mark.parametrize("shards", [1, 3])
@@ -65,7 +66,7 @@ def test_streamed_graph_equals_the_whole_edge_list(stored, small_batches, shards
     scope = np.flatnonzero(np.arange(images.num_rows) % 5 != 0)  # some rows stay out of the graph
     expected = knn_edges(vectors[scope], NEIGHBOURS, THRESHOLD, SearchConfig(index="flat"))
     expected_labels = connected_components(images.num_rows, scope[expected.sources], scope[expected.targets])
-    found = duplicate_graph(images, descriptors, scope, _search(shards), SerialExecutor())
+    found = _graph(images, descriptors, scope, shards)
     assert len(expected) > BATCH_ROWS  # enough edges to cross batches
     np.testing.assert_array_equal(found.labels, expected_labels)
     assert found.edges == len(expected) and found.index == "flat"
