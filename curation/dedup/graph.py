@@ -84,6 +84,7 @@ class GraphIndex:
         self.num_images = images.num_rows
         self.kind = search.kind_for(len(self.rows))
         self.searcher: Searcher | None = None
+        self._sorter: np.ndarray | None = None
         self.started = time.perf_counter()
 
     def components(
@@ -98,8 +99,9 @@ class GraphIndex:
 
     def positions(self, images_rows: np.ndarray) -> np.ndarray:
         """Where each of `images_rows` (rows of the graph) lies in the index."""
-        order = np.argsort(self.ordered, kind="stable")
-        return order[np.searchsorted(self.ordered, images_rows, sorter=order)]
+        if self._sorter is None:  # one sort per index, however often the stage asks
+            self._sorter = np.argsort(self.ordered, kind="stable")
+        return self._sorter[np.searchsorted(self.ordered, images_rows, sorter=self._sorter)]
 
     def neighbours(
         self, queries: np.ndarray, num_neighbours: int, allowed: np.ndarray
