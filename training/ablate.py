@@ -3,7 +3,8 @@
     random_pool's curated-shaped sample --pretrain_random (pretrain's function, same `pretrain` section)-->
       exports (its teacher)
     pretrain's exports + pretrain_random's exports --ablate_data: evaluate_backbone on each teacher,
-      with the `evaluate` section--> `results` manifest (models "curated" and "uncurated random"),
+      with the `evaluate` section--> `results` manifest (models "curated" and "uncurated random", then
+      the raw-pixel baseline),
       artifacts/table2.md
 
 A second stage name for the random-data pretraining keeps its runs apart from the curated one's in the
@@ -19,7 +20,7 @@ from typing import Any
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
 from training.eval.config import EvaluateConfig
 from training.eval.results import EVAL_RESULTS, accuracy_tables, result_rows, results_markdown
-from training.eval.stage import evaluate_backbone, evaluation_stats, load_eval_data
+from training.eval.stage import evaluate_backbone, evaluate_raw_pixels, evaluation_stats, load_eval_data
 from training.exports import EXPORTS, read_exports
 from training.stages import PRETRAIN, TEACHER_MODEL
 
@@ -67,6 +68,9 @@ def run_ablate_data(cfg: EvaluateConfig, inputs: Mapping[str, Manifest], ctx: St
         )
         for name, model in COMPARED_INPUTS.items()
     ]
+    results.append(
+        evaluate_raw_pixels(data.train, data.test, cfg, device=data.device, show_progress=ctx.show_progress)
+    )
     rows = [row for result in results for row in result_rows(result, data.name)]
     ctx.write_output("results", EVAL_RESULTS.table_from_rows(rows))
     title = (
@@ -80,7 +84,7 @@ def run_ablate_data(cfg: EvaluateConfig, inputs: Mapping[str, Manifest], ctx: St
 ABLATE_DATA = register_stage(
     StageSpec(
         name="ablate_data",
-        version=1,
+        version=2,  # 2: the raw-pixel baseline is scored beside the two teachers
         config_type=EvaluateConfig,
         fn=run_ablate_data,
         inputs=dict.fromkeys(COMPARED_INPUTS, EXPORTS),

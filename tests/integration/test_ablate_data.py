@@ -16,6 +16,7 @@ from pipelines.store import Store
 from tests.integration.demo_dag import small_demo_dag
 from training.ablate import CURATED_MODEL, RANDOM_MODEL, TABLE_FILE
 from training.eval.results import KNN_PROTOCOL, PERCENT
+from training.eval.stage import RAW_PIXELS_MODEL
 from training.exports import EXPORTS
 from training.stages import TEACHER_MODEL
 
@@ -71,7 +72,8 @@ def test_both_teachers_are_evaluated_alike_and_tabulated(ablation):
     results = runs["ablate_data"].outputs["results"].read().to_pylist()
     knn = {(row["model"], row["setting"]): row["top1"] for row in results if row["protocol"] == KNN_PROTOCOL}
     settings = [f"k={k}" for k in cfg.evaluate.knn_ks]
-    assert set(knn) == {(model, setting) for model in (CURATED_MODEL, RANDOM_MODEL) for setting in settings}
+    models = (CURATED_MODEL, RANDOM_MODEL, RAW_PIXELS_MODEL)
+    assert set(knn) == {(model, setting) for model in models for setting in settings}
     # Each top-1 is a count of correct test images.
     test_images = runs["ablate_data"].record["stats"]["test_images"]
     assert all(top1 * test_images == pytest.approx(round(top1 * test_images)) for top1 in knn.values())
@@ -84,15 +86,20 @@ def test_both_teachers_are_evaluated_alike_and_tabulated(ablation):
         store=Store(cfg.store),
         show_progress=False,
     )
-    for model, evaluation in ((CURATED_MODEL, first["evaluate"]), (RANDOM_MODEL, alone)):
+    compared = (
+        (CURATED_MODEL, first["evaluate"], TEACHER_MODEL),
+        (RANDOM_MODEL, alone, TEACHER_MODEL),
+        (RAW_PIXELS_MODEL, alone, RAW_PIXELS_MODEL),  # the same baseline in both tables
+    )
+    for model, evaluation, evaluated_model in compared:
         evaluated = {
             row["setting"]: row["top1"]
             for row in evaluation.outputs["results"].read().to_pylist()
-            if row["model"] == TEACHER_MODEL and row["protocol"] == KNN_PROTOCOL
+            if row["model"] == evaluated_model and row["protocol"] == KNN_PROTOCOL
         }
         assert evaluated == {setting: knn[(model, setting)] for setting in settings}, model
     table = (Path(runs["ablate_data"].uri) / ARTIFACTS_DIR / TABLE_FILE).read_text()
-    for model in (CURATED_MODEL, RANDOM_MODEL):
+    for model in models:
         (line,) = [line for line in table.splitlines() if line.startswith(f"| {model} |")]
         percents = [f"{PERCENT * knn[(model, setting)]:.1f}" for setting in settings]
         assert " | ".join(percents) in line, line

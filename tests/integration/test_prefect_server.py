@@ -144,4 +144,9 @@ def test_deployment_run_through_a_real_server(tmp_path, prefect_server):
     assert metrics.column("step").to_pylist() == list(range(TINY_DAG_STEPS))
     (evaluate_record,) = store.glob("evaluate/*/_STAGE.json")
     results = read_manifest(evaluate_record.parent / "results")
-    assert set(results.column("model").to_pylist()) == {"teacher", "student", "student_random_init"}
+    assert set(results.column("model").to_pylist()) == {
+        "teacher",
+        "student",
+        "student_random_init",
+        "raw_pixels",
+    }

@@ -38,20 +38,18 @@ class FeatureSet:
 
     Attributes:
         block_cls_NLD: final-normed CLS token of each of the last L blocks, oldest block first.
-        patch_mean_ND: mean of the last block's final-normed patch tokens (registers excluded).
+        patch_mean_ND: mean of the last block's final-normed patch tokens (registers excluded); None for
+            features without patches (the raw-pixel baseline).
     """
 
     block_cls_NLD: np.ndarray
-    patch_mean_ND: np.ndarray
+    patch_mean_ND: np.ndarray | None
 
     def __post_init__(self) -> None:
-        if self.block_cls_NLD.ndim != 3 or self.patch_mean_ND.ndim != 2:
-            raise ValueError(
-                f"expected block_cls (N, L, D) and patch_mean (N, D), got shapes "
-                f"{self.block_cls_NLD.shape} and {self.patch_mean_ND.shape}"
-            )
+        if self.block_cls_NLD.ndim != 3:
+            raise ValueError(f"expected block_cls (N, L, D), got shape {self.block_cls_NLD.shape}")
         num, _, dim = self.block_cls_NLD.shape
-        if self.patch_mean_ND.shape != (num, dim):
+        if self.patch_mean_ND is not None and self.patch_mean_ND.shape != (num, dim):
             raise ValueError(f"patch_mean shape {self.patch_mean_ND.shape} != {(num, dim)}")
 
     def __len__(self) -> int:
@@ -66,8 +64,13 @@ class FeatureSet:
         """The last block's normed CLS, which is `backbone(x)`: the k-NN feature."""
         return self.block_cls_NLD[:, -1]
 
+    @property
+    def has_patches(self) -> bool:
+        return self.patch_mean_ND is not None
+
     def subset(self, indices: np.ndarray) -> FeatureSet:
-        return FeatureSet(self.block_cls_NLD[indices], self.patch_mean_ND[indices])
+        patches = None if self.patch_mean_ND is None else self.patch_mean_ND[indices]
+        return FeatureSet(self.block_cls_NLD[indices], patches)
 
 
 def eval_transform(
@@ -141,3 +144,20 @@ def extract_features(
     if not block_cls:
         raise ValueError("no images to extract features from")
     return FeatureSet(torch.cat(block_cls).numpy(), torch.cat(patch_mean).numpy())
+
+
+def raw_pixel_features(
+    images: Iterable[Image.Image],
+    *,
+    transform: ImageTransform,
+    progress: bool = False,
+    description: str = "raw pixels",
+    num_images: int | None = None,
+) -> FeatureSet:
+    """The baseline every learned feature must beat: each image exactly as a backbone would receive it
+    (`transform`: resize, crop, normalisation), flattened into one vector. One "block", no patches."""
+    images = tqdm(images, desc=description, total=num_images, unit="image", disable=not progress)
+    pixels = [transform(image).flatten().numpy() for image in images]
+    if not pixels:
+        raise ValueError("no images to extract features from")
+    return FeatureSet(np.stack(pixels)[:, None, :], None)

@@ -80,6 +80,8 @@ def probe_inputs(features: FeatureSet, feature_set: str) -> np.ndarray:
         )
     parts = [features.block_cls_NLD[:, -spec.num_blocks :].reshape(len(features), -1)]
     if spec.avgpool:
+        if features.patch_mean_ND is None:
+            raise ValueError(f"{feature_set!r} needs the patch mean, and these features have no patches")
         parts.append(features.patch_mean_ND)
     return np.concatenate(parts, axis=1)
 

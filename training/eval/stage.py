@@ -1,10 +1,11 @@
 """The `evaluate` stage: k-NN and the linear probe on frozen features of every exported backbone.
 
     exports manifest (one row per model) + labelled train/test images (EvalDatasetConfig)
-      --per model: load_exported_backbone --> extract_features(train), extract_features(test)
+      --raw pixels (the baseline): the eval transform's tensors, flattened
+    --per model: load_exported_backbone --> extract_features(train), extract_features(test)
           --> knn_accuracy for each k (last block's CLS) + linear_probe (CLS of the last 1 or 4 blocks,
               +/- patch mean, only the feature sets the depth allows)
-      --> `results` manifest (one row per (model, k), one per model's chosen probe),
+      --> `results` manifest (one row per (model, k), one per model's chosen probe; models, then raw_pixels),
           artifacts/results.md (table) and artifacts/results.png (bar chart)
 
 Accuracies are fractions in [0, 1] in the manifest and percentages in the table and chart.
@@ -22,7 +23,13 @@ import torch
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
 from training.eval.config import EvaluateConfig
 from training.eval.datasets import LabelledImages, dataset_name, load_eval_split
-from training.eval.features import LINEAR_PROBE_BLOCKS, FeatureSet, eval_transform, extract_features
+from training.eval.features import (
+    LINEAR_PROBE_BLOCKS,
+    FeatureSet,
+    eval_transform,
+    extract_features,
+    raw_pixel_features,
+)
 from training.eval.knn import knn_accuracy
 from training.eval.linear import FEATURE_SETS, linear_probe
 from training.eval.results import (
@@ -38,13 +45,18 @@ from training.exports import EXPORTS, load_exported_backbone, read_exports
 
 RESULTS_TABLE_FILE = "results.md"
 RESULTS_CHART_FILE = "results.png"
+RAW_PIXELS_MODEL = "raw_pixels"  # the baseline row in every accuracy table
 REPORTED_K = 20  # the k the official k-NN help text recommends; stats fall back to the first k
 SECONDS_DIGITS = 3
 
 
-def probe_feature_sets(depth: int) -> list[str]:
-    """The linear-probe inputs a backbone of `depth` blocks has enough blocks for."""
-    return [name for name, spec in FEATURE_SETS.items() if spec.num_blocks <= depth]
+def probe_feature_sets(features: FeatureSet) -> list[str]:
+    """The linear-probe inputs these features hold enough blocks (and patches) for."""
+    return [
+        name
+        for name, spec in FEATURE_SETS.items()
+        if spec.num_blocks <= features.num_blocks and (features.has_patches or not spec.avgpool)
+    ]
 
 
 def choose_device() -> torch.device:
@@ -80,7 +92,51 @@ def evaluate_backbone(
         )
         for name, split in (("train", train), ("test", test))
     }
-    seconds = {"features": time.perf_counter() - started}
+    seconds = time.perf_counter() - started
+    return score_features(
+        export["model"], int(export["parameters"]), features, train, test, cfg, device=device, seconds=seconds
+    )
+
+
+def evaluate_raw_pixels(
+    train: LabelledImages,
+    test: LabelledImages,
+    cfg: EvaluateConfig,
+    *,
+    device: torch.device,
+    show_progress: bool,
+) -> ModelResult:
+    """The same protocol on the pixels every backbone receives (same resize, crop and normalisation),
+    flattened: a learned feature that scores below this represents the data worse than its input."""
+    transform = eval_transform(cfg.resize_size, cfg.crop_size)
+    started = time.perf_counter()
+    features = {
+        name: raw_pixel_features(
+            split.images(),
+            transform=transform,
+            progress=show_progress,
+            description=f"{RAW_PIXELS_MODEL} {name}",
+            num_images=len(split),
+        )
+        for name, split in (("train", train), ("test", test))
+    }
+    seconds = time.perf_counter() - started
+    return score_features(RAW_PIXELS_MODEL, 0, features, train, test, cfg, device=device, seconds=seconds)
+
+
+def score_features(
+    model: str,
+    parameters: int,
+    features: Mapping[str, FeatureSet],
+    train: LabelledImages,
+    test: LabelledImages,
+    cfg: EvaluateConfig,
+    *,
+    device: torch.device,
+    seconds: float,
+) -> ModelResult:
+    """k-NN for every k and (if configured) the linear probe on one model's train/test features."""
+    timings = {"features": seconds}
     started = time.perf_counter()
     knn_top1 = knn_accuracy(
         features["train"].cls_ND,
@@ -92,7 +148,7 @@ def evaluate_backbone(
         num_classes=len(train.class_names),
         device=device,
     )
-    seconds["knn"] = time.perf_counter() - started
+    timings["knn"] = time.perf_counter() - started
     probe = None
     if cfg.linear_probe:
         started = time.perf_counter()
@@ -102,20 +158,20 @@ def evaluate_backbone(
             features["test"],
             test.labels_N,
             lrs=cfg.linear_lrs,
-            feature_sets=probe_feature_sets(depth),
+            feature_sets=probe_feature_sets(features["train"]),
             epochs=cfg.linear_epochs,
             batch_size=cfg.linear_batch_size,
             val_fraction=cfg.val_fraction,
             seed=cfg.seed,
             device=device,
         )
-        seconds["linear"] = time.perf_counter() - started
+        timings["linear"] = time.perf_counter() - started
     return ModelResult(
-        model=export["model"],
-        parameters=int(export["parameters"]),
+        model=model,
+        parameters=parameters,
         knn_top1=knn_top1,
         probe=probe,
-        seconds={part: round(value, SECONDS_DIGITS) for part, value in seconds.items()},
+        seconds={part: round(value, SECONDS_DIGITS) for part, value in timings.items()},
     )
 
 
@@ -139,12 +195,16 @@ def run_evaluate(cfg: EvaluateConfig, inputs: Mapping[str, Manifest], ctx: Stage
     if len(set(models)) != len(models):
         raise ValueError(f"evaluate: model names in the exports manifest must be unique, got {models}")
     data = load_eval_data(cfg)
+    baseline = evaluate_raw_pixels(
+        data.train, data.test, cfg, device=data.device, show_progress=ctx.show_progress
+    )
     results = [
         evaluate_backbone(
             export, data.train, data.test, cfg, device=data.device, show_progress=ctx.show_progress
         )
         for export in exports
     ]
+    results.append(baseline)
     rows = [row for result in results for row in result_rows(result, data.name)]
     ctx.write_output("results", EVAL_RESULTS.table_from_rows(rows))
     title = f"{data.name}: {len(data.train)} train / {len(data.test)} test images"
@@ -188,7 +248,7 @@ def evaluation_stats(cfg: EvaluateConfig, data: EvalData, results: Sequence[Mode
 EVALUATE = register_stage(
     StageSpec(
         name="evaluate",
-        version=1,
+        version=2,  # 2: the raw-pixel baseline is scored beside the models
         config_type=EvaluateConfig,
         fn=run_evaluate,
         inputs={"exports": EXPORTS},

@@ -25,7 +25,7 @@ from training.eval.datasets import (
 from training.eval.features import eval_transform, extract_features
 from training.eval.knn import knn_accuracy
 from training.eval.linear import linear_probe
-from training.eval.stage import EVAL_RESULTS, EVALUATE
+from training.eval.stage import EVAL_RESULTS, EVALUATE, RAW_PIXELS_MODEL
 from training.exports import EXPORTS, export_row, load_exported_backbone, save_backbone
 from training.models.vit import build_vit_from_options
 
@@ -209,7 +209,7 @@ def test_evaluate_stage_rows_match_knn_and_probe_on_the_same_features_and_rerun_
     assert not run.reused
     results = run.outputs["results"].read(EVAL_RESULTS)
     grouped = results_by_model(results)
-    assert sorted(grouped) == sorted(MODELS)
+    assert list(grouped) == [*MODELS, RAW_PIXELS_MODEL]  # the baseline row after the models
 
     train = load_eval_split(dataset, "train", cfg.seed)
     test = load_eval_split(dataset, "test", cfg.seed)
@@ -262,7 +262,8 @@ def test_evaluate_stage_rows_match_knn_and_probe_on_the_same_features_and_rerun_
 
     stage_dir = Path(run.uri)
     table = (stage_dir / "artifacts" / "results.md").read_text()
-    assert table.count("\n| ") == 1 + len(MODELS)  # the header and one line per model
+    assert table.count("\n| ") == 1 + len(MODELS) + 1  # the header, one line per model, raw pixels
+    assert f"| {RAW_PIXELS_MODEL} | 0 |" in table
     for export in exports_table_rows(exports):
         assert f"| {export['model']} | {export['parameters']:,} |" in table
     assert (stage_dir / "artifacts" / "results.png").read_bytes().startswith(PNG_SIGNATURE)
@@ -270,6 +271,56 @@ def test_evaluate_stage_rows_match_knn_and_probe_on_the_same_features_and_rerun_
 
     again = run_stage(EVALUATE, cfg, {"exports": exports}, store=store, show_progress=False)
     assert again.reused and again.key == run.key
+
+
+def brute_force_knn_top1(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    k: int,
+    max_k: int,
+    t: float,
+) -> float:
+    """Weighted k-NN written out row by row: cosine to every train row, the max_k nearest, softmax(sim / t)
+    over those max_k, and the k nearest's weights summed per class."""
+    train_unit = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    correct = 0
+    for row, label in zip(test_x, test_y, strict=True):
+        sims = train_unit @ (row / np.linalg.norm(row))
+        nearest = np.argsort(-sims, kind="stable")[:max_k]
+        weights = np.exp(sims[nearest] / t) / np.exp(sims[nearest] / t).sum()
+        votes = np.zeros(FASHION_CLASSES)
+        for neighbour, weight in zip(nearest[:k], weights[:k], strict=True):
+            votes[train_y[neighbour]] += weight
+        correct += int(votes.argmax() == label)
+    return correct / len(test_y)
+
+
+def test_raw_pixel_baseline_equals_brute_force_knn_on_the_flattened_eval_pixels(tmp_path):
+    exports = exports_manifest(tmp_path / "exports_files", ("teacher",))
+    dataset = EvalDatasetConfig(kind="fashion_mnist", train_limit=TRAIN_LIMIT, test_limit=TEST_LIMIT)
+    cfg = evaluate_config(dataset)
+    run = run_stage(EVALUATE, cfg, {"exports": exports}, store=Store(tmp_path / "store"), show_progress=False)
+    rows = results_by_model(run.outputs["results"].read(EVAL_RESULTS))[RAW_PIXELS_MODEL]
+    train = load_eval_split(dataset, "train", cfg.seed)
+    test = load_eval_split(dataset, "test", cfg.seed)
+    transform = eval_transform(SMALL_IMAGE, SMALL_IMAGE)
+    train_x = np.stack([transform(image).numpy().ravel() for image in train.images()]).astype(np.float64)
+    test_x = np.stack([transform(image).numpy().ravel() for image in test.images()]).astype(np.float64)
+    assert train_x.shape == (TRAIN_LIMIT, 3 * SMALL_IMAGE * SMALL_IMAGE)
+    knn = {row["setting"]: row["top1"] for row in rows if row["protocol"] == "knn"}
+    for k in KS:
+        expected = brute_force_knn_top1(
+            train_x, train.labels_N, test_x, test.labels_N, k, max(KS), cfg.knn_temperature
+        )
+        assert knn[f"k={k}"] == pytest.approx(expected, abs=1e-12)
+    # Pixels carry the classes: far above the 10% of chance on 10 balanced classes.
+    assert knn["k=20"] > 0.5
+    (linear,) = [row for row in rows if row["protocol"] == "linear"]
+    assert linear["setting"].startswith("cls_last1 ")  # no blocks or patches to pool: the pixels alone
+    assert {row["parameters"] for row in rows} == {0}
+    assert run.record["stats"]["models"][RAW_PIXELS_MODEL]["parameters"] == 0
 
 
 def exports_table_rows(exports: Manifest) -> list[dict]:
@@ -287,7 +338,7 @@ def test_evaluate_stage_on_class_folders_separates_solid_colours(tmp_path):
     exports = exports_manifest(tmp_path / "exports_files", ("student_random_init",))
     cfg = evaluate_config(dataset, knn_ks=(1, 5), linear_epochs=1, linear_batch_size=4)
     run = run_stage(EVALUATE, cfg, {"exports": exports}, store=Store(tmp_path / "store"), show_progress=False)
-    rows = run.outputs["results"].read(EVAL_RESULTS).to_pylist()
+    rows = results_by_model(run.outputs["results"].read(EVAL_RESULTS))["student_random_init"]
     knn = {row["setting"]: row["top1"] for row in rows if row["protocol"] == "knn"}
     assert knn == {"k=1": 1.0, "k=5": 1.0}
     assert [row["protocol"] for row in rows] == ["knn", "knn", "linear"]
