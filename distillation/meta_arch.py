@@ -26,6 +26,7 @@ from torch import nn
 from distillation.config import DistillConfig
 from distillation.teacher import FrozenTeacher
 from training.checkpoint import backbone_options
+from training.health import feature_signals
 from training.losses import koleo_loss
 from training.ssl import LOGGED_HALVED, NUM_GLOBAL_CROPS, SSLMetaArch, build_backbone, build_heads, ema_update
 
@@ -122,13 +123,20 @@ class DistillMetaArch(SSLMetaArch):
     ) -> dict[str, float]:
         if self.objective == "heads":
             return super().forward_backward(batch, teacher_temp, backward)
-        terms = self.feature_terms(batch)
+        terms, global_cls = self.feature_terms(batch)
         backward(terms["objective"])
-        return {name: float(value.detach()) for name, value in terms.items()}
+        # No prototypes in this objective: the teacher-side signals stay empty in the metrics.
+        return {
+            **{name: float(value.detach()) for name, value in terms.items()},
+            **feature_signals(global_cls),
+        }
 
-    def feature_terms(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def feature_terms(
+        self, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Cosine distances to the teacher's normed features, under the metrics' column names: global CLS
-        (same view) -> dino_global, local CLS vs both global views -> dino_local, patches -> ibot."""
+        (same view) -> dino_global, local CLS vs both global views -> dino_local, patches -> ibot; and
+        the student's global CLS (for the health signals)."""
         device = next(self.student.parameters()).device
         global_crops = batch["collated_global_crops"].to(device, non_blocking=True)
         local_crops = batch["collated_local_crops"].to(device, non_blocking=True)
@@ -153,13 +161,14 @@ class DistillMetaArch(SSLMetaArch):
         koleo = self.cfg.dino.koleo_loss_weight * sum(
             koleo_loss(v) for v in global_cls.chunk(NUM_GLOBAL_CROPS)
         )
-        return {
+        terms = {
             "dino_local_crops_loss": local_term,
             "dino_global_crops_loss": cls_term,
             "koleo_loss": koleo * LOGGED_HALVED,
             "ibot_loss": patch_term,
             "objective": cls_term + local_term + patch_term + koleo,
         }
+        return terms, global_cls
 
     # -- training-loop interface ------------------------------------------------------------------------
 

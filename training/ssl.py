@@ -5,6 +5,7 @@
     [global crops + block masks, local crops] --student backbone (one packed forward)--> CLS, patches
       --student heads--> DINO over 18 crop pairs, iBOT on masked patches, KoLeo on the global CLS
       --> objective --backward
+    targets + student global CLS --health--> teacher_entropy, prototype_usage, cls_std, cls_rank (logged)
 
 The teacher's two views are swapped before the global DINO term, so each student view is compared with
 the *other* teacher view; local crops meet both. Sums and normalisations follow the official code: the
@@ -25,6 +26,7 @@ from torch import nn
 
 from training.checkpoint import backbone_options
 from training.config import PretrainConfig
+from training.health import feature_signals, prototype_signals
 from training.losses import LaggedCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 from training.models.heads import DINOHead
 from training.models.vit import build_vit
@@ -191,7 +193,11 @@ class SSLMetaArch(nn.Module):
         logits = self.student_logits(global_cls, local_cls, patches)
         terms = self.loss_terms(logits, cls_probs, patch_probs, masks_weight, global_cls, n_local)
         backward(terms["objective"])
-        return {name: float(value.detach()) for name, value in terms.items()}
+        return {
+            **{name: float(value.detach()) for name, value in terms.items()},
+            **prototype_signals(cls_probs),
+            **feature_signals(global_cls),
+        }
 
     def ibot_positions(
         self, batch: Mapping[str, torch.Tensor], device: torch.device

@@ -3,7 +3,7 @@
     curated manifest --train (this process, or torchrun with nproc_per_node processes)-->
       <stage dir>/run/checkpoints (DCP, resumable) + run/metrics chunks
       --> `metrics` manifest (one row per step), artifacts/backbone.pth (+ .json build options),
-          `exports` manifest (one row: the teacher backbone), artifacts/loss_curve.png
+          `exports` manifest (one row: the teacher backbone), artifacts/loss_curve.png, health.png
 
 A killed stage resumes from its newest checkpoint the next time it runs (same key, same folder).
 """
@@ -34,12 +34,14 @@ from training.checkpoint import export_backbone
 from training.config import PretrainConfig
 from training.eval.pca_picture import pca_picture_png, spread_images
 from training.exports import EXPORTS, export_row, exports_table, load_exported_backbone, read_exports
-from training.plots import loss_curve_png
+from training.health import HEALTH_COLUMNS
+from training.plots import health_curve_png, loss_curve_png
 from training.trainer import CHECKPOINTS_DIR, TRAIN_METRICS, read_metrics, train
 
 RUN_DIR = "run"
 BACKBONE_FILE = "backbone.pth"
 LOSS_CURVE_FILE = "loss_curve.png"
+HEALTH_CURVE_FILE = "health.png"
 CONFIG_FILE = "launch_config.json"
 TEACHER_MODEL = "teacher"  # pretraining exports its EMA teacher, the model DINOv2 releases
 PCA_IMAGE_COUNT = 6
@@ -94,12 +96,14 @@ def finish_training(
     ctx.write_output("metrics", metrics)
     ctx.write_output("exports", exports_table(exports, ctx.output_uri("exports"), ctx.store.root))
     ctx.write_artifact(LOSS_CURVE_FILE, loss_curve_png(metrics, title))
+    ctx.write_artifact(HEALTH_CURVE_FILE, health_curve_png(metrics, f"{title}: health"))
     objective = metrics.column("objective")
     return {
         "steps": metrics.num_rows,
         "objective_first": objective[0].as_py(),
         "objective_last": objective[-1].as_py(),
         "seconds_per_step": round(pc.mean(metrics.column("seconds")).as_py(), 4),
+        "health_last": {name: metrics.column(name)[-1].as_py() for name in HEALTH_COLUMNS},
     }
 
 

@@ -2,6 +2,7 @@
 
     images manifest --make_train_loader (batch of step s = f(seed, s, rank))--> batch
       --SSLMetaArch.forward_backward--> losses --clip per submodule, AdamW step--> EMA teacher update
+      --check_finite (stop naming the term) + health signals--> metrics row
       --every checkpoint_period steps and at the end--> metrics chunk (Parquet), DCP checkpoint
 
 Everything a step does is a function of (weights, optimizer state, centre, step): the batch comes from
@@ -12,7 +13,6 @@ The same loop runs under torchrun on N processes and as one plain process (a wor
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -40,6 +40,7 @@ from training.checkpoint import (
 )
 from training.config import PretrainConfig
 from training.data.dataset import make_train_loader
+from training.health import HEALTH_COLUMNS, check_finite
 from training.optim import apply_schedules, build_optimizer, build_schedules, clip_grad_norms, param_groups
 from training.parallel import (
     DistributedEnv,
@@ -69,11 +70,12 @@ def _float_fields(*names: str, nullable: bool = False) -> tuple[pa.Field, ...]:
 
 
 # One row per training iteration: the schedules' values, every loss term (official logged names, plus the
-# optimised objective), the gradient norm of each student submodule before clipping, and the step time.
-# Version 2: every head's gradient norm is nullable.
+# optimised objective), the gradient norm of each student submodule before clipping, the health signals
+# (training/health.py) and the step time.
+# Version 2: every head's gradient norm is nullable. Version 3: the health signals.
 TRAIN_METRICS = ManifestSchema(
     name="train_metrics",
-    version=2,
+    version=3,
     fields=(
         pa.field("step", pa.int64(), nullable=False),
         *_float_fields("lr", "weight_decay", "momentum", "teacher_temp", "last_layer_lr"),
@@ -83,6 +85,8 @@ TRAIN_METRICS = ManifestSchema(
         *_float_fields("grad_norm_backbone"),
         # One per student head: DINO (and a separate iBOT) head, or distillation's feature projection.
         *_float_fields("grad_norm_dino_head", "grad_norm_ibot_head", "grad_norm_feature_head", nullable=True),
+        # Prototype signals are null for objectives without prototypes (feature distillation).
+        *_float_fields(*HEALTH_COLUMNS, nullable=True),
         *_float_fields("seconds"),
     ),
 )
@@ -266,8 +270,7 @@ def _train(
         torch.manual_seed(step_seed(cfg.train.seed, step, env.rank))
         losses, norms = train_step(model, optimizer, batch, values, scaler, cfg.optim.clip_grad)
         losses = all_reduce_mean(losses, env)
-        if not all(math.isfinite(value) for value in losses.values()):
-            raise FloatingPointError(f"step {step}: non-finite loss {losses}")
+        check_finite(step, losses, norms)
         row = {
             "step": step,
             **{name: float(value) for name, value in values.items()},

@@ -17,6 +17,7 @@ from tests.training_helpers import fashion_manifest, tiny_distill_section, tiny_
 from training.checkpoint import export_backbone
 from training.data.dataset import make_train_loader
 from training.exports import export_row, load_exported_backbone
+from training.health import feature_signals
 from training.models.vit import build_vit
 from training.trainer import CHECKPOINTS_DIR, read_metrics, train
 
@@ -100,9 +101,13 @@ def test_a_hub_format_backbone_file_distills_by_feature_matching(pretrained, tmp
     assert metrics.num_rows == 2
     # Step 0 logs the untrained student's cosine distances to the teacher's features on batch 0:
     # recomputed here from both models' outputs with 1 - a.b / (|a| |b|) written out.
-    expected = untrained_feature_distances(cfg, hub_file, images)
+    expected, student_cls = untrained_feature_distances(cfg, hub_file, images)
     for name, value in expected.items():
         assert metrics.column(name)[0].as_py() == pytest.approx(value, rel=1e-5), name
+    # Its health: the spread of the same CLS features; no prototypes, so no teacher-side signals.
+    for name, value in feature_signals(student_cls).items():
+        assert metrics.column(name)[0].as_py() == pytest.approx(value, rel=1e-4), name
+    assert metrics.column("teacher_entropy").null_count == metrics.column("prototype_usage").null_count == 2
     # Random projections point anywhere: an untrained student is far from the teacher's features.
     assert all(value > MIN_UNTRAINED_DISTANCE for value in expected.values()), expected
     # The same file with freshly initialised frozen heads runs the paper's objective as well.
@@ -119,9 +124,11 @@ def _cosine_distance(student: np.ndarray, teacher: np.ndarray) -> float:
     return float((1 - dots / norms).mean())
 
 
-def untrained_feature_distances(cfg: DistillConfig, hub_file, images) -> dict[str, float]:
+def untrained_feature_distances(
+    cfg: DistillConfig, hub_file, images
+) -> tuple[dict[str, float], torch.Tensor]:
     """CLS and patch cosine distances of the initial student (as the trainer seeds and builds it) to the
-    teacher's normed features, on the first training batch."""
+    teacher's normed features, on the first training batch; and the student's CLS features there."""
     teacher = load_hub_teacher(hub_file, cfg, with_heads=False)
     torch.manual_seed(cfg.recipe.train.seed)
     model = DistillMetaArch(cfg, teacher, "features")
@@ -132,10 +139,11 @@ def untrained_feature_distances(cfg: DistillConfig, hub_file, images) -> dict[st
         own = model.student["backbone"](crops, is_training=True)
         head = model.student["feature_head"]
         cls, patches = head.cls_proj(own["x_norm_clstoken"]), head.patch_proj(own["x_norm_patchtokens"])
-    return {
+    distances = {
         "dino_global_crops_loss": _cosine_distance(cls.numpy(), target["x_norm_clstoken"].numpy()),
         "ibot_loss": _cosine_distance(patches.numpy(), target["x_norm_patchtokens"].numpy()),
     }
+    return distances, own["x_norm_clstoken"]
 
 
 def test_the_random_init_export_is_the_students_starting_point(pretrained, tmp_path):
