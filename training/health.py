@@ -26,12 +26,14 @@ PROBABILITY_FLOOR = 1e-12
 # Why: identical unit features, centred, leave float32 rounding (~1e-7 per row), not a direction.
 SPREAD_FLOOR_PER_ROW = 1e-5
 
+DINO_OVERFLOW = (
+    "the DINO head's logits overflowed: learning rate too high for this batch size, or too short a "
+    "warm-up; lower optim.base_lr or raise optim.warmup_epochs"
+)
 # The likely cause of each term going non-finite, in the order the objective computes them.
 DIVERGENCE_CAUSES = {
-    "dino_local_crops_loss": "the DINO head's logits overflowed: learning rate too high for this batch "
-    "size, or too short a warm-up; lower optim.base_lr or raise optim.warmup_epochs",
-    "dino_global_crops_loss": "the DINO head's logits overflowed: learning rate too high for this batch "
-    "size, or too short a warm-up; lower optim.base_lr or raise optim.warmup_epochs",
+    "dino_local_crops_loss": DINO_OVERFLOW,
+    "dino_global_crops_loss": DINO_OVERFLOW,
     "koleo_loss": "KoLeo is -log of the distance to each CLS feature's nearest neighbour in the batch, "
     "infinite when two coincide: exact duplicate images in one batch (run exact_dedup on the pool) or "
     "a collapsed backbone (see cls_std)",

@@ -14,7 +14,7 @@ Accuracies are fractions in [0, 1] in the manifest and percentages in the table 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,15 @@ def choose_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def timed_split_features(
+    extract: Callable[[str, LabelledImages], FeatureSet], train: LabelledImages, test: LabelledImages
+) -> tuple[dict[str, FeatureSet], float]:
+    """`extract(split name, split)` for train and test, and the seconds both took."""
+    started = time.perf_counter()
+    features = {name: extract(name, split) for name, split in (("train", train), ("test", test))}
+    return features, time.perf_counter() - started
+
+
 def evaluate_backbone(
     export: Mapping[str, Any],
     train: LabelledImages,
@@ -77,9 +86,8 @@ def evaluate_backbone(
     backbone = load_exported_backbone(dict(export))
     depth = len(backbone.blocks)
     transform = eval_transform(cfg.resize_size, cfg.crop_size)
-    started = time.perf_counter()
-    features: dict[str, FeatureSet] = {
-        name: extract_features(
+    features, seconds = timed_split_features(
+        lambda name, split: extract_features(
             backbone,
             split.images(),
             batch_size=cfg.batch_size,
@@ -89,10 +97,10 @@ def evaluate_backbone(
             device=device,
             transform=transform,
             progress=show_progress,
-        )
-        for name, split in (("train", train), ("test", test))
-    }
-    seconds = time.perf_counter() - started
+        ),
+        train,
+        test,
+    )
     return score_features(
         export["model"], int(export["parameters"]), features, train, test, cfg, device=device, seconds=seconds
     )
@@ -109,18 +117,17 @@ def evaluate_raw_pixels(
     """The same protocol on the pixels every backbone receives (same resize, crop and normalisation),
     flattened: a learned feature that scores below this represents the data worse than its input."""
     transform = eval_transform(cfg.resize_size, cfg.crop_size)
-    started = time.perf_counter()
-    features = {
-        name: raw_pixel_features(
+    features, seconds = timed_split_features(
+        lambda name, split: raw_pixel_features(
             split.images(),
             transform=transform,
             progress=show_progress,
             description=f"{RAW_PIXELS_MODEL} {name}",
             num_images=len(split),
-        )
-        for name, split in (("train", train), ("test", test))
-    }
-    seconds = time.perf_counter() - started
+        ),
+        train,
+        test,
+    )
     return score_features(RAW_PIXELS_MODEL, 0, features, train, test, cfg, device=device, seconds=seconds)
 
 
