@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from pipelines.manifest import CURATED, IMAGES, sort_rows
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
+from pipelines.validation import require
 
 POOL_ROLE = "uncurated"
 RANDOM_MODE = "random"
@@ -28,11 +29,18 @@ RANDOM_SEED_SOURCE = RANDOM_MODE
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class RandomPoolConfig:
-    """The uncurated baseline of the data ablation (the job's `ablate_data` section)."""
+class DataAblationConfig:
+    """The data ablation (the job's `ablate_data` section): its random sample and how often it repeats."""
 
     seed: int = 0
-    """Seeds the random pool sample; the pretraining and evaluation seeds are those of their sections."""
+    """Seeds the random pool sample of replicate 0; replicate r draws with seed + r."""
+    replicates: int = 3
+    """Pretrainings per arm (curated, random), replicate r with the pretrain section's train.seed + r:
+    the spread that tells a difference from seed noise. Replicate 0 is the pretrain and pretrain_random
+    stages' own run."""
+
+    def __post_init__(self) -> None:
+        require(self.replicates >= 1, f"replicates must be >= 1, got {self.replicates}")
 
 
 class PoolTooSmallError(ValueError):
@@ -75,7 +83,7 @@ def random_pool_rows(images: pa.Table, count: int, seed: int) -> pa.Table:
 
 
 def run_random_pool(
-    cfg: RandomPoolConfig, inputs: Mapping[str, Manifest], ctx: StageContext
+    cfg: DataAblationConfig, inputs: Mapping[str, Manifest], ctx: StageContext
 ) -> dict[str, Any]:
     images = inputs["images"].read(IMAGES)
     count = inputs["curated"].num_rows
@@ -91,7 +99,7 @@ RANDOM_POOL = register_stage(
     StageSpec(
         name="random_pool",
         version=1,
-        config_type=RandomPoolConfig,
+        config_type=DataAblationConfig,
         fn=run_random_pool,
         inputs={"images": IMAGES, "curated": CURATED},
         outputs={"curated": CURATED},

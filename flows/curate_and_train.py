@@ -8,10 +8,12 @@
 and, only when asked, the data ablation (the paper's Table 2 in miniature):
 
     decontaminate + assemble -> random_pool -> pretrain_random -> ablate_data <- pretrain
+                                                           (+ the seed replicates of both arms)
 
 Each stage's config is the job config's section of its name, except where a node says otherwise: the
-ablation's random pool reads `ablate_data`, its pretraining `pretrain` (only the data differs) and its
-evaluation `evaluate`. `CurateAndTrainConfig` is made from these sections, plus `store` and `runtime`.
+ablation's random pool reads `ablate_data`, its pretraining `pretrain` (only the data differs), and
+ablate_data reads all three it needs: `ablate_data` (replicates), `pretrain` (their recipe) and
+`evaluate`. `CurateAndTrainConfig` is made from these sections, plus `store` and `runtime`.
 """
 
 from __future__ import annotations
@@ -44,7 +46,14 @@ CURATE_AND_TRAIN = Dag(
         ABLATE_DATA: (
             node("random_pool", "decontaminate.images", "assemble.curated", section="ablate_data"),
             node("pretrain_random", "random_pool.curated", section="pretrain"),
-            node("ablate_data", "pretrain.exports", "pretrain_random.exports", section="evaluate"),
+            node(
+                "ablate_data",
+                "pretrain.exports",
+                "pretrain_random.exports",
+                "decontaminate.images",
+                "assemble.curated",
+                section=("ablate_data", "pretrain", "evaluate"),
+            ),
         )
     },
     config_name="CurateAndTrainConfig",

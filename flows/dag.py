@@ -3,6 +3,8 @@
     node("decontaminate", "copy_dedup.images", "copy_dedup.descriptors")
         the stage's inputs, in the order its spec declares them, fed by these upstream outputs; its config
         is the job config's section of the stage's name (or `section=`)
+    node("ablate_data", ..., section=("ablate_data", "pretrain", "evaluate"))
+        a stage that reads several sections: its config type has one field per section, named after it
     Dag(name, nodes, branches={"ablate_data": (node(...), ...)}, config_name=..., module=...)
         checks: every stage registered, every source an output of an earlier node with the schema the
         input declares, one config type per section; makes the job's root config type from the sections
@@ -16,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from pipelines.config import build_config, job_config_type, resolve_config
 from pipelines.executor import Executor, build_executor
@@ -52,11 +54,12 @@ class Source:
 
 @dataclass(frozen=True, slots=True)
 class DagNode:
-    """A stage in a DAG: where each of its inputs comes from, and its config section."""
+    """A stage in a DAG: where each of its inputs comes from, and the config sections it reads (one,
+    or several gathered into its config type's fields of the same names)."""
 
     stage: str
     sources: tuple[Source, ...]
-    section: str
+    sections: tuple[str, ...]
 
     @property
     def spec(self) -> StageSpec:
@@ -67,15 +70,17 @@ class DagNode:
         return dict(zip(self.spec.inputs, self.sources, strict=True))
 
 
-def node(stage: str, *sources: str, section: str | None = None) -> DagNode:
-    """A node of `stage` whose inputs, in its spec's order, come from `sources` ("stage.output" each)."""
+def node(stage: str, *sources: str, section: str | tuple[str, ...] | None = None) -> DagNode:
+    """A node of `stage` whose inputs, in its spec's order, come from `sources` ("stage.output" each),
+    configured by the section `section` (default: the stage's name) or by several sections."""
     parsed = []
     for text in sources:
         upstream, separator, output = text.partition(SOURCE_SEPARATOR)
         if not separator or not upstream or not output:
             raise DagError(f"{stage}: source {text!r} must be 'stage{SOURCE_SEPARATOR}output'")
         parsed.append(Source(upstream, output))
-    return DagNode(stage, tuple(parsed), section or stage)
+    sections = (section,) if isinstance(section, str) else tuple(section or (stage,))
+    return DagNode(stage, tuple(parsed), sections)
 
 
 class Dag:
@@ -119,8 +124,11 @@ class Dag:
         raise UnknownStageError(f"unknown stage {stage!r}; stages: {names}")
 
     def config_of(self, item: DagNode, cfg: Any) -> Any:
-        """The section of the job config `cfg` that configures `item`'s stage."""
-        return getattr(cfg, item.section)
+        """The section of the job config `cfg` that configures `item`'s stage, or its several sections
+        gathered into the stage's config type."""
+        if len(item.sections) == 1:
+            return getattr(cfg, item.sections[0])
+        return item.spec.config_type(**{section: getattr(cfg, section) for section in item.sections})
 
     def build_config(self, data: Mapping[str, Any] | None = None) -> Any:
         return build_config(self.config_type, data)
@@ -202,15 +210,33 @@ def _check_unique(nodes: Sequence[DagNode]) -> None:
         raise DagError(f"stages appear more than once: {repeated}")
 
 
+def node_section_types(item: DagNode) -> dict[str, type]:
+    """Section name -> the config type `item` reads it as.
+
+    Raises:
+        DagError: a node of several sections whose config type's fields are not exactly those sections.
+    """
+    config_type = item.spec.config_type
+    if len(item.sections) == 1:
+        return {item.sections[0]: config_type}
+    fields = get_type_hints(config_type)
+    if set(fields) != set(item.sections):
+        raise DagError(
+            f"{item.stage}: reads sections {list(item.sections)}, but {config_type.__name__} has the "
+            f"fields {sorted(fields)}"
+        )
+    return {section: fields[section] for section in item.sections}
+
+
 def _section_types(nodes: Sequence[DagNode]) -> dict[str, type]:
     sections: dict[str, type] = {}
     for item in nodes:
-        config_type = item.spec.config_type
-        if sections.setdefault(item.section, config_type) is not config_type:
-            raise DagError(
-                f"section {item.section!r} configures {sections[item.section].__name__} and, for "
-                f"{item.stage}, {config_type.__name__}"
-            )
+        for section, config_type in node_section_types(item).items():
+            if sections.setdefault(section, config_type) is not config_type:
+                raise DagError(
+                    f"section {section!r} configures {sections[section].__name__} and, for "
+                    f"{item.stage}, {config_type.__name__}"
+                )
     return sections
 
 

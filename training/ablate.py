@@ -1,34 +1,62 @@
-"""The paper's Table 2 in miniature: the same pretraining on curated and on random pool data, compared.
+"""The paper's Table 2 in miniature: the same pretraining on curated and on random pool data, compared
+over several seeds.
 
     random_pool's curated-shaped sample --pretrain_random (pretrain's function, same `pretrain` section)-->
-      exports (its teacher)
-    pretrain's exports + pretrain_random's exports --ablate_data: evaluate_backbone on each teacher,
-      with the `evaluate` section--> `results` manifest (models "curated" and "uncurated random", then
-      the raw-pixel baseline),
-      artifacts/table2.md
+      exports (its teacher): replicate 0 of the random arm; pretrain's teacher is replicate 0 of the
+      curated arm
+    ablate_data, replicates r = 1 .. R-1 (sections ablate_data, pretrain, evaluate):
+      curated rows             --train_teacher, train.seed + r--> curated teacher r
+      random_pool_rows(seed + r) --train_teacher, train.seed + r--> random teacher r
+    every teacher and the raw pixels --evaluate_backbone with the `evaluate` section-->
+      `results` manifest (ABLATION_RESULTS: eval rows + replicate), artifacts/table2.md:
+      per arm mean and std over replicates, the paired difference curated - random with its 95% interval
 
 A second stage name for the random-data pretraining keeps its runs apart from the curated one's in the
-store and in every summary, while the function and its config stay exactly those of `pretrain`.
+store and in every summary, while the function and its config stay exactly those of `pretrain`. The
+replicates train inside ablate_data (each resumable from its own folder) because their number is a
+setting of the ablation, not of the job's DAG.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.random_pool import DataAblationConfig, random_pool_rows
+from pipelines.manifest import CURATED, IMAGES, ManifestSchema, part_name
+from pipelines.stage import Manifest, StageContext, StageRun, StageSpec, register_stage
+from pipelines.views import TableView, table_view
+from training.config import PretrainConfig
 from training.eval.config import EvaluateConfig
-from training.eval.results import EVAL_RESULTS, accuracy_tables, result_rows, results_markdown
-from training.eval.stage import evaluate_backbone, evaluate_raw_pixels, evaluation_stats, load_eval_data
+from training.eval.replicates import PairedDifference, Spread, paired_difference, spread
+from training.eval.results import EVAL_RESULTS, KNN_PROTOCOL, PERCENT, ModelResult, result_rows
+from training.eval.stage import EvalData, evaluate_backbone, evaluate_raw_pixels, load_eval_data
 from training.exports import EXPORTS, read_exports
-from training.stages import PRETRAIN, TEACHER_MODEL
+from training.stages import BACKBONE_FILE, PRETRAIN, RUN_DIR, TEACHER_MODEL, train_teacher
 
 TABLE_FILE = "table2.md"
 CURATED_MODEL = "curated"
 RANDOM_MODEL = "uncurated random"
-# Input name -> the model name its teacher gets in the results, in table order.
+# Input name -> the arm its teacher is replicate 0 of, in table order.
 COMPARED_INPUTS = {"curated_exports": CURATED_MODEL, "random_exports": RANDOM_MODEL}
+REPLICATES_DIR = "replicates"
+SAMPLE_DIR = "sample"
+LINEAR_METRIC = "linear"
+logger = logging.getLogger(__name__)
+
+# The evaluation rows of every replicate's teacher; `replicate` is null on the raw-pixel baseline,
+# which has no seed.
+ABLATION_RESULTS = ManifestSchema(
+    name="ablation_results",
+    version=1,
+    fields=(*EVAL_RESULTS.fields, pa.field("replicate", pa.int32(), nullable=True)),
+)
 
 PRETRAIN_RANDOM = register_stage(
     dataclasses.replace(
@@ -39,6 +67,16 @@ PRETRAIN_RANDOM = register_stage(
 )
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AblateDataConfig:
+    """The three sections of the job ablate_data reads: its own, the pretraining recipe both arms share,
+    and the evaluation protocol."""
+
+    ablate_data: DataAblationConfig
+    pretrain: PretrainConfig
+    evaluate: EvaluateConfig
+
+
 def teacher_export(exports: Manifest, input_name: str) -> dict[str, Any]:
     """The teacher row of a pretraining run's exports manifest."""
     rows = [row for row in read_exports(exports) if row["model"] == TEACHER_MODEL]
@@ -47,49 +85,233 @@ def teacher_export(exports: Manifest, input_name: str) -> dict[str, Any]:
     return rows[0]
 
 
-def run_ablate_data(cfg: EvaluateConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
+def replicate_recipe(recipe: PretrainConfig, replicate: int) -> PretrainConfig:
+    """The pretraining recipe of replicate r: everything equal but the training seed, seed + r."""
+    return dataclasses.replace(
+        recipe, train=dataclasses.replace(recipe.train, seed=recipe.train.seed + replicate)
+    )
+
+
+def train_replicate(
+    recipe: PretrainConfig, images: pa.Table, images_uri: str, ctx: StageContext, folder: str
+) -> dict[str, Any]:
+    """One replicate's teacher, trained (or resumed) under the stage's `replicates/<folder>`."""
+    root = ctx.local_dir(f"{REPLICATES_DIR}/{folder}")
+    run_dir = root / RUN_DIR
+    run_dir.mkdir(exist_ok=True)
+    logger.info(
+        "ablate_data: pretraining %s (%d images, seed %d)", folder, images.num_rows, recipe.train.seed
+    )
+    return train_teacher(recipe, images, images_uri, run_dir, root / BACKBONE_FILE, ctx.show_progress)
+
+
+def write_sample(ctx: StageContext, folder: str, rows: pa.Table) -> str:
+    """Writes a replicate's random sample as a manifest (what torchrun ranks read; inspectable later)."""
+    sample = ctx.local_dir(f"{REPLICATES_DIR}/{folder}/{SAMPLE_DIR}")
+    pq.write_table(CURATED.validate(rows), sample / part_name("all"))
+    return str(sample)
+
+
+def replicate_teachers(
+    cfg: AblateDataConfig, inputs: Mapping[str, Manifest], ctx: StageContext
+) -> dict[str, list]:
+    """Arm -> its teachers' export rows, replicate 0 (the upstream stages') first."""
+    teachers = {model: [teacher_export(inputs[name], name)] for name, model in COMPARED_INPUTS.items()}
+    if cfg.ablate_data.replicates == 1:
+        return teachers
+    curated = inputs["curated"].read(CURATED)
+    pool = inputs["images"].read(IMAGES)
+    for replicate in range(1, cfg.ablate_data.replicates):
+        recipe = replicate_recipe(cfg.pretrain, replicate)
+        folder = f"{CURATED_MODEL}-{replicate}"
+        teachers[CURATED_MODEL].append(train_replicate(recipe, curated, inputs["curated"].uri, ctx, folder))
+        sample = random_pool_rows(pool, curated.num_rows, cfg.ablate_data.seed + replicate)
+        folder = f"random-{replicate}"
+        teachers[RANDOM_MODEL].append(
+            train_replicate(recipe, sample, write_sample(ctx, folder, sample), ctx, folder)
+        )
+    return teachers
+
+
+def evaluate_replicates(
+    cfg: EvaluateConfig, data: EvalData, teachers: Mapping[str, list], show_progress: bool
+) -> list[tuple[ModelResult, int | None]]:
+    """(result, replicate) for every teacher, arm by arm, then the raw pixels (no replicate)."""
+    results: list[tuple[ModelResult, int | None]] = []
+    for model, exports in teachers.items():
+        for replicate, export in enumerate(exports):
+            result = evaluate_backbone(
+                export, data.train, data.test, cfg, device=data.device, show_progress=show_progress
+            )
+            results.append((dataclasses.replace(result, model=model), replicate))
+    pixels = evaluate_raw_pixels(data.train, data.test, cfg, device=data.device, show_progress=show_progress)
+    results.append((pixels, None))
+    return results
+
+
+# -- the summary: per arm mean and std, the paired difference -------------------------------------------
+
+
+def metric_name(row: Mapping[str, Any]) -> str:
+    """k-NN rows by their k; the linear probe as one metric whatever learning rate each replicate chose."""
+    return f"k-NN {row['setting']}" if row["protocol"] == KNN_PROTOCOL else LINEAR_METRIC
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSummary:
+    """One metric (k-NN at one k, or the linear probe) of the ablation."""
+
+    metric: str
+    arms: dict[str, Spread]  # curated, uncurated random
+    paired: PairedDifference  # curated - random
+    baselines: dict[str, float]  # models without replicates (raw pixels)
+
+
+def summarise(results: pa.Table) -> list[MetricSummary]:
+    """The ablation's summary per metric, from its ABLATION_RESULTS rows (replicates in order)."""
+    rows = results.to_pylist()
+    summaries = []
+    for metric in dict.fromkeys(metric_name(row) for row in rows):
+        mine = [row for row in rows if metric_name(row) == metric]
+        replicated = sorted(
+            (row for row in mine if row["replicate"] is not None), key=lambda row: row["replicate"]
+        )
+        per_arm = {
+            model: [row["top1"] for row in replicated if row["model"] == model]
+            for model in COMPARED_INPUTS.values()
+        }
+        summaries.append(
+            MetricSummary(
+                metric,
+                {model: spread(values) for model, values in per_arm.items()},
+                paired_difference(per_arm[CURATED_MODEL], per_arm[RANDOM_MODEL]),
+                {row["model"]: row["top1"] for row in mine if row["replicate"] is None},
+            )
+        )
+    return summaries
+
+
+def points(value: float, signed: bool = False) -> str:
+    return f"{PERCENT * value:{'+' if signed else ''}.1f}"
+
+
+def verdict(summary: MetricSummary) -> str:
+    paired = summary.paired
+    if paired.count < 2:
+        return "one replicate: no seed spread to compare with"
+    interval = f"95% interval [{points(paired.low, True)}, {points(paired.high, True)}]"
+    if not paired.beyond_noise:
+        return f"{interval}: within the seed noise"
+    return f"{interval}: curated {'better' if paired.mean > 0 else 'worse'} beyond the seed noise"
+
+
+def summary_cells(summaries: Sequence[MetricSummary]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (one per metric) of the ablation's table, in percent."""
+    baselines = list(dict.fromkeys(name for summary in summaries for name in summary.baselines))
+    header = ["metric", *(f"{model} (%)" for model in COMPARED_INPUTS.values()), *baselines]
+    header += ["curated - random (points)", "verdict"]
+    rows = []
+    for summary in summaries:
+        arms = [f"{points(arm.mean)} ± {points(arm.std)}" for arm in summary.arms.values()]
+        pixels = [points(summary.baselines[name]) if name in summary.baselines else "" for name in baselines]
+        paired = f"{points(summary.paired.mean, True)} ± {points(summary.paired.std)}"
+        rows.append([summary.metric, *arms, *pixels, paired, verdict(summary)])
+    return header, rows
+
+
+def table_markdown(results: pa.Table, title: str) -> str:
+    """table2.md: the summary (mean ± std over replicates), then every replicate's numbers."""
+    summaries = summarise(results)
+    replicates = summaries[0].paired.count if summaries else 0
+    header, rows = summary_cells(summaries)
+    lines = [
+        f"### {title}",
+        "",
+        f"{replicates} replicates per arm (seed r for both arms of replicate r):",
+        "",
+    ]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [
+        "",
+        "Per replicate (top-1 %):",
+        "",
+        "| model | replicate | metric | top-1 (%) |",
+        "|---|---|---|---|",
+    ]
+    for row in results.to_pylist():
+        replicate = "-" if row["replicate"] is None else str(row["replicate"])
+        lines.append(f"| {row['model']} | {replicate} | {metric_name(row)} | {points(row['top1'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_stats(summaries: Sequence[MetricSummary]) -> dict[str, Any]:
+    return {
+        summary.metric: {
+            **{f"{model}_mean": arm.mean for model, arm in summary.arms.items()},
+            **{f"{model}_std": arm.std for model, arm in summary.arms.items()},
+            **summary.baselines,
+            "paired_mean": summary.paired.mean,
+            "paired_std": summary.paired.std,
+            "paired_low": summary.paired.low,
+            "paired_high": summary.paired.high,
+            "beyond_noise": summary.paired.beyond_noise,
+        }
+        for summary in summaries
+    }
+
+
+def run_ablate_data(
+    cfg: AblateDataConfig, inputs: Mapping[str, Manifest], ctx: StageContext
+) -> dict[str, Any]:
     untrained = [name for name in COMPARED_INPUTS if inputs[name].num_rows == 0]
     if untrained:
-        ctx.write_output("results", EVAL_RESULTS.empty_table())
+        ctx.write_output("results", ABLATION_RESULTS.empty_table())
         ctx.warn(f"nothing was trained for {', '.join(untrained)}; nothing evaluated")
-        return {"models": {}}
-    data = load_eval_data(cfg)
-    results = [
-        dataclasses.replace(
-            evaluate_backbone(
-                teacher_export(inputs[name], name),
-                data.train,
-                data.test,
-                cfg,
-                device=data.device,
-                show_progress=ctx.show_progress,
-            ),
-            model=model,
-        )
-        for name, model in COMPARED_INPUTS.items()
+        return {"replicates": 0, "metrics": {}}
+    teachers = replicate_teachers(cfg, inputs, ctx)
+    data = load_eval_data(cfg.evaluate)
+    evaluated = evaluate_replicates(cfg.evaluate, data, teachers, ctx.show_progress)
+    rows = [
+        {**row, "replicate": replicate}
+        for result, replicate in evaluated
+        for row in result_rows(result, data.name)
     ]
-    results.append(
-        evaluate_raw_pixels(data.train, data.test, cfg, device=data.device, show_progress=ctx.show_progress)
-    )
-    rows = [row for result in results for row in result_rows(result, data.name)]
-    ctx.write_output("results", EVAL_RESULTS.table_from_rows(rows))
+    results = ABLATION_RESULTS.table_from_rows(rows)
+    ctx.write_output("results", results)
     title = (
         f"Pretraining data, curated vs uncurated random (same size, same recipe): "
         f"{data.name}, {len(data.train)} train / {len(data.test)} test images"
     )
-    ctx.write_artifact(TABLE_FILE, results_markdown(results, cfg.knn_ks, title).encode())
-    return evaluation_stats(cfg, data, results)
+    ctx.write_artifact(TABLE_FILE, table_markdown(results, title).encode())
+    return {
+        "dataset": data.name,
+        "train_images": len(data.train),
+        "test_images": len(data.test),
+        "replicates": cfg.ablate_data.replicates,
+        "metrics": summary_stats(summarise(results)),
+    }
+
+
+def ablation_tables(run: StageRun) -> list[TableView]:
+    """The report's view: mean ± std per arm over replicates and the paired difference, per metric."""
+    header, rows = summary_cells(summarise(run.outputs["results"].read(ABLATION_RESULTS)))
+    replicates = run.record["stats"].get("replicates", 0)
+    return [
+        table_view(f"curated vs uncurated random pretraining, {replicates} replicates per arm", header, rows)
+    ]
 
 
 ABLATE_DATA = register_stage(
     StageSpec(
         name="ablate_data",
-        version=2,  # 2: the raw-pixel baseline is scored beside the two teachers
-        config_type=EvaluateConfig,
+        version=3,  # 3: replicates per arm (mean, std, paired difference); 2: the raw-pixel baseline
+        config_type=AblateDataConfig,
         fn=run_ablate_data,
-        inputs=dict.fromkeys(COMPARED_INPUTS, EXPORTS),
-        outputs={"results": EVAL_RESULTS},
-        description="k-NN and linear probe of the teachers pretrained on curated and on random pool data",
-        tables=accuracy_tables,
+        inputs={**dict.fromkeys(COMPARED_INPUTS, EXPORTS), "images": IMAGES, "curated": CURATED},
+        outputs={"results": ABLATION_RESULTS},
+        description="curated vs random-pool pretraining over seed replicates: k-NN and linear probe of "
+        "every teacher, mean, std and the paired difference",
+        tables=ablation_tables,
     )
 )

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.manifest import CURATED
@@ -107,20 +108,36 @@ def finish_training(
     }
 
 
+def train_teacher(
+    cfg: PretrainConfig,
+    images: pa.Table,
+    images_uri: str,
+    run_dir: Path,
+    backbone_path: Path,
+    show_progress: bool,
+) -> dict[str, Any]:
+    """Pretrains on `images` (in this process, or on nproc_per_node torchrun ranks that read the same rows
+    from `images_uri`), resuming from `run_dir`'s newest checkpoint, and exports the EMA teacher.
+
+    Returns its `exports` row.
+    """
+    if cfg.train.nproc_per_node == 1:
+        train(cfg, images, run_dir, show_progress=show_progress)
+    else:
+        launch_torchrun("training.launch", cfg, cfg.train.nproc_per_node, images_uri, run_dir)
+    export_backbone(run_dir / CHECKPOINTS_DIR, backbone_path)
+    return export_row(TEACHER_MODEL, backbone_path, checkpoint=run_dir / CHECKPOINTS_DIR)
+
+
 def run_pretrain(cfg: PretrainConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
     images = inputs["curated"].read(CURATED)
     if images.num_rows == 0:
         return nothing_to_train(ctx, ctx.spec.name)
     run_dir = ctx.local_dir(RUN_DIR)
-    if cfg.train.nproc_per_node == 1:
-        train(cfg, images, run_dir, show_progress=ctx.show_progress)
-    else:
-        launch_torchrun("training.launch", cfg, cfg.train.nproc_per_node, inputs["curated"].uri, run_dir)
-    artifacts = ctx.local_dir(ARTIFACTS_DIR)
-    export_backbone(run_dir / CHECKPOINTS_DIR, artifacts / BACKBONE_FILE)
-    teacher = export_row(TEACHER_MODEL, artifacts / BACKBONE_FILE, checkpoint=run_dir / CHECKPOINTS_DIR)
+    backbone = ctx.local_dir(ARTIFACTS_DIR) / BACKBONE_FILE
+    teacher = train_teacher(cfg, images, inputs["curated"].uri, run_dir, backbone, ctx.show_progress)
     stats = finish_training(ctx, run_dir, [teacher], f"pretrain {cfg.student.arch}")
-    return {**stats, "images": images.num_rows, "backbone": str(artifacts / BACKBONE_FILE)}
+    return {**stats, "images": images.num_rows, "backbone": str(backbone)}
 
 
 def teacher_pca_figures(run: StageRun) -> list[FigureView]:

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from curation.random_pool import RANDOM_MODE, random_pool_rows
 from flows.curate_and_train import ABLATE_DATA, CURATE_AND_TRAIN
 from flows.dag import run_pipeline
-from pipelines.manifest import ROW_KEY_COLUMNS
+from pipelines.manifest import ROW_KEY_COLUMNS, read_manifest
 from pipelines.stage import ARTIFACTS_DIR, get_stage, run_stage
 from pipelines.store import Store
 from tests.integration.demo_dag import small_demo_dag
-from training.ablate import CURATED_MODEL, RANDOM_MODEL, TABLE_FILE
+from training.ablate import CURATED_MODEL, RANDOM_MODEL, REPLICATES_DIR, SAMPLE_DIR, TABLE_FILE
 from training.eval.results import KNN_PROTOCOL, PERCENT
 from training.eval.stage import RAW_PIXELS_MODEL
 from training.exports import EXPORTS
-from training.stages import TEACHER_MODEL
+from training.stages import BACKBONE_FILE, TEACHER_MODEL
+from training.trainer import CHECKPOINTS_DIR
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +66,28 @@ def test_random_pool_is_a_seeded_sample_of_uncurated_rows_of_the_curated_size(ab
     assert set(row_keys(other)) != set(keys)
 
 
+PRETRAININGS = ("pretrain", "pretrain_random")
+
+
+def replicate_folders(replicates: int) -> list[str]:
+    return [f"{arm}-{replicate}" for replicate in range(1, replicates) for arm in (CURATED_MODEL, "random")]
+
+
+def knn_rows(runs, replicate: int | None = 0) -> dict[tuple[str, str], float]:
+    """(model, setting) -> k-NN top-1 of one replicate (the raw pixels have none)."""
+    results = runs["ablate_data"].outputs["results"].read().to_pylist()
+    return {
+        (row["model"], row["setting"]): row["top1"]
+        for row in results
+        if row["protocol"] == KNN_PROTOCOL and row["replicate"] in (replicate, None)
+    }
+
+
 def test_both_teachers_are_evaluated_alike_and_tabulated(ablation):
     cfg, first, runs = ablation
-    teachers = {
-        stage: runs[stage].outputs["exports"].read(EXPORTS).to_pylist()
-        for stage in ("pretrain", "pretrain_random")
-    }
+    teachers = {stage: runs[stage].outputs["exports"].read(EXPORTS).to_pylist() for stage in PRETRAININGS}
     assert teachers["pretrain"][0]["sha256"] != teachers["pretrain_random"][0]["sha256"]
-    results = runs["ablate_data"].outputs["results"].read().to_pylist()
-    knn = {(row["model"], row["setting"]): row["top1"] for row in results if row["protocol"] == KNN_PROTOCOL}
+    knn = knn_rows(runs)
     settings = [f"k={k}" for k in cfg.evaluate.knn_ks]
     models = (CURATED_MODEL, RANDOM_MODEL, RAW_PIXELS_MODEL)
     assert set(knn) == {(model, setting) for model in models for setting in settings}
@@ -98,8 +115,59 @@ def test_both_teachers_are_evaluated_alike_and_tabulated(ablation):
             if row["model"] == evaluated_model and row["protocol"] == KNN_PROTOCOL
         }
         assert evaluated == {setting: knn[(model, setting)] for setting in settings}, model
+
+
+def test_replicates_retrain_both_arms_with_the_next_seeds(ablation):
+    cfg, _, runs = ablation
+    replicates = cfg.ablate_data.replicates
+    assert replicates >= 3
+    results = runs["ablate_data"].outputs["results"].read()
+    assert sorted(set(results.column("replicate").to_pylist()) - {None}) == list(range(replicates))
+    stage_dir = Path(runs["ablate_data"].uri)
+    curated = runs["assemble"].outputs["curated"].read()
+    images = runs["decontaminate"].outputs["images"].read()
+    for replicate in range(1, replicates):
+        # The random arm's replicate r trains on the pool sample of seed + r, the curated arm on the
+        # curated rows; both with train.seed + r (their checkpoints record it).
+        sample = read_manifest(stage_dir / REPLICATES_DIR / f"random-{replicate}" / SAMPLE_DIR)
+        expected = random_pool_rows(images, curated.num_rows, cfg.ablate_data.seed + replicate)
+        assert row_keys(sample) == row_keys(expected)
+        for arm in (CURATED_MODEL, "random"):
+            run_config = (
+                stage_dir / REPLICATES_DIR / f"{arm}-{replicate}" / "run" / CHECKPOINTS_DIR / "config.json"
+            )
+            assert json.loads(run_config.read_text())["train"]["seed"] == cfg.pretrain.train.seed + replicate
+    # Different seeds, different teachers: 2 x replicates distinct backbones.
+    backbones = [
+        stage_dir / REPLICATES_DIR / folder / BACKBONE_FILE for folder in replicate_folders(replicates)
+    ]
+    upstream = [runs[stage].outputs["exports"].read(EXPORTS)["sha256"][0].as_py() for stage in PRETRAININGS]
+    digests = {hashlib.sha256(path.read_bytes()).hexdigest() for path in backbones} | set(upstream)
+    assert len(digests) == 2 * replicates
+
+
+def test_the_summary_is_mean_std_and_paired_difference_of_the_replicates(ablation):
+    cfg, _, runs = ablation
+    stats = runs["ablate_data"].record["stats"]
+    assert stats["replicates"] == cfg.ablate_data.replicates
     table = (Path(runs["ablate_data"].uri) / ARTIFACTS_DIR / TABLE_FILE).read_text()
-    for model in models:
-        (line,) = [line for line in table.splitlines() if line.startswith(f"| {model} |")]
-        percents = [f"{PERCENT * knn[(model, setting)]:.1f}" for setting in settings]
-        assert " | ".join(percents) in line, line
+    for k in cfg.evaluate.knn_ks:
+        curated = [knn_rows(runs, r)[(CURATED_MODEL, f"k={k}")] for r in range(stats["replicates"])]
+        random = [knn_rows(runs, r)[(RANDOM_MODEL, f"k={k}")] for r in range(stats["replicates"])]
+        metric = stats["metrics"][f"k-NN k={k}"]
+        assert metric[f"{CURATED_MODEL}_mean"] == pytest.approx(np.mean(curated), abs=1e-12)
+        assert metric[f"{RANDOM_MODEL}_std"] == pytest.approx(np.std(random, ddof=1), abs=1e-12)
+        differences = np.subtract(curated, random)
+        assert metric["paired_mean"] == pytest.approx(differences.mean(), abs=1e-12)
+        assert metric["paired_std"] == pytest.approx(differences.std(ddof=1), abs=1e-12)
+        assert metric[RAW_PIXELS_MODEL] == knn_rows(runs, None)[(RAW_PIXELS_MODEL, f"k={k}")]
+        (line,) = [line for line in table.splitlines() if line.startswith(f"| k-NN k={k} |")]
+        shown = f"{PERCENT * np.mean(curated):.1f} ± {PERCENT * np.std(curated, ddof=1):.1f}"
+        assert shown in line and f"{PERCENT * differences.mean():+.1f}" in line, line
+
+
+def test_a_rerun_reuses_every_replicate(ablation):
+    cfg, _, runs = ablation
+    upstream = CURATE_AND_TRAIN.branch_upstream(ABLATE_DATA)
+    again = run_pipeline(CURATE_AND_TRAIN, cfg, until=upstream, branches=[ABLATE_DATA])
+    assert again["ablate_data"].reused and again["ablate_data"].key == runs["ablate_data"].key

@@ -189,6 +189,21 @@ def test_two_stages_may_share_a_section_only_with_one_config_type():
         Dag("broken", nodes, config_name="BrokenConfig", module=__name__)
 
 
+def test_a_node_of_several_sections_gets_them_gathered_into_its_config_type():
+    cfg = CURATE_AND_TRAIN.build_config(
+        {"ablate_data": {"replicates": 5}, "pretrain": {"train": {"seed": 7}}}
+    )
+    gathered = CURATE_AND_TRAIN.config_of(CURATE_AND_TRAIN.node("ablate_data"), cfg)
+    assert gathered.ablate_data is cfg.ablate_data and gathered.ablate_data.replicates == 5
+    assert gathered.pretrain is cfg.pretrain and gathered.evaluate is cfg.evaluate
+
+
+def test_the_sections_of_a_node_must_be_its_config_types_fields():
+    nodes = [node("ingest"), node("exact_dedup", "ingest.images", section=("exact_dedup", "ingest"))]
+    with pytest.raises(DagError, match=r"exact_dedup: reads sections \['exact_dedup', 'ingest'\], but"):
+        Dag("broken", nodes, config_name="BrokenConfig", module=__name__)
+
+
 # -- a stage from outside lvd's packages ----------------------------------------------------------------
 
 SOURCE_COUNTS = ManifestSchema(

@@ -34,6 +34,7 @@ from pipelines.stage import Manifest, StageRun
 from pipelines.store import Store
 from pipelines.views import table_view
 from tests.helpers import three_source_config
+from training.ablate import ABLATION_RESULTS
 from training.eval.results import EVAL_RESULTS, accuracy_view
 
 IMAGES_WRITTEN = 36  # three_source_config's distinct images
@@ -204,18 +205,29 @@ def test_composition_table_follows_table_15_with_a_total():
 
 
 def test_a_stage_section_shows_the_tables_its_stage_declares(tmp_path):
-    results = EVAL_RESULTS.table_from_rows(
-        [{**row, "model": model} for row in _results_rows()[:1] for model in ("curated", "uncurated random")]
-    )
+    common = {"dataset": "fashion_mnist", "parameters": 1234567, "protocol": "knn", "setting": "k=10"}
+    top1 = {
+        ("curated", 0): 0.55,
+        ("curated", 1): 0.57,
+        ("uncurated random", 0): 0.50,
+        ("uncurated random", 1): 0.54,
+    }
+    rows = [
+        {**common, "model": model, "replicate": replicate, "top1": value}
+        for (model, replicate), value in top1.items()
+    ]
+    rows.append({**common, "model": "raw_pixels", "replicate": None, "top1": 0.6})
+    results = ABLATION_RESULTS.table_from_rows(rows)
     (tmp_path / "results").mkdir()
     pq.write_table(results, tmp_path / "results" / "part-all.parquet")
-    manifest = Manifest(str(tmp_path / "results"), "eval_results", "digest", results.num_rows)
-    record = {"artifacts": [], "stats": {}}
+    manifest = Manifest(str(tmp_path / "results"), "ablation_results", "digest", results.num_rows)
+    record = {"artifacts": [], "stats": {"replicates": 2}}
     run = StageRun("ablate_data", "key", str(tmp_path), {"results": manifest}, record, True)
     section = stage_section("ablate_data", run, Store(tmp_path))
-    assert "<td>curated</td>" in section.body and "<td>uncurated random</td>" in section.body
-    assert section.body.count('<td class="num">55.1</td>') == 2
-    assert "top-1 accuracy on fashion_mnist" in section.body
+    assert "2 replicates per arm" in section.body
+    # curated 55, 57: 56.0 +- 1.4; random 50, 54: 52.0 +- 2.8; paired differences 5, 3: +4.0 +- 1.4.
+    for cell in ("k-NN k=10", "56.0 ± 1.4", "52.0 ± 2.8", "60.0", "+4.0 ± 1.4"):
+        assert f">{cell}</td>" in section.body, cell
     assert NOT_RUN in stage_section("ablate_data", None, Store(tmp_path)).body
 
 
