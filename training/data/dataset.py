@@ -38,6 +38,7 @@ ORDER_STREAM = "order"
 AUGMENT_STREAM = "augment"
 MASK_STREAM = "mask"
 LOADER_STREAM = "loader"
+WORKER_START_METHOD = "forkserver"
 # A batch may straddle two passes; keeping both permutations avoids redrawing one per sample.
 CACHED_PASSES = 2
 
@@ -172,6 +173,10 @@ def make_train_loader(
         batch_sampler=sampler,
         collate_fn=StepCollate(cfg, rank=rank, world_size=world_size),
         num_workers=num_workers,
+        # Why: a forked worker inherits the locks of every parent thread (Ray's gRPC client, Prefect's
+        # event loop, OpenMP); forked while one is held, it can crash (seen: SIGSEGV in a worker of
+        # `lvd ablate-data`). forkserver workers start from a clean, single-threaded server process.
+        multiprocessing_context=WORKER_START_METHOD if num_workers > 0 else None,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
         # Why: without a generator the DataLoader draws its worker base seed from the global torch stream.
