@@ -208,7 +208,7 @@ def verdict(summary: MetricSummary) -> str:
 def summary_cells(summaries: Sequence[MetricSummary]) -> tuple[list[str], list[list[str]]]:
     """Header and rows (one per metric) of the ablation's table, in percent."""
     baselines = list(dict.fromkeys(name for summary in summaries for name in summary.baselines))
-    header = ["metric", *(f"{model} (%)" for model in COMPARED_INPUTS.values()), *baselines]
+    header = ["metric", *(f"{model} (%)" for model in (*COMPARED_INPUTS.values(), *baselines))]
     header += ["curated - random (points)", "verdict"]
     rows = []
     for summary in summaries:
