@@ -2,7 +2,8 @@
 
 images (decontaminated) --uncurated rows, in (image_id, uri) order--> seeded uniform sample without
 replacement, as many rows as the curated manifest has --> curated (IMAGES columns + provenance:
-curation_mode "random", no query, similarity, rank or cluster)
+curation_mode "random", no query, similarity, rank or cluster); the same with seed + r for each further
+replicate r of the ablation --> replicates (CURATED_REPLICATES: those rows + `replicate`)
 
 Pretraining on this manifest and on assemble's `curated` with the same recipe isolates what curation
 buys. The pool comes after dedup and decontamination, like the curated set, so only retrieval differs.
@@ -11,36 +12,20 @@ buys. The pool comes after dedup and decontamination, like the curated set, so o
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.manifest import CURATED, IMAGES, sort_rows
+from pipelines.manifest import CURATED, CURATED_REPLICATES, IMAGES, sort_rows
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
-from pipelines.validation import require
+from training.ablate import DataAblationConfig
 
 POOL_ROLE = "uncurated"
 RANDOM_MODE = "random"
 # CURATED requires a seed source; a random row answers to no seed set, so it names the mode instead.
 RANDOM_SEED_SOURCE = RANDOM_MODE
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DataAblationConfig:
-    """The data ablation (the job's `ablate_data` section): its random sample and how often it repeats."""
-
-    seed: int = 0
-    """Seeds the random pool sample of replicate 0; replicate r draws with seed + r."""
-    replicates: int = 3
-    """Pretrainings per arm (curated, random), replicate r with the pretrain section's train.seed + r:
-    the spread that tells a difference from seed noise. Replicate 0 is the pretrain and pretrain_random
-    stages' own run."""
-
-    def __post_init__(self) -> None:
-        require(self.replicates >= 1, f"replicates must be >= 1, got {self.replicates}")
 
 
 class PoolTooSmallError(ValueError):
@@ -82,6 +67,19 @@ def random_pool_rows(images: pa.Table, count: int, seed: int) -> pa.Table:
     return CURATED.validate(rows)
 
 
+def replicate_rows(images: pa.Table, count: int, cfg: DataAblationConfig) -> pa.Table:
+    """The samples of replicates 1 .. replicates-1 (seeds cfg.seed + r), as CURATED_REPLICATES rows."""
+    samples = []
+    for replicate in range(1, cfg.replicates):
+        rows = random_pool_rows(images, count, cfg.seed + replicate)
+        samples.append(rows.append_column("replicate", pa.array([replicate] * count, pa.int32())))
+    return (
+        CURATED_REPLICATES.validate(pa.concat_tables(samples))
+        if samples
+        else CURATED_REPLICATES.empty_table()
+    )
+
+
 def run_random_pool(
     cfg: DataAblationConfig, inputs: Mapping[str, Manifest], ctx: StageContext
 ) -> dict[str, Any]:
@@ -89,20 +87,22 @@ def run_random_pool(
     count = inputs["curated"].num_rows
     rows = random_pool_rows(images, count, cfg.seed)
     ctx.write_output("curated", rows)
+    ctx.write_output("replicates", replicate_rows(images, count, cfg))
     return {
         "rows": rows.num_rows,
         "pool_rows": uncurated_pool(images).num_rows,
+        "replicates": cfg.replicates,
     }
 
 
 RANDOM_POOL = register_stage(
     StageSpec(
         name="random_pool",
-        version=1,
+        version=2,  # 2: the samples of the other replicates, in `replicates`
         config_type=DataAblationConfig,
         fn=run_random_pool,
         inputs={"images": IMAGES, "curated": CURATED},
-        outputs={"curated": CURATED},
+        outputs={"curated": CURATED, "replicates": CURATED_REPLICATES},
         description="a seeded uniform sample of the uncurated pool, as many rows as the curated set",
         shown_stats={"pool_rows": "pool images", "rows": "sampled rows"},
     )

@@ -50,8 +50,8 @@ CURATE_AND_TRAIN = Dag(
                 "ablate_data",
                 "pretrain.exports",
                 "pretrain_random.exports",
-                "decontaminate.images",
                 "assemble.curated",
+                "random_pool.replicates",
                 section=("ablate_data", "pretrain", "evaluate"),
             ),
         )

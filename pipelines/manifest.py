@@ -144,6 +144,12 @@ PROVENANCE_FIELDS = (
 )
 
 CURATED = ManifestSchema(name="curated", version=1, fields=(*IMAGES.fields, *PROVENANCE_FIELDS))
+# Several curated-shaped samples in one manifest, told apart by `replicate` (the data ablation's seeds).
+CURATED_REPLICATES = ManifestSchema(
+    name="curated_replicates",
+    version=1,
+    fields=(*CURATED.fields, pa.field("replicate", pa.int32(), nullable=False)),
+)
 
 ROW_KEY_COLUMNS = ("image_id", "uri")
 

@@ -5,8 +5,9 @@ over several seeds.
       exports (its teacher): replicate 0 of the random arm; pretrain's teacher is replicate 0 of the
       curated arm
     ablate_data, replicates r = 1 .. R-1 (sections ablate_data, pretrain, evaluate):
-      curated rows             --train_teacher, train.seed + r--> curated teacher r
-      random_pool_rows(seed + r) --train_teacher, train.seed + r--> random teacher r
+      curated rows                           --train_teacher, train.seed + r--> curated teacher r
+      random_pool's `replicates` rows of r (its sample of seed + r) --train_teacher, train.seed + r-->
+        random teacher r
     every teacher and the raw pixels --evaluate_backbone with the `evaluate` section-->
       `results` manifest (ABLATION_RESULTS: eval rows + replicate), artifacts/table2.md:
       per arm mean and std over replicates, the paired difference curated - random with its 95% interval
@@ -22,15 +23,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.random_pool import DataAblationConfig, random_pool_rows
-from pipelines.manifest import CURATED, IMAGES, ManifestSchema, part_name
+from pipelines.manifest import CURATED, CURATED_REPLICATES, ManifestSchema, part_name
 from pipelines.stage import Manifest, StageContext, StageRun, StageSpec, register_stage
+from pipelines.validation import require
 from pipelines.views import TableView, table_view
 from training.config import PretrainConfig
 from training.eval.config import EvaluateConfig
@@ -68,13 +69,28 @@ PRETRAIN_RANDOM = register_stage(
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class DataAblationConfig:
+    """The data ablation (the job's `ablate_data` section, read by random_pool and ablate_data)."""
+
+    seed: int = 0
+    """Seeds random_pool's sample for replicate 0; replicate r draws with seed + r."""
+    replicates: int = 3
+    """Pretrainings per arm (curated, random), replicate r with the pretrain section's train.seed + r:
+    the spread that tells a difference from seed noise. Replicate 0 is the pretrain and pretrain_random
+    stages' own run."""
+
+    def __post_init__(self) -> None:
+        require(self.replicates >= 1, f"replicates must be >= 1, got {self.replicates}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class AblateDataConfig:
     """The three sections of the job ablate_data reads: its own, the pretraining recipe both arms share,
     and the evaluation protocol."""
 
-    ablate_data: DataAblationConfig
-    pretrain: PretrainConfig
-    evaluate: EvaluateConfig
+    ablate_data: DataAblationConfig = field(default_factory=DataAblationConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def teacher_export(exports: Manifest, input_name: str) -> dict[str, Any]:
@@ -120,12 +136,18 @@ def replicate_teachers(
     if cfg.ablate_data.replicates == 1:
         return teachers
     curated = inputs["curated"].read(CURATED)
-    pool = inputs["images"].read(IMAGES)
+    samples = inputs["random_samples"].read(CURATED_REPLICATES)
+    replicate_of_row = samples.column("replicate").to_numpy()
     for replicate in range(1, cfg.ablate_data.replicates):
         recipe = replicate_recipe(cfg.pretrain, replicate)
         folder = f"{CURATED_MODEL}-{replicate}"
         teachers[CURATED_MODEL].append(train_replicate(recipe, curated, inputs["curated"].uri, ctx, folder))
-        sample = random_pool_rows(pool, curated.num_rows, cfg.ablate_data.seed + replicate)
+        sample = samples.filter(replicate_of_row == replicate).drop_columns(["replicate"])
+        if sample.num_rows != curated.num_rows:
+            raise ValueError(
+                f"ablate_data: random_pool holds {sample.num_rows} rows for replicate {replicate}, the "
+                f"curated set {curated.num_rows}; rerun random_pool with the same ablate_data section"
+            )
         folder = f"random-{replicate}"
         teachers[RANDOM_MODEL].append(
             train_replicate(recipe, sample, write_sample(ctx, folder, sample), ctx, folder)
@@ -308,7 +330,11 @@ ABLATE_DATA = register_stage(
         version=3,  # 3: replicates per arm (mean, std, paired difference); 2: the raw-pixel baseline
         config_type=AblateDataConfig,
         fn=run_ablate_data,
-        inputs={**dict.fromkeys(COMPARED_INPUTS, EXPORTS), "images": IMAGES, "curated": CURATED},
+        inputs={
+            **dict.fromkeys(COMPARED_INPUTS, EXPORTS),
+            "curated": CURATED,
+            "random_samples": CURATED_REPLICATES,
+        },
         outputs={"results": ABLATION_RESULTS},
         description="curated vs random-pool pretraining over seed replicates: k-NN and linear probe of "
         "every teacher, mean, std and the paired difference",

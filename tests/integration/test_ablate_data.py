@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from curation.random_pool import RANDOM_MODE, random_pool_rows
@@ -132,6 +133,9 @@ def test_replicates_retrain_both_arms_with_the_next_seeds(ablation):
         sample = read_manifest(stage_dir / REPLICATES_DIR / f"random-{replicate}" / SAMPLE_DIR)
         expected = random_pool_rows(images, curated.num_rows, cfg.ablate_data.seed + replicate)
         assert row_keys(sample) == row_keys(expected)
+        drawn = runs["random_pool"].outputs["replicates"].read()
+        drawn = drawn.filter(pc.equal(drawn.column("replicate"), replicate))
+        assert row_keys(drawn) == row_keys(expected)
         for arm in (CURATED_MODEL, "random"):
             run_config = (
                 stage_dir / REPLICATES_DIR / f"{arm}-{replicate}" / "run" / CHECKPOINTS_DIR / "config.json"
