@@ -14,6 +14,7 @@ import argparse
 from pipelines.config import build_config, load_file
 from pipelines.manifest import read_manifest
 from training.config import PretrainConfig
+from training.parallel import leave_rank
 from training.trainer import train
 
 SECTION = "pretrain"
@@ -31,3 +32,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    leave_rank()

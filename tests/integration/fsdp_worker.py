@@ -15,7 +15,7 @@ import torch
 
 from tests.training_helpers import tiny_pretrain_config
 from training.optim import build_schedules
-from training.parallel import all_reduce_mean, init_distributed, local_tensor, shutdown
+from training.parallel import all_reduce_mean, init_distributed, leave_rank, local_tensor, shutdown
 from training.trainer import build_model
 
 GLOBAL_IMAGES = 8
@@ -83,3 +83,4 @@ def main(out_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    leave_rank()
