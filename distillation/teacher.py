@@ -28,6 +28,8 @@ from training.checkpoint import (
     resolve_checkpoint,
 )
 from training.config import PretrainConfig
+from training.interop.load import read_backbone_state
+from training.interop.transformers_format import is_transformers_dir
 from training.models.vit import build_vit_from_options
 from training.ssl import build_heads
 
@@ -52,7 +54,8 @@ def read_run_config(root: Path) -> PretrainConfig:
 
 
 def is_checkpoint(path: Path) -> bool:
-    return path.is_dir()
+    """An lvd run folder (a transformers directory is a backbone file in another layout)."""
+    return path.is_dir() and not is_transformers_dir(path)
 
 
 def load_checkpoint_teacher(path: Path) -> FrozenTeacher:
@@ -70,9 +73,10 @@ def load_checkpoint_teacher(path: Path) -> FrozenTeacher:
 
 
 def read_hub_backbone(path: Path, cfg: DistillConfig) -> tuple[dict[str, torch.Tensor], dict]:
-    """The weights of an official-format backbone file and the build options that fit them
+    """The weights of a backbone file (official hub layout, a timm checkpoint or a transformers
+    directory) and the build options that fit them
     (`cfg.teacher_arch`, with the image size its position table was made for)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_backbone_state(path)
     if "pos_embed" not in state:
         raise ValueError(f"{path}: not a DINOv2 hub backbone (no pos_embed)")
     grid = math.isqrt(state["pos_embed"].shape[1] - 1)

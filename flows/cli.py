@@ -1,4 +1,4 @@
-"""The `lvd` command: run, ablate-data, stage, manifest, verify, serve, report, demo-data.
+"""The `lvd` command: run, ablate-data, stage, manifest, export, verify, serve, report, demo-data.
 
 User errors (bad config, missing inputs, unknown manifests) print one line and exit with status 2;
 only real bugs print a traceback.
@@ -34,6 +34,9 @@ PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 DEFAULT_HEAD_ROWS = 10
 DEFAULT_DEMO_DATA_DIR = "build/demo-data"
 DEFAULT_REPORT_PATH = "build/report.html"
+EXPORTS_OUTPUT = "exports"  # the output name of stages that export backbones
+# Kept here (not imported from training.interop) so `lvd --help` stays fast; a test checks they agree.
+EXPORT_FORMATS = ("transformers", "timm", "onnx")
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--store", help="store root for stage names (default: the preset's store)")
         if action == "head":
             sub.add_argument("-n", "--rows", type=int, default=DEFAULT_HEAD_ROWS)
+
+    export = commands.add_parser(
+        "export", help="write backbones as transformers / timm / ONNX files, with a manifest of sha256s"
+    )
+    export.add_argument(
+        "target", help="a stage with an exports output (pretrain, distill, ...) or an exports manifest path"
+    )
+    export.add_argument(
+        "--out", required=True, help="folder for <model>/<format>/ files and format_exports.parquet"
+    )
+    export.add_argument(
+        "--formats",
+        default=",".join(EXPORT_FORMATS),
+        help=f"comma-separated (default: {','.join(EXPORT_FORMATS)})",
+    )
+    export.add_argument(
+        "--model", action="append", help="only this exported model, e.g. teacher (repeatable)"
+    )
+    export.add_argument("--store", help="store root (default: the demo preset's store)")
 
     verify = commands.add_parser(
         "verify", help="check every committed part against its recorded size and sha256 (exit 1 on damage)"
@@ -156,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command == "manifest":
         return _manifest(args, console)
+    if args.command == "export":
+        return _export(args, console)
     if args.command == "verify":
         from flows.verify import verify
         from pipelines.store import Store
@@ -219,6 +243,37 @@ def _print_summary(runs: dict[str, StageRun], cfg: Any, console: Console) -> Non
     report = store_report_path(cfg)
     if report is not None:
         console.print(f"report: {report}", soft_wrap=True, highlight=False)
+
+
+def _export(args: argparse.Namespace, console: Console) -> int:
+    from flows import inspect
+    from pipelines.store import Store
+    from training.exports import read_exports_at
+    from training.interop.export import MANIFEST_FILE, check_formats, export_formats
+
+    store_root = args.store or CURATE_AND_TRAIN.resolve_config("demo").store
+    target = (
+        args.target if Path(args.target).exists() else f"{args.target.partition('/')[0]}/{EXPORTS_OUTPUT}"
+    )
+    manifests = inspect.resolve_target(target, Store(store_root)).manifests
+    rows = [row for location in manifests.values() for row in read_exports_at(location)]
+    if args.model:
+        rows = [row for row in rows if row["model"] in args.model]
+    if not rows:
+        raise UserInputError(
+            f"{args.target}: no exported backbone{' named ' + ', '.join(args.model) if args.model else ''}"
+        )
+    formats = [name for name in args.formats.split(",") if name]
+    try:
+        check_formats(formats)
+    except ValueError as err:
+        raise UserInputError(str(err)) from err
+    table = export_formats(rows, formats, Path(args.out))
+    for row in table.to_pylist():
+        line = f"{row['model']:<24} {row['format']:<13} {row['sha256'][:16]}  {row['path']}"
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"manifest: {Path(args.out) / MANIFEST_FILE}", soft_wrap=True, highlight=False)
+    return 0
 
 
 def _manifest(args: argparse.Namespace, console: Console) -> int:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from pipelines.manifest import ManifestSchema
+from pipelines.manifest import ManifestSchema, read_manifest
 from pipelines.store import location_from_manifest, location_in_manifest, write_text_atomic
 from training.checkpoint import EXPORT_INFO_SUFFIX
 from training.models.vit import build_vit_from_options
@@ -112,13 +112,18 @@ def exports_table(rows: list[dict[str, Any]], manifest_dir: str, store_root: str
 
 def read_exports(manifest: Any) -> list[dict[str, Any]]:
     """The rows of an exports manifest with every file location absolute, wherever the store is now."""
+    return read_exports_at(manifest.uri)
+
+
+def read_exports_at(uri: str) -> list[dict[str, Any]]:
+    """`read_exports` of the exports manifest at `uri`."""
 
     def located(location: str | None) -> str | None:
-        return None if location is None else location_from_manifest(location, manifest.uri)
+        return None if location is None else location_from_manifest(location, uri)
 
     return [
         {**row, **{column: located(row[column]) for column in LOCATED_COLUMNS}}
-        for row in manifest.read(EXPORTS).to_pylist()
+        for row in read_manifest(uri, EXPORTS).to_pylist()
     ]
 
 

@@ -18,14 +18,16 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torchvision import transforms
 
 from curation.embedders.base import Embedder, normalise, square_transform
 from curation.embedders.config import EmbedderConfig
-from curation.embedders.registry import configured_path, register_embedder
+from curation.embedders.registry import register_embedder
 from pipelines.validation import require
+from training.interop.load import read_backbone_state, weights_file
 from training.models.layers import check_ffn_layer
 from training.models.vit import build_vit, check_arch
 
@@ -77,10 +79,7 @@ def grid_image_size(state: Mapping[str, torch.Tensor], cfg: EmbedderConfig) -> i
 
 def load_vit(cfg: EmbedderConfig) -> torch.nn.Module:
     """The backbone of `cfg.path`, built from `cfg`'s arch options and loaded with strict=True."""
-    loaded = torch.load(cfg.path, map_location="cpu", weights_only=True)
-    if not isinstance(loaded, Mapping):
-        raise ValueError(f"{cfg.path}: expected a state dict, got {type(loaded).__name__}")
-    state = hub_state_dict(loaded)
+    state = hub_state_dict(read_backbone_state(Path(cfg.path)))
     model = build_vit(
         cfg.arch,
         patch_size=cfg.patch_size,
@@ -134,6 +133,7 @@ def build_vit_embedder(cfg: EmbedderConfig) -> Embedder:
 
 def check_vit_config(cfg: EmbedderConfig) -> None:
     """A `vit` config names a registered arch and FFN layer, and images that tile into its patches."""
+    require(bool(cfg.path), f"{KIND} embedders need a path to a weights file or a transformers directory")
     check_arch(cfg.arch)
     check_ffn_layer(cfg.ffn_layer)
     require(
@@ -142,4 +142,9 @@ def check_vit_config(cfg: EmbedderConfig) -> None:
     )
 
 
-register_embedder(KIND, build_vit_embedder, configured_path, check_vit_config)
+def vit_weights_file(cfg: EmbedderConfig) -> str | None:
+    """The configured file, or a transformers directory's weights file."""
+    return None if cfg.path is None else str(weights_file(Path(cfg.path)))
+
+
+register_embedder(KIND, build_vit_embedder, vit_weights_file, check_vit_config)

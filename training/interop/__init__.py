@@ -1,0 +1,1 @@
+"""lvd backbones in the formats other libraries load (transformers, timm, ONNX), and back."""
