@@ -213,6 +213,15 @@ class Store:
                     self.fs.rm_file(path)
 
 
+def local_file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file on this machine, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_bytes_local_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Writes a local file so that readers see the old file or the whole new one, never a prefix: a temp
     file beside it, fsynced, renamed over it, the folder fsynced. A refused write names the path."""

@@ -7,7 +7,6 @@ exports row --load_exported_backbone--> build_vit(**options) with the weights, s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,11 +17,14 @@ import torch
 from torch import nn
 
 from pipelines.manifest import ManifestSchema, read_manifest
-from pipelines.store import location_from_manifest, location_in_manifest, write_text_atomic
+from pipelines.store import (
+    local_file_sha256,
+    location_from_manifest,
+    location_in_manifest,
+    write_text_atomic,
+)
 from training.checkpoint import EXPORT_INFO_SUFFIX
 from training.models.vit import build_vit_from_options
-
-HASH_CHUNK_BYTES = 1 << 20
 
 # One row per exported backbone (hub-format .pth): what evaluation and later stages load.
 EXPORTS = ManifestSchema(
@@ -39,14 +41,6 @@ EXPORTS = ManifestSchema(
         pa.field("checkpoint", pa.string()),  # the training checkpoint (with heads) it came from, if any
     ),
 )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_backbone(backbone: nn.Module, options: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -87,7 +81,7 @@ def export_row(
     return {
         "model": model,
         "path": str(path),
-        "sha256": file_sha256(path),
+        "sha256": local_file_sha256(path),
         "arch": options["arch"],
         "build_options": json.dumps(options, sort_keys=True),
         "parameters": sum(tensor.numel() for tensor in state.values()),

@@ -6,7 +6,7 @@ which imports that kind's module: a `vit` config is checked against the register
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from curation.embedders.registry import check_config
@@ -16,6 +16,7 @@ from pipelines.validation import require
 ResizeMode = Literal["short_side", "square"]
 Device = Literal["cpu", "cuda"]
 RGB_CHANNELS = 3
+DEFAULT_WEIGHTS_CACHE = "~/.cache/lvd/weights"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -26,7 +27,13 @@ class EmbedderConfig:
     """Any registered kind (`curation.embedders.embedder_kinds()`): torchscript, efficientnet_lite0, vit."""
     path: str | None = None
     """Weights file: required for `torchscript` (e.g. an SSCD .torchscript.pt file) and `vit` (an official
-    DINOv2 hub backbone such as dinov2_vitl14_pretrain.pth, an lvd export, or a teacher checkpoint)."""
+    DINOv2 hub backbone such as dinov2_vitl14_pretrain.pth, an lvd export, a teacher checkpoint, a timm
+    DINOv2 checkpoint or a transformers DINOv2 directory), unless `weights` names published ones."""
+    weights: str | None = None
+    """Published weights by name instead of `path` (`curation.embedders.official`): dinov2_vit{s,b,l,g}14
+    and their `_reg4` variants, sscd_disc_mixup, sscd_disc_large, ... Downloaded once into
+    `weights_cache`; sets `kind` and the backbone options (fields left at their defaults take them)."""
+    weights_cache: str = DEFAULT_WEIGHTS_CACHE
     resize: ResizeMode = "square"
     """`square`: resize to image_size x image_size (batches well). `short_side`: keep the aspect ratio;
     torchscript resizes the shorter side to image_size, one image per batch (SSCD's paper protocol, 288);
@@ -51,6 +58,8 @@ class EmbedderConfig:
     """`vit` only: True for the hub's `_reg4` files."""
 
     def __post_init__(self) -> None:
+        if self.weights is not None:
+            self._take_official_options()
         require(self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}")
         require(
             self.num_register_tokens >= 0, f"num_register_tokens must be >= 0, got {self.num_register_tokens}"
@@ -62,3 +71,19 @@ class EmbedderConfig:
             f"mean and std must have {RGB_CHANNELS} values (RGB)",
         )
         check_config(self)
+
+    def _take_official_options(self) -> None:
+        """The named weights' kind and options, in the fields still at their defaults (frozen dataclass:
+        set once here, while the config is being built); a field set otherwise is an error."""
+        from curation.embedders.official import official_weights
+
+        official = official_weights(self.weights)
+        require(self.path is None, f"set either path or weights ({self.weights}), not both")
+        defaults = {item.name: item.default for item in fields(self)}
+        for name, value in {"kind": official.kind, **official.options}.items():
+            current = getattr(self, name)
+            require(
+                current in (value, defaults[name]),
+                f"weights {self.weights} need {name} {value!r}, not {current!r}: leave {name} unset",
+            )
+            object.__setattr__(self, name, value)

@@ -11,20 +11,20 @@ imported on first use (the first config of that kind), so that importing curatio
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipelines.store import local_file_sha256
 from pipelines.validation import require
 
 if TYPE_CHECKING:
     from curation.embedders.base import Embedder
     from curation.embedders.config import EmbedderConfig
 
-HASH_CHUNK_BYTES = 1 << 20
 # Why: a Ray worker process runs many shards; the few configs of one job stay loaded between them.
 CACHED_MODELS = 4
 
@@ -54,8 +54,14 @@ _KINDS: dict[str, RegisteredKind] = {}
 
 
 def configured_path(cfg: EmbedderConfig) -> str | None:
-    """The weights file of kinds whose weights come from the config's `path`."""
-    return cfg.path
+    """The weights of kinds whose weights come from the config: its `path`, or the published weights it
+    names (`weights`), fetched into `weights_cache` on first use."""
+    if cfg.weights is None:
+        return cfg.path
+    from curation.embedders.official import weights_url
+    from pipelines.downloads import fetch
+
+    return str(fetch(weights_url(cfg.weights), Path(cfg.weights_cache).expanduser()))
 
 
 def register_embedder(
@@ -84,7 +90,7 @@ def check_config(cfg: EmbedderConfig) -> None:
     """Raises ValueError unless `cfg.kind` is registered and that kind accepts `cfg`."""
     kind = _kind(cfg)
     if kind.weights_file is configured_path:
-        require(bool(cfg.path), f"{cfg.kind} embedders need a path to a weights file")
+        require(bool(cfg.path or cfg.weights), f"{cfg.kind} embedders need a weights file (path) or weights")
     if kind.validate is not None:
         kind.validate(cfg)
 
@@ -128,8 +134,4 @@ def _file_sha256(path: str, inode: int, size: int, ctime_ns: int) -> str:
     """Cached on the file's identity: computing several stage keys reads a large weights file once, and
     a file replaced at the same path is hashed again."""
     del inode, size, ctime_ns  # the cache key only
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return local_file_sha256(path)

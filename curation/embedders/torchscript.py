@@ -23,7 +23,7 @@ def build_torchscript(cfg: EmbedderConfig) -> Embedder:
     with warnings.catch_warnings():
         # Why: torch marks TorchScript deprecated, but it is the format SSCD's weights ship in.
         warnings.simplefilter("ignore", FutureWarning)
-        model = torch.jit.load(cfg.path, map_location=cfg.device)
+        model = torch.jit.load(configured_path(cfg), map_location=cfg.device)
     model.eval()
     if cfg.resize == "square":
         transform, batch_size = square_transform(cfg), cfg.batch_size

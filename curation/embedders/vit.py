@@ -25,7 +25,7 @@ from torchvision import transforms
 
 from curation.embedders.base import Embedder, normalise, square_transform
 from curation.embedders.config import EmbedderConfig
-from curation.embedders.registry import register_embedder
+from curation.embedders.registry import configured_path, register_embedder
 from pipelines.validation import require
 from training.interop.load import read_backbone_state, weights_file
 from training.models.layers import check_ffn_layer
@@ -78,8 +78,9 @@ def grid_image_size(state: Mapping[str, torch.Tensor], cfg: EmbedderConfig) -> i
 
 
 def load_vit(cfg: EmbedderConfig) -> torch.nn.Module:
-    """The backbone of `cfg.path`, built from `cfg`'s arch options and loaded with strict=True."""
-    state = hub_state_dict(read_backbone_state(Path(cfg.path)))
+    """The backbone of `cfg.path` (or the named weights), built from `cfg`'s arch options, strictly."""
+    source = vit_source(cfg)
+    state = hub_state_dict(read_backbone_state(source))
     model = build_vit(
         cfg.arch,
         patch_size=cfg.patch_size,
@@ -95,7 +96,7 @@ def load_vit(cfg: EmbedderConfig) -> torch.nn.Module:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(
-            f"{cfg.path} does not fit {cfg.arch}/{cfg.patch_size} with {cfg.num_register_tokens} register "
+            f"{source} does not fit {cfg.arch}/{cfg.patch_size} with {cfg.num_register_tokens} register "
             f"tokens and ffn_layer {cfg.ffn_layer}: set arch, patch_size, num_register_tokens and ffn_layer "
             f"to the weights' own (vit_giant2 uses swiglufused, _reg4 files 4 registers). {err}"
         ) from err
@@ -133,7 +134,10 @@ def build_vit_embedder(cfg: EmbedderConfig) -> Embedder:
 
 def check_vit_config(cfg: EmbedderConfig) -> None:
     """A `vit` config names a registered arch and FFN layer, and images that tile into its patches."""
-    require(bool(cfg.path), f"{KIND} embedders need a path to a weights file or a transformers directory")
+    require(
+        bool(cfg.path or cfg.weights),
+        f"{KIND} embedders need a path to a weights file or a transformers directory, or weights by name",
+    )
     check_arch(cfg.arch)
     check_ffn_layer(cfg.ffn_layer)
     require(
@@ -142,9 +146,14 @@ def check_vit_config(cfg: EmbedderConfig) -> None:
     )
 
 
+def vit_source(cfg: EmbedderConfig) -> Path:
+    """The configured (or downloaded) weights: a file, or a transformers directory."""
+    return Path(configured_path(cfg))
+
+
 def vit_weights_file(cfg: EmbedderConfig) -> str | None:
-    """The configured file, or a transformers directory's weights file."""
-    return None if cfg.path is None else str(weights_file(Path(cfg.path)))
+    """What keys the stage: the weights file, or a transformers directory's."""
+    return None if cfg.path is None and cfg.weights is None else str(weights_file(vit_source(cfg)))
 
 
 register_embedder(KIND, build_vit_embedder, vit_weights_file, check_vit_config)

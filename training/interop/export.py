@@ -21,8 +21,8 @@ from torch import nn
 
 from pipelines.images import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.manifest import ManifestSchema
-from pipelines.store import write_bytes_local_atomic
-from training.exports import file_sha256, load_exported_backbone
+from pipelines.store import local_file_sha256, write_bytes_local_atomic
+from training.exports import load_exported_backbone
 from training.interop.onnx_format import write_onnx
 from training.interop.timm_format import write_timm
 from training.interop.transformers_format import write_transformers
@@ -92,7 +92,7 @@ def export_formats(rows: Sequence[dict[str, Any]], formats: Sequence[str], out_d
                     "model": row["model"],
                     "format": name,
                     "path": str(path.relative_to(out_dir)),
-                    "sha256": file_sha256(path),
+                    "sha256": local_file_sha256(path),
                     "bytes": path.stat().st_size,
                     "source_sha256": row["sha256"],
                 }

@@ -20,8 +20,9 @@ from distillation.config import DistillConfig
 from distillation.teacher import is_checkpoint, load_hub_teacher
 from flows.cli import EXPORT_FORMATS, main
 from pipelines.config import build_config
+from pipelines.store import local_file_sha256
 from tests.training_helpers import tiny_distill_section
-from training.exports import EXPORTS, export_row, file_sha256, save_backbone
+from training.exports import EXPORTS, export_row, save_backbone
 from training.interop.export import FORMATS, MANIFEST_FILE, export_formats
 from training.interop.load import read_backbone_state
 from training.models.vit import build_vit_from_options
@@ -121,7 +122,7 @@ def test_the_manifest_has_one_row_per_file_with_its_sha256(tmp_path):
     files = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert sorted(table.column("path").to_pylist()) == [name for name in files if name != MANIFEST_FILE]
     for record in table.to_pylist():
-        assert record["sha256"] == file_sha256(tmp_path / "out" / record["path"])
+        assert record["sha256"] == local_file_sha256(tmp_path / "out" / record["path"])
         assert record["source_sha256"] == row["sha256"]
     assert sorted(set(table.column("format").to_pylist())) == sorted(FORMATS)
 
