@@ -29,10 +29,18 @@ def runs_table(runs: Mapping[str, StageRun]) -> Table:
 
 
 def rich_table(view: TableView) -> Table:
-    """A terminal table of `view`; narrow terminals fold cells onto more lines, never cut them."""
+    """A terminal table of `view`. On a narrow terminal cells and headers fold onto more lines, never cut.
+
+    Why widths this way: rich sizes a column by its header too, so numbers under long headers took room
+    that model names then lacked; every column after the first is capped at its longest cell (or header
+    word), which leaves the first column (model and stage names) the rest. No minimum width is set:
+    rich crops whole columns once minimums exceed the terminal.
+    """
     table = Table(title=view.title, title_justify="left")
-    for column in view.header:
-        table.add_column(column, overflow="fold")
+    for index, column in enumerate(view.header):
+        sizes = [*map(len, column.split()), *(len(row[index]) for row in view.rows)]
+        widest = max(sizes, default=None) if index else None
+        table.add_column(column, overflow="fold", max_width=widest)
     for row in view.rows:
         table.add_row(*row)
     return table

@@ -183,7 +183,7 @@ def _results_rows() -> list[dict]:
 
 def test_accuracy_view_gives_percent_per_k_and_the_probe():
     view = accuracy_view(EVAL_RESULTS.table_from_rows(_results_rows()), "top-1")
-    assert view.header == ("model", "parameters", "k-NN k=10 (%)", "k-NN k=20 (%)", "linear (%)", "probe")
+    assert view.header == ("model", "params", "k-NN k=10", "k-NN k=20", "linear", "probe")
     assert view.rows == (
         ("teacher", "1,234,567", "55.1", "56.0", "70.0", "cls_last1 lr=0.1"),
         ("student", "1,234,567", "40.0", "", "", ""),
