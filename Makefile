@@ -12,7 +12,7 @@ DEBIAN_PACKAGES := dataset-fashion-mnist openclipart-png tuxpaint-stamps-default
 DEBIAN_MARKERS := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/tuxpaint/stamps \
 	/usr/share/icons/Adwaita /usr/share/doc/openclipart-png /usr/bin/chromium
 
-.PHONY: demo test bench serve setup system-deps clean
+.PHONY: demo test bench serve setup system-deps clean official-baseline
 
 setup: $(INSTALLED) system-deps
 
@@ -42,7 +42,18 @@ test: setup
 
 # Every benchmark beside its baseline, one table; quick sizes by default (minutes on 2 cores),
 # `make bench BENCH_ARGS=--full` for the sizes each benchmark documents (long).
-bench: setup
+# The official DINOv2 code (PyPI, April 2023) as the train-step baseline: beside lvd, never in its venv
+# (--no-deps: its pinned torch must not replace ours).
+OFFICIAL_DIR := build/official-dinov2
+OFFICIAL_PACKAGES := dinov2==0.0.1.dev2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 \
+	fvcore==0.1.5.post20221221 iopath==0.1.10 yacs==0.1.8 tabulate termcolor portalocker
+
+official-baseline: $(OFFICIAL_DIR)/.installed
+$(OFFICIAL_DIR)/.installed: $(INSTALLED)
+	$(BIN)/pip install --quiet --no-deps --target $(OFFICIAL_DIR) $(OFFICIAL_PACKAGES)
+	touch $@
+
+bench: setup official-baseline
 	$(BIN)/lvd demo-data --out $(DEMO_DATA)
 	$(BIN)/python -m benchmarks.run_all $(BENCH_ARGS)
 

@@ -37,6 +37,8 @@ INGEST_SPEEDUP_GOAL = 1.0  # Ray's 2 workers must beat the serial executor (issu
 PHASH_SPEEDUP_GOAL = 10.0  # issue 3, at 100k hashes
 KMEANS_OVERHEAD_GOAL = kmeans_overhead.OVERHEAD_GOAL
 TRAIN_STEP_GOAL = 1.0  # the sample-subsetting trick must cost neither time nor memory
+OFFICIAL_STEP_TIME_GOAL = 0.8  # issue 17: at least 20% faster than the official step on the same work
+OFFICIAL_STEP_MEMORY_GOAL = 1.0
 LOADER_GOAL = 1.0
 # The trained copy descriptor runs EfficientNet-Lite0's trunk too; GeM and a 512-d projection add little.
 DESCRIPTOR_SPEED_GOAL = 0.9
@@ -45,7 +47,7 @@ QUICK = {
     "phash": {"sizes": (10_000,), "repeats": 3},
     "kmeans": {},  # its goal is set at its default size; smaller ones weigh the fixed costs more
     "ivf": {"rows": 500_000, "queries": 2_000, "nprobes": (RetrieveConfig().search.ivf_nprobe,)},
-    "train_step": {"steps": 2},
+    "train_step": {"steps": 2, "variants": ("lvd", "no-subset", "official", "official-dp0")},
     "data_pipeline": {"batches": 16, "repeats": 1},
     "bounded_memory": {"rows": 400_000},
     "copy_descriptor": {"images": 256, "repeats": 2},
@@ -132,6 +134,9 @@ def ivf_rows(options: dict[str, Any]) -> list[Row]:
     ]
 
 
+VARIANT_RATES = {name: options["drop_path_rate"] for name, options in train_step.VARIANTS.items()}
+
+
 def train_step_rows(options: dict[str, Any]) -> list[Row]:
     rows = []
     for arch, variants in train_step.measure(**options).items():
@@ -156,7 +161,35 @@ def train_step_rows(options: dict[str, Any]) -> list[Row]:
                 memory_ratio <= TRAIN_STEP_GOAL,
             ),
         ]
+        for mine, official in train_step.OFFICIAL_PAIRS.items():
+            if official in variants:
+                rows += official_step_rows(arch, variants[mine], variants[official], VARIANT_RATES[mine])
     return rows
+
+
+def official_step_rows(arch: str, mine: dict, official: dict, drop_path_rate: float) -> list[Row]:
+    """lvd's step against the official code's on the same work (issue 17's goal)."""
+    time_ratio = mine["seconds_per_step"] / official["seconds_per_step"]
+    memory_ratio = mine["peak_mib"] / official["peak_mib"]
+    scope = f"train step {arch} (CPU, batch {train_step.DEFAULT_BATCH}, drop_path {drop_path_rate:g})"
+    return [
+        Row(
+            f"{scope}: lvd vs official, time",
+            f"{mine['seconds_per_step']:.2f} s/step",
+            f"{official['seconds_per_step']:.2f} s/step",
+            f"{time_ratio:.2f}",
+            f"<= {OFFICIAL_STEP_TIME_GOAL:g}",
+            time_ratio <= OFFICIAL_STEP_TIME_GOAL,
+        ),
+        Row(
+            f"{scope}: lvd vs official, peak memory",
+            f"{mine['peak_mib']:,.0f} MiB",
+            f"{official['peak_mib']:,.0f} MiB",
+            f"{memory_ratio:.2f}",
+            f"<= {OFFICIAL_STEP_MEMORY_GOAL:g}",
+            memory_ratio <= OFFICIAL_STEP_MEMORY_GOAL,
+        ),
+    ]
 
 
 def data_pipeline_rows(options: dict[str, Any]) -> list[Row]:

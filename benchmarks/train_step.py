@@ -6,12 +6,15 @@
 
 Each variant runs in its own process (so peak RSS / peak CUDA memory is its own) through the real
 training path: FSDP2 (a world of one), `train_step` (forward_backward, per-submodule clipping, AdamW,
-EMA) on a real multi-crop batch with block masks. Variants:
-  lvd          packed crops, efficient stochastic depth (d = 0.3, the default config's rate)
-  no-subset    the same step with drop_path_rate 0: what the sample-subsetting trick saves
-  sdpa         (CUDA) PyTorch SDPA per crop size       LVD_ATTENTION=sdpa
-  xformers     (CUDA) one xFormers call, block-diagonal LVD_ATTENTION=xformers
-Ratios are printed against the first variant.
+EMA) on a real multi-crop batch with block masks; 65,536 prototypes, Sinkhorn-Knopp centering. Variants:
+  lvd           packed crops, efficient stochastic depth (d = 0.3, the default config's rate)
+  no-subset     the same step with drop_path_rate 0: what the sample-subsetting trick saves
+  official      the official code's step on the same work, d = 0.3 (`benchmarks/official_step.py`;
+                `make official-baseline` installs the official package into build/official-dinov2)
+  official-dp0  the same at drop_path_rate 0
+  sdpa          (CUDA) PyTorch SDPA per crop size       LVD_ATTENTION=sdpa
+  xformers      (CUDA) one xFormers call, block-diagonal LVD_ATTENTION=xformers
+Ratios are printed against the first variant, and lvd against the official step at the same rate.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,9 +52,16 @@ DEFAULT_ARCHS = ("vit_small",)
 DEFAULT_BATCH = 8
 DEFAULT_STEPS = 3
 DEFAULT_VARIANTS = ("lvd", "no-subset")
+OFFICIAL_PAIRS = {"lvd": "official", "no-subset": "official-dp0"}  # lvd's step -> the same work, official
+CENTERING = "sinkhorn_knopp"
+REPO = Path(__file__).resolve().parents[1]
+OFFICIAL_DIR = REPO / "build" / "official-dinov2"
+OFFICIAL_STEP = REPO / "benchmarks" / "official_step.py"
 VARIANTS = {
     "lvd": {"drop_path_rate": DEFAULT_DROP_PATH},
     "no-subset": {"drop_path_rate": 0.0},
+    "official": {"drop_path_rate": DEFAULT_DROP_PATH, "official": True},
+    "official-dp0": {"drop_path_rate": 0.0, "official": True},
     "sdpa": {"drop_path_rate": DEFAULT_DROP_PATH, "attention": "sdpa"},
     "xformers": {"drop_path_rate": DEFAULT_DROP_PATH, "attention": "xformers"},
 }
@@ -62,6 +73,7 @@ def benchmark_config(arch: str, batch: int, drop_path_rate: float, device: str, 
         "crops": {"global_crops_size": 224, "local_crops_size": 98, "local_crops_number": 8},
         "train": {"batch_size_per_gpu": batch, "device": device, "precision": precision},
     }
+    data["train"]["centering"] = CENTERING
     return build_config(PretrainConfig, data, "pretrain")
 
 
@@ -132,17 +144,18 @@ def measure_in_process(
 
 def run_variant(variant: str, arch: str, batch: int, steps: int, device: str, precision: str) -> dict:
     options = VARIANTS[variant]
-    env = {**os.environ, "LVD_ATTENTION": options.get("attention", "auto")}
-    request = {
-        "arch": arch,
-        "batch": batch,
-        "steps": steps,
-        "device": device,
-        "precision": precision,
-        "drop_path_rate": options["drop_path_rate"],
-    }
-    command = [sys.executable, "-m", "benchmarks.train_step", "--worker", json.dumps(request)]
-    output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    request = {"arch": arch, "batch": batch, "steps": steps, "drop_path_rate": options["drop_path_rate"]}
+    if options.get("official"):
+        if device != "cpu" or not OFFICIAL_DIR.is_dir():
+            raise RuntimeError(f"the official step runs on CPU from {OFFICIAL_DIR}: `make official-baseline`")
+        # Why a script path and PYTHONPATH of the official package only: that process imports no lvd.
+        env = {**os.environ, "PYTHONPATH": str(OFFICIAL_DIR)}
+        command = [sys.executable, str(OFFICIAL_STEP), json.dumps({**request, "centering": CENTERING})]
+    else:
+        env = {**os.environ, "LVD_ATTENTION": options.get("attention", "auto")}
+        request |= {"device": device, "precision": precision}
+        command = [sys.executable, "-m", "benchmarks.train_step", "--worker", json.dumps(request)]
+    output = subprocess.run(command, env=env, check=True, capture_output=True, text=True, cwd=REPO).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -193,6 +206,12 @@ def main() -> None:
                 f"{arch:<11}{variant:<11}{result['seconds_per_step']:>11.3f}{result['images_per_s']:>11.2f}"
                 f"{result['peak_mib']:>11.0f}{time_ratio:>11.2f}{memory_ratio:>11.2f}"
             )
+        for ours, theirs in OFFICIAL_PAIRS.items():
+            if ours in by_variant and theirs in by_variant:
+                mine, official = by_variant[ours], by_variant[theirs]
+                time_ratio = mine["seconds_per_step"] / official["seconds_per_step"]
+                memory_ratio = mine["peak_mib"] / official["peak_mib"]
+                print(f"{arch}: {ours} vs {theirs}: time {time_ratio:.2f}, memory {memory_ratio:.2f}")
 
 
 if __name__ == "__main__":
