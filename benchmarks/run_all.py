@@ -47,7 +47,7 @@ QUICK = {
     "phash": {"sizes": (10_000,), "repeats": 3},
     "kmeans": {},  # its goal is set at its default size; smaller ones weigh the fixed costs more
     "ivf": {"rows": 500_000, "queries": 2_000, "nprobes": (RetrieveConfig().search.ivf_nprobe,)},
-    "train_step": {"steps": 2, "variants": ("lvd", "no-subset", "official", "official-dp0")},
+    "train_step": {"steps": 2, "variants": ("lvd", "no-subset", "official", "official-dp0"), "repeats": 2},
     "data_pipeline": {"batches": 16, "repeats": 1},
     "bounded_memory": {"rows": 400_000},
     "copy_descriptor": {"images": 256, "repeats": 2},
