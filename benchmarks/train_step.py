@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=sorted(VARIANTS))
-    parser.add_argument("--repeats", type=int, default=1, help="alternating runs per variant; keeps the fastest")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating runs per variant (fastest kept)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
