@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.dataset as pa_dataset
 import torch
 from PIL import Image, ImageOps
 from torch import nn
@@ -165,6 +164,9 @@ def pca_picture_png(
 def spread_images(manifest_uri: str, count: int) -> list[Image.Image]:
     """`count` images of a manifest spread evenly over the image ids of its first rows: the same ones on
     every run, and a large manifest is never read whole."""
+    # Why imported here: pyarrow.dataset imports pandas (~200 MB) into every process that imports this.
+    import pyarrow.dataset as pa_dataset
+
     first_rows = pa_dataset.dataset(manifest_uri, format="parquet").head(CANDIDATE_ROWS)
     rows = {row["image_id"]: row for row in first_rows.to_pylist()}
     ids = sorted(rows)

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 CONFIDENCE = 0.95
 
@@ -66,6 +65,9 @@ def paired_difference(first: Sequence[float], second: Sequence[float]) -> Paired
     differences = spread(np.asarray(first, dtype=np.float64) - np.asarray(second, dtype=np.float64))
     if differences.count < 2:
         return PairedDifference(differences.mean, 0.0, differences.count, math.nan, math.nan)
+    # Why imported here: scipy.stats costs every training process ~100 MB, and only this needs it.
+    from scipy import stats
+
     quantile = float(stats.t.ppf((1 + CONFIDENCE) / 2, differences.count - 1))
     half_width = quantile * differences.std / math.sqrt(differences.count)
     return PairedDifference(
