@@ -12,6 +12,7 @@ silently random layer.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,6 +55,11 @@ BLOCK_KEYS = {
 }
 QKV = ("q_proj", "k_proj", "v_proj")
 SWIGLU_IN = ("gate_proj", "up_proj")  # silu(first half) * second half, as the official w12
+# Fused in the hub layout, split in transformers: (hub name in a block, transformers names in order).
+FUSED = (
+    ("attn.qkv", tuple(f"attention.{name}" for name in QKV)),
+    ("mlp.w12", tuple(f"mlp.{name}" for name in SWIGLU_IN)),
+)
 
 
 def _transformers() -> Any:
@@ -85,36 +91,31 @@ def transformers_config(options: Mapping[str, Any]) -> Any:
     return lib.Dinov2Config(**common)
 
 
-def to_transformers_state(hub: Mapping[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    out = {EMBEDDING_KEYS[name]: tensor for name, tensor in hub.items() if name in EMBEDDING_KEYS}
+def renamed_keys(depth: int) -> list[tuple[str, str]]:
+    """(hub name, transformers name) of every tensor that is only renamed."""
+    pairs = list(EMBEDDING_KEYS.items())
     for block in range(depth):
-        source, target = f"blocks.{block}.", f"encoder.layer.{block}."
-        for name, renamed in BLOCK_KEYS.items():
-            if source + name in hub:
-                out[target + renamed] = hub[source + name]
-        for part in ("weight", "bias"):
-            for proj, tensor in zip(QKV, hub[f"{source}attn.qkv.{part}"].chunk(3), strict=True):
-                out[f"{target}attention.{proj}.{part}"] = tensor
-            if f"{source}mlp.w12.{part}" in hub:
-                for proj, tensor in zip(SWIGLU_IN, hub[f"{source}mlp.w12.{part}"].chunk(2), strict=True):
-                    out[f"{target}mlp.{proj}.{part}"] = tensor
+        pairs += [(f"blocks.{block}.{hub}", f"encoder.layer.{block}.{it}") for hub, it in BLOCK_KEYS.items()]
+    return pairs
+
+
+def to_transformers_state(hub: Mapping[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    out = {theirs: hub[ours] for ours, theirs in renamed_keys(depth) if ours in hub}
+    for block, part, (fused, split) in itertools.product(range(depth), ("weight", "bias"), FUSED):
+        name = f"blocks.{block}.{fused}.{part}"
+        if name in hub:
+            for piece, tensor in zip(split, hub[name].chunk(len(split)), strict=True):
+                out[f"encoder.layer.{block}.{piece}.{part}"] = tensor
     return out
 
 
 def from_transformers_state(state: Mapping[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
     """The inverse of `to_transformers_state`."""
-    back = {renamed: name for name, renamed in EMBEDDING_KEYS.items()}
-    hub = {back[name]: tensor for name, tensor in state.items() if name in back}
-    for block in range(depth):
-        source, target = f"encoder.layer.{block}.", f"blocks.{block}."
-        for name, renamed in BLOCK_KEYS.items():
-            if source + renamed in state:
-                hub[target + name] = state[source + renamed]
-        for part in ("weight", "bias"):
-            hub[f"{target}attn.qkv.{part}"] = torch.cat([state[f"{source}attention.{n}.{part}"] for n in QKV])
-            if f"{source}mlp.gate_proj.{part}" in state:
-                halves = [state[f"{source}mlp.{name}.{part}"] for name in SWIGLU_IN]
-                hub[f"{target}mlp.w12.{part}"] = torch.cat(halves)
+    hub = {ours: state[theirs] for ours, theirs in renamed_keys(depth) if theirs in state}
+    for block, part, (fused, split) in itertools.product(range(depth), ("weight", "bias"), FUSED):
+        pieces = [f"encoder.layer.{block}.{piece}.{part}" for piece in split]
+        if pieces[0] in state:
+            hub[f"blocks.{block}.{fused}.{part}"] = torch.cat([state[piece] for piece in pieces])
     return hub
 
 
