@@ -19,7 +19,7 @@ setup: $(INSTALLED) system-deps
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,export]'  # export: the round-trip tests load its files
+	$(BIN)/pip install --quiet -e '.[cpu,dev,export]'  # cpu: faiss-cpu; export: the round-trip tests load its files
 	touch $@
 
 system-deps:

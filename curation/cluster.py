@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from curation.embed import EMBEDDINGS
 from curation.pictures import Tile, contact_sheet
+from curation.search.knn import faiss_gpus, on_gpus
 from curation.vector_parts import LocatedRows, located_columns, located_shards, read_unit_rows
 from curation.vectors import embedding_array
 from pipelines.images import read_image_bytes
@@ -56,7 +57,7 @@ class ClusterConfig:
     rows_per_shard: int = 65_536
     """Assignment shard size: memory stays bounded by one shard plus the centroids."""
     use_gpu: bool = True
-    """Train on the GPUs Faiss sees, if any (faiss-gpu builds); CPU otherwise."""
+    """Train and assign on the GPUs Faiss sees, if any (the `gpu` extra's faiss-gpu build); CPU otherwise."""
 
     def __post_init__(self) -> None:
         require(self.num_clusters >= 1, f"num_clusters must be >= 1, got {self.num_clusters}")
@@ -87,10 +88,11 @@ ASSIGNMENTS = ManifestSchema(
 )
 
 
-def assign_shard(centroids: np.ndarray, rows: LocatedRows) -> ShardResult:
-    """Shard worker: reads its rows' embeddings, and finds the nearest centroid (by cosine) of each."""
+def assign_shard(centroids: np.ndarray, use_gpu: bool, rows: LocatedRows) -> ShardResult:
+    """Shard worker: reads its rows' embeddings, and finds the nearest centroid (by cosine) of each (on the
+    worker's GPUs when asked and present)."""
     started = time.perf_counter()
-    index = faiss.IndexFlatIP(centroids.shape[1])
+    index = on_gpus(faiss.IndexFlatIP(centroids.shape[1]), use_gpu)
     index.add(centroids)
     similarity, nearest = index.search(rows.unit_rows(), 1)
     table = pa.table(
@@ -109,7 +111,6 @@ def assign_shard(centroids: np.ndarray, rows: LocatedRows) -> ShardResult:
 
 def train_centroids(vectors: np.ndarray, num_clusters: int, cfg: ClusterConfig) -> np.ndarray:
     """Spherical k-means centroids [k, d] (unit length) of `vectors`, on GPU when asked and present."""
-    gpu = cfg.use_gpu and faiss.get_num_gpus() > 0
     kmeans = faiss.Kmeans(
         vectors.shape[1],
         num_clusters,
@@ -117,7 +118,7 @@ def train_centroids(vectors: np.ndarray, num_clusters: int, cfg: ClusterConfig) 
         spherical=True,
         seed=cfg.seed,
         max_points_per_centroid=cfg.max_points_per_centroid,
-        gpu=gpu,
+        gpu=faiss_gpus(cfg.use_gpu) > 0,
         verbose=False,
     )
     kmeans.train(np.ascontiguousarray(vectors, dtype=np.float32))
@@ -208,7 +209,7 @@ def run_cluster(cfg: ClusterConfig, inputs: Mapping[str, Manifest], ctx: StageCo
 
     started = time.perf_counter()
     shards = located_shards(keys, where, cfg.rows_per_shard, loaded)
-    ctx.map_shards(functools.partial(assign_shard, centroids), shards, outputs=["assignments"])
+    ctx.map_shards(functools.partial(assign_shard, centroids, cfg.use_gpu), shards, outputs=["assignments"])
     timings["assign"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -14,11 +14,6 @@ from pipelines.validation import require
 IndexKind = Literal["auto", "flat", "ivf"]
 # Where `auto` switches from exact to IVF search.
 DEFAULT_IVF_MIN_ROWS = 200_000
-# IVF lists probed per query. Why 32 (benchmarks/ivf_search.py, anisotropic overlapping clusters, 2 CPU
-# threads): recall@4 0.9985 at 7.2x exact speed on 200,000 rows (where `auto` switches to IVF) and 0.992
-# at 7.3x on 1M; 16 gives 0.977 at 1M, too thin a margin as lists grow with the pool. Copies sit close
-# together, near a cell border at worst, so the same few dozen cells find them too.
-DEFAULT_IVF_NPROBE = 32
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -26,15 +21,21 @@ class SearchConfig:
     index: IndexKind = "auto"
     """`flat`: exact; `ivf`: approximate; `auto`: exact below `ivf_min_rows` database rows, IVF from there."""
     ivf_min_rows: int = DEFAULT_IVF_MIN_ROWS
-    ivf_nprobe: int = DEFAULT_IVF_NPROBE
-    """IVF cells searched per query (recall against speed)."""
+    ivf_nprobe: int | None = None
+    """IVF lists searched per query (recall against speed); None: a fixed share of the lists, so the
+    speed-up over exact search stays the same at any pool size (`knn.ivf_probes`)."""
     shards: int = 1
     """Index shards, each held by one executor worker (Ray: an actor per node or GPU), merged to the
     exact top-k; 1 keeps one index in the stage's process. Same output for any value (flat index)."""
+    use_gpu: bool = True
+    """Index and search on the GPUs Faiss sees, if any (the `gpu` extra's faiss-gpu build); CPU otherwise.
+    Each index is copied whole to every GPU of its process; `shards` split the rows across workers."""
 
     def __post_init__(self) -> None:
         require(self.ivf_min_rows >= 1, f"ivf_min_rows must be >= 1, got {self.ivf_min_rows}")
-        require(self.ivf_nprobe >= 1, f"ivf_nprobe must be >= 1, got {self.ivf_nprobe}")
+        require(
+            self.ivf_nprobe is None or self.ivf_nprobe >= 1, f"ivf_nprobe must be >= 1, got {self.ivf_nprobe}"
+        )
         require(self.shards >= 1, f"shards must be >= 1, got {self.shards}")
 
     def kind_for(self, num_rows: int) -> Literal["flat", "ivf"]:

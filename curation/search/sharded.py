@@ -3,7 +3,7 @@
     database [N, d] (an array, or rows in a manifest's parts) --contiguous row ranges--> S shards, each a
       Faiss index (flat or IVF) on one worker, which reads its own rows
       (Ray: one actor per shard, spread over the nodes, each reserving the runtime's gpus_per_worker;
-      the index itself is a CPU Faiss index for now; serial: every shard in this process)
+      on the GPUs the worker sees when `search.use_gpu`; serial: every shard in this process)
     queries [Q, d] --broadcast to every shard--> per shard: its k best (scores, database row ids)
       --merge: order by (score desc, row id desc), keep k--> (scores [Q, k], row ids [Q, k])
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from curation.search.config import DEFAULT_IVF_NPROBE, SearchConfig
+from curation.search.config import SearchConfig
 from curation.search.knn import Searcher, VectorSource, build_index, vector_source
 from pipelines.executor import Executor, HeldStates
 
@@ -60,9 +60,12 @@ class ShardQuery:
     k: int
 
 
-def build_shard(rows: VectorSource, first_row: int, kind: str, nprobe: int) -> IndexShard:
-    """A worker's state factory: indexes its rows (`kind` is `flat` or `ivf`, as for the whole)."""
-    return IndexShard(build_index(rows, kind, nprobe), first_row)
+def build_shard(
+    rows: VectorSource, first_row: int, kind: str, nprobe: int | None, use_gpu: bool
+) -> IndexShard:
+    """A worker's state factory: indexes its rows (`kind` is `flat` or `ivf`, as for the whole), on the
+    worker's GPUs when asked and present."""
+    return IndexShard(build_index(rows, kind, nprobe, use_gpu), first_row)
 
 
 def search_in_shard(shard: IndexShard, query: ShardQuery) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +116,8 @@ def sharded_index(
     num_shards: int,
     kind: str,
     executor: Executor,
-    nprobe: int = DEFAULT_IVF_NPROBE,
+    nprobe: int | None = None,
+    use_gpu: bool = False,
 ) -> Iterator[ShardedIndex]:
     """`database` split into `num_shards` indexes held by the executor's workers for the `with` block.
 
@@ -123,11 +127,12 @@ def sharded_index(
         num_shards: Workers (Ray: actors) holding one contiguous part each.
         kind: `flat` (exact) or `ivf`, as `SearchConfig.kind_for` picks it for all N rows.
         executor: Serial builds every shard here; Ray holds each on an actor.
-        nprobe: IVF cells searched per query in each shard.
+        nprobe: IVF lists searched per query in each shard (None: `knn.ivf_probes`' share).
+        use_gpu: Each worker indexes on the GPUs Faiss sees there (Ray: the ones its actor reserved).
     """
     source = vector_source(database)
     factories = [
-        functools.partial(build_shard, source.part(start, stop), start, kind, nprobe)
+        functools.partial(build_shard, source.part(start, stop), start, kind, nprobe, use_gpu)
         for start, stop in shard_bounds(len(source), num_shards)
     ]
     with executor.hold_states(factories) as shards:
@@ -145,5 +150,5 @@ def database_index(
     source = vector_source(database)
     kind = search.kind_for(len(source))
     if search.shards == SINGLE_INDEX:
-        return nullcontext(build_index(source, kind, search.ivf_nprobe))
-    return sharded_index(source, search.shards, kind, executor, search.ivf_nprobe)
+        return nullcontext(build_index(source, kind, search.ivf_nprobe, search.use_gpu))
+    return sharded_index(source, search.shards, kind, executor, search.ivf_nprobe, search.use_gpu)

@@ -1,0 +1,57 @@
+"""How the stages' Faiss indexes are chosen: IVF probes from the list count, GPUs only where Faiss has them,
+and a clear word when Faiss is missing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import faiss
+import numpy as np
+import pytest
+
+from curation.search.knn import IVF_MIN_PROBES, build_index, ivf_lists, ivf_probes, on_gpus
+
+
+@pytest.mark.parametrize(
+    ("rows", "probes"),
+    [
+        (200_000, 18),  # 1,788 lists: 1% is 17.88, rounded up
+        (500_000, 29),  # 2,828 lists
+        (1_000_000, 40),  # 4,000 lists
+        (20_000, IVF_MIN_PROBES),  # 564 lists: 1% is under the floor
+    ],
+)
+def test_default_probes_are_one_percent_of_the_lists_with_a_floor(rows, probes):
+    assert ivf_probes(ivf_lists(rows)) == probes
+
+
+def test_probes_given_in_the_config_win_but_never_exceed_the_lists():
+    assert ivf_probes(1_788, 32) == 32
+    assert ivf_probes(5, 32) == 5
+    assert ivf_probes(5) == 5
+
+
+def test_a_built_ivf_index_probes_the_default_share():
+    vectors = np.random.default_rng(0).normal(size=(40_000, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = build_index(vectors, "ivf")
+    assert (index.nlist, index.nprobe) == (800, IVF_MIN_PROBES)  # 4 * 200 lists; 1% of them is 8
+    assert build_index(vectors, "ivf", nprobe=3).nprobe == 3
+
+
+def test_an_index_moves_to_gpus_only_when_asked_and_faiss_sees_some():
+    index = faiss.IndexFlatIP(4)
+    assert on_gpus(index, use_gpu=False) is index
+    assert (on_gpus(index, use_gpu=True) is index) == (faiss.get_num_gpus() == 0)
+    vectors = np.eye(4, dtype=np.float32)
+    on_cpu, asked = build_index(vectors, "flat"), build_index(vectors, "flat", use_gpu=True)
+    np.testing.assert_array_equal(asked.search(vectors, 1)[1], on_cpu.search(vectors, 1)[1])
+
+
+def test_importing_the_stages_without_faiss_names_the_extras_to_install():
+    blocked = "import sys; sys.modules['faiss'] = None; import curation"
+    result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "pip install 'lvd[cpu]' (faiss-cpu), or 'lvd[gpu]' (faiss-gpu-cu12)" in last_line
