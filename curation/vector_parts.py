@@ -8,14 +8,16 @@ manifest --located_columns: small columns of every part (keys, role; not the emb
      (or views of rows the caller already holds)
    --StoredVectors: PartRows as a `knn.VectorSource`, so a Faiss index fills a block at a time
 
-Memory is the small columns plus the rows asked for: a shard worker reads its rows from the one or two
-parts holding them (upstream stages write key-sorted content shards, so key-ordered rows cluster in parts).
+Memory is the small columns plus the rows asked for (and, while reading, one part per reading thread): a
+shard worker reads its rows from the one or two parts holding them (upstream stages write key-sorted content shards, so key-ordered rows cluster in parts).
 The unit rows are computed exactly as `unit_rows` computes them from the whole column, row by row.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
@@ -93,20 +95,43 @@ def located_columns(
 
 
 def read_unit_rows(where: PartRows, column: str = EMBEDDING_COLUMN) -> np.ndarray:
-    """[len(where), dim] unit float32 rows of the `column` embeddings at `where`, each part read once."""
-    out: np.ndarray | None = None
-    for index, path in enumerate(where.parts):
+    """[len(where), dim] unit float32 rows of the `column` embeddings at `where`, each part read once.
+
+    Parts are read and converted on parallel threads (Parquet decoding and numpy release the GIL), each
+    writing its own rows of the result; at most one part per thread is held at a time.
+    """
+    if not where.parts:
+        return np.zeros((0, 0), np.float32)
+    out = np.empty((len(where), _list_size(where, where.parts[0], column)), np.float32)
+
+    def fill(index: int) -> None:
+        path = where.parts[index]
         values = pq.read_table(path, columns=[column], filesystem=where.fs).column(column)
-        if not (pa.types.is_fixed_size_list(values.type) and values.type.value_type == pa.float16()):
-            raise ManifestError(f"{path}: {column} is {values.type}, not fixed_size_list<float16>")
-        if out is None:
-            out = np.empty((len(where), values.type.list_size), np.float32)
+        if _list_size(where, path, column, values.type) != out.shape[1]:
+            raise ManifestError(f"{path}: {column} is {values.type}, unlike the first part's {out.shape[1]}")
         mine = _as_slice(np.flatnonzero(where.part == index))
         rows = _as_slice(where.row[mine])
         stored = float16_rows(values)
-        # Runs of rows (the usual case: key-sorted shards of key-sorted parts) copy without a gather.
-        out[mine] = unit_rows(stored[rows]) if isinstance(rows, slice) else unit_rows(stored, rows)
-    return out if out is not None else np.zeros((0, 0), np.float32)
+        # Runs of rows (the usual case: key-sorted shards of key-sorted parts) are written in place, without
+        # a gather or a temporary copy.
+        if isinstance(mine, slice) and isinstance(rows, slice):
+            unit_rows(stored[rows], out=out[mine])
+        else:
+            out[mine] = unit_rows(stored[rows]) if isinstance(rows, slice) else unit_rows(stored, rows)
+
+    with ThreadPoolExecutor(max_workers=min(len(where.parts), os.cpu_count() or 1)) as threads:
+        list(threads.map(fill, range(len(where.parts))))
+    return out
+
+
+def _list_size(where: PartRows, path: str, column: str, value_type: pa.DataType | None = None) -> int:
+    """The width of `column` in the part at `path` (its schema is read unless `value_type` is given);
+    a column that is not fixed_size_list<float16> is a ManifestError."""
+    if value_type is None:
+        value_type = pq.read_schema(path, filesystem=where.fs).field(column).type
+    if not (pa.types.is_fixed_size_list(value_type) and value_type.value_type == pa.float16()):
+        raise ManifestError(f"{path}: {column} is {value_type}, not fixed_size_list<float16>")
+    return value_type.list_size
 
 
 def _as_slice(positions: np.ndarray) -> np.ndarray | slice:

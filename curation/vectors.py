@@ -58,13 +58,17 @@ def float16_rows(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return values.flatten().to_numpy().reshape(len(values), dim)
 
 
-def unit_rows(vectors: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+def unit_rows(
+    vectors: np.ndarray, rows: np.ndarray | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
     """[len(rows), dim] float32 copy of `vectors[rows]` (default: all rows), each re-normalised.
 
     float16 storage leaves norms a hair off 1. Each row's result is the same whatever the block size.
+    With `out` (a float32 array or view of that shape) the rows are written there, with no temporary copy.
     """
     count = len(vectors) if rows is None else len(rows)
-    out = np.empty((count, vectors.shape[1]), np.float32)
+    if out is None:
+        out = np.empty((count, vectors.shape[1]), np.float32)
     for start in range(0, count, BLOCK_ROWS):
         stop = min(count, start + BLOCK_ROWS)
         block = out[start:stop]
