@@ -9,7 +9,8 @@ manifest --located_columns: small columns of every part (keys, role; not the emb
    --StoredVectors: PartRows as a `knn.VectorSource`, so a Faiss index fills a block at a time
 
 Memory is the small columns plus the rows asked for (and, while reading, one part per reading thread): a
-shard worker reads its rows from the one or two parts holding them (upstream stages write key-sorted content shards, so key-ordered rows cluster in parts).
+shard worker reads its rows from the one or two parts holding them (upstream stages write key-sorted
+content shards, so key-ordered rows cluster in parts).
 The unit rows are computed exactly as `unit_rows` computes them from the whole column, row by row.
 """
 

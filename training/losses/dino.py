@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+
+from training.losses.cross_entropy import soft_cross_entropy
 
 STUDENT_TEMP = 0.1
 
@@ -25,7 +26,7 @@ def dino_loss(
     """Sum over all (student, teacher) pairs of the batch-mean cross-entropy.
 
     Args:
-        student_logits: S tensors (b, K); fp16/bf16 allowed, the log-softmax runs in their dtype.
+        student_logits: S tensors (b, K); fp16/bf16 allowed (the cross-entropy runs in fp32).
         teacher_probs: T tensors (b, K), row i the target for row i of every student tensor; usually fp32,
             which makes the products (and the loss) fp32.
         student_temp: T_s.
@@ -40,6 +41,5 @@ def dino_loss(
     for probs_BK in teacher_probs[1:]:
         teacher_sum_BK = teacher_sum_BK + probs_BK
     return sum(
-        -(teacher_sum_BK * F.log_softmax(logits_BK / student_temp, dim=-1)).sum(dim=-1).mean()
-        for logits_BK in student_logits
+        soft_cross_entropy(logits_BK, teacher_sum_BK, student_temp).mean() for logits_BK in student_logits
     )

@@ -12,7 +12,8 @@ row-major order of `masks.flatten()`, the order the masked positions are gathere
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from training.losses.cross_entropy import soft_cross_entropy
 
 STUDENT_TEMP = 0.1
 
@@ -43,6 +44,5 @@ def ibot_loss(
     Returns:
         An fp32 scalar; 0 when no token is masked.
     """
-    log_probs_MK = F.log_softmax(student_patch_logits.float() / student_temp, dim=-1)
-    token_terms_M = (teacher_patch_probs.float() * log_probs_MK).sum(dim=-1)
-    return -(token_terms_M * masks_weight.float()).sum() / n_images
+    token_terms_M = soft_cross_entropy(student_patch_logits, teacher_patch_probs, student_temp)
+    return (token_terms_M * masks_weight.float()).sum() / n_images
