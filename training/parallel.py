@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from training.config import TrainDevice, TrainPrecision
+from training.cpu_allocator import keep_freed_memory
 
 # gloo on CPU can be slow to rendezvous under load; a stuck peer should still fail within minutes.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
@@ -61,6 +62,8 @@ def init_distributed(preference: TrainDevice = "auto") -> DistributedEnv:
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched else 0
     device = resolve_device(preference, local_rank)
+    if device.type == "cpu":
+        keep_freed_memory()  # CPU steps reuse their large buffers (see training.cpu_allocator)
     backend = "nccl" if device.type == "cuda" else "gloo"
     owns = not dist.is_initialized()
     if owns:

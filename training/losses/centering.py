@@ -80,13 +80,12 @@ def sinkhorn_knopp(
     num_prototypes = teacher_logits.shape[-1]
     if total_count is None:
         total_count = teacher_logits.shape[0] * distributed_world_size()
-    q_KB = torch.exp(teacher_logits.float() / teacher_temp).t()
+    q_KB = (teacher_logits.float() / teacher_temp).exp_().t()
     q_KB /= all_reduce_sum_(q_KB.sum())
+    # Each normalisation divides by its sums and its constant (K, then B_tot) in one pass over Q.
     for _ in range(n_iterations):
-        q_KB /= all_reduce_sum_(q_KB.sum(dim=1, keepdim=True))
-        q_KB /= num_prototypes
-        q_KB /= q_KB.sum(dim=0, keepdim=True)  # a column is one sample, whole on this rank
-        q_KB /= total_count
+        q_KB /= all_reduce_sum_(q_KB.sum(dim=1, keepdim=True)) * num_prototypes
+        q_KB /= q_KB.sum(dim=0, keepdim=True) * total_count  # a column is one sample, whole on this rank
     q_KB *= total_count
     return q_KB.t()
 
