@@ -138,7 +138,9 @@ def run_distill(cfg: DistillConfig, inputs: Mapping[str, Manifest], ctx: StageCo
 DISTILL = register_stage(
     StageSpec(
         name="distill",
-        version=3,  # 3: exports name files inside the store relative to the manifest (movable stores)
+        # 4: the DINO/iBOT cross-entropy and Sinkhorn-Knopp sum in another order (same maths, other last bits)
+        # 3: exports name files inside the store relative to the manifest (movable stores)
+        version=4,
         config_type=DistillConfig,
         fn=run_distill,
         inputs={"curated": CURATED, "exports": EXPORTS},

@@ -327,7 +327,9 @@ def ablation_tables(run: StageRun) -> list[TableView]:
 ABLATE_DATA = register_stage(
     StageSpec(
         name="ablate_data",
-        version=3,  # 3: replicates per arm (mean, std, paired difference); 2: the raw-pixel baseline
+        # 4: the DINO/iBOT cross-entropy and Sinkhorn-Knopp sum in another order (same maths, other last bits)
+        # 3: replicates per arm (mean, std, paired difference); 2: the raw-pixel baseline
+        version=4,
         config_type=AblateDataConfig,
         fn=run_ablate_data,
         inputs={

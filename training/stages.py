@@ -160,7 +160,9 @@ def teacher_pca_figures(run: StageRun) -> list[FigureView]:
 PRETRAIN = register_stage(
     StageSpec(
         name="pretrain",
-        version=3,  # 3: exports name files inside the store relative to the manifest (movable stores)
+        # 4: the DINO/iBOT cross-entropy and Sinkhorn-Knopp sum in another order (same maths, other last bits)
+        # 3: exports name files inside the store relative to the manifest (movable stores)
+        version=4,
         config_type=PretrainConfig,
         fn=run_pretrain,
         inputs={"curated": CURATED},
