@@ -161,11 +161,14 @@ def build_index(
     elif kind == "ivf":
         nlist = ivf_lists(num_rows)
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        if faiss_gpus(use_gpu):
-            index.clustering_index = on_gpus(faiss.IndexFlatIP(dim), use_gpu)  # the lists' k-means
+        # The lists' k-means on the GPUs. Faiss holds only a pointer to it: this name keeps it alive while
+        # training, and the pointer is cleared before the name goes.
+        gpu_clustering = on_gpus(faiss.IndexFlatIP(dim), use_gpu) if faiss_gpus(use_gpu) else None
+        index.clustering_index = gpu_clustering
         train_rows = min(num_rows, nlist * IVF_TRAIN_POINTS_PER_LIST)
         sample = np.random.default_rng(TRAIN_SAMPLE_SEED).choice(num_rows, train_rows, replace=False)
         index.train(source.read_rows(np.sort(sample)))
+        index.clustering_index = None
         index.nprobe = ivf_probes(nlist, nprobe)  # a GPU copy takes its nprobe from here
     else:
         raise ValueError(f"index must be 'flat' or 'ivf', got {kind!r}")

@@ -40,14 +40,18 @@ def same_rows_share(found: np.ndarray, expected: np.ndarray) -> float:
     return np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found, expected, strict=True)])
 
 
+def assert_finds_what_the_cpu_flat_index_finds(searcher, pool: np.ndarray, queries: np.ndarray) -> None:
+    gpu_scores, gpu_rows = knn_search(searcher, queries, K)
+    cpu_scores, cpu_rows = knn_search(build_index(pool, "flat"), queries, K)
+    assert same_rows_share(gpu_rows, cpu_rows) >= SAME_ROWS_SHARE
+    np.testing.assert_allclose(gpu_scores, cpu_scores, atol=SCORE_TOLERANCE)
+
+
 def test_flat_search_on_gpus_equals_the_cpu_search(data):
     pool, queries = data
     gpu_index = build_index(pool, "flat", use_gpu=True)
     assert "Gpu" in type(gpu_index).__name__ or "Replicas" in type(gpu_index).__name__
-    gpu_scores, gpu_rows = knn_search(gpu_index, queries, K)
-    cpu_scores, cpu_rows = knn_search(build_index(pool, "flat"), queries, K)
-    assert same_rows_share(gpu_rows, cpu_rows) >= SAME_ROWS_SHARE
-    np.testing.assert_allclose(gpu_scores, cpu_scores, atol=SCORE_TOLERANCE)
+    assert_finds_what_the_cpu_flat_index_finds(gpu_index, pool, queries)
 
 
 def test_ivf_on_gpus_finds_as_much_of_the_exact_top_k_as_on_the_cpu(data):
@@ -62,10 +66,7 @@ def test_two_gpu_shards_merge_to_the_one_cpu_index(data):
     pool, queries = data
     search = SearchConfig(index="flat", shards=2, use_gpu=True)
     with database_index(pool, search, SerialExecutor()) as sharded:
-        gpu_scores, gpu_rows = knn_search(sharded, queries, K)
-    cpu_scores, cpu_rows = knn_search(build_index(pool, "flat"), queries, K)
-    assert same_rows_share(gpu_rows, cpu_rows) >= SAME_ROWS_SHARE
-    np.testing.assert_allclose(gpu_scores, cpu_scores, atol=SCORE_TOLERANCE)
+        assert_finds_what_the_cpu_flat_index_finds(sharded, pool, queries)
 
 
 def test_kmeans_on_gpus_fits_as_well_as_on_the_cpu(data):
