@@ -1,0 +1,176 @@
+"""Hierarchical k-means with resampling, and balanced sampling down its tree (Vo et al. 2024, the curation
+behind DINOv3's LVD-1689M). The algorithm only: issue 18 makes it a stage.
+
+    vectors [N, d] (unit rows) --level 1: k-means, then `resampling_steps` times: keep the s rows nearest
+      each centroid, k-means again on those alone, reassign every row--> centroids_1, assignment_1 [N]
+    centroids_{t-1} --level t: the same on the previous level's centroids--> centroids_t, assignment_t
+    tree + target T --split T evenly over the top clusters (a small cluster is taken whole and its
+      surplus goes to the others), recursively down the levels; in a leaf, random rows (or the nearest)
+      --> row indices of the balanced sample
+
+Why levels: k-means centroids crowd where data is dense (density^(d/(d+2))), so one level still gives
+frequent concepts many clusters; clustering the centroids again flattens that, and resampling pulls
+centroids towards even coverage. Departures from the reference code: cosine (spherical) k-means on
+lvd's unit embeddings instead of squared L2 on raw ones, and Faiss's random init instead of k-means++.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import faiss
+import numpy as np
+
+from pipelines.validation import require
+
+LeafPick = Literal["random", "closest"]
+KMEANS_ITERATIONS = 20
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Level:
+    """One level of the tree: `clusters` centroids, refit `resampling_steps` times on the
+    `points_per_cluster` rows nearest each centroid (none when that is 1 or less)."""
+
+    clusters: int
+    resampling_steps: int = 10
+    points_per_cluster: int = 10
+
+    def __post_init__(self) -> None:
+        require(self.clusters >= 1, f"clusters must be >= 1, got {self.clusters}")
+        require(self.resampling_steps >= 0, f"resampling_steps must be >= 0, got {self.resampling_steps}")
+        require(
+            self.points_per_cluster >= 1, f"points_per_cluster must be >= 1, got {self.points_per_cluster}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterTree:
+    """Per level t (0 = the first): centroids [k_t, d], and the cluster of each item one level down
+    (level 0: of each vector; level t: of each level t - 1 centroid)."""
+
+    centroids: list[np.ndarray]
+    assignments: list[np.ndarray]
+    similarity: np.ndarray  # [N] cosine of each vector to its level-0 centroid (the leaves' order)
+
+    def paths(self) -> np.ndarray:
+        """[N, levels] int64: each vector's cluster at every level; columns nest by construction."""
+        columns = [self.assignments[0]]
+        for assignment in self.assignments[1:]:
+            columns.append(assignment[columns[-1]])
+        return np.stack(columns, axis=1)
+
+
+def nearest_centroid(points: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster [n] int64, cosine [n] float32) of each row's nearest centroid."""
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    similarity, nearest = index.search(np.ascontiguousarray(points, dtype=np.float32), 1)
+    return nearest[:, 0].astype(np.int64), similarity[:, 0]
+
+
+def spherical_kmeans(points: np.ndarray, clusters: int, seed: int) -> np.ndarray:
+    """[clusters, d] unit centroids of `points` (every row used: no subsampling)."""
+    kmeans = faiss.Kmeans(
+        points.shape[1],
+        clusters,
+        niter=KMEANS_ITERATIONS,
+        spherical=True,
+        seed=seed,
+        min_points_per_centroid=1,
+        max_points_per_centroid=len(points),
+        verbose=False,
+    )
+    kmeans.train(np.ascontiguousarray(points, dtype=np.float32))
+    return kmeans.centroids
+
+
+def nearest_per_cluster(cluster: np.ndarray, similarity: np.ndarray, count: int) -> np.ndarray:
+    """Sorted row indices of the `count` rows nearest their centroid in each cluster (all, if fewer)."""
+    order = np.lexsort((-similarity, cluster))  # by cluster, nearest first
+    ordered = cluster[order]
+    rank = np.arange(len(order)) - np.searchsorted(ordered, ordered)
+    return np.sort(order[rank < count])
+
+
+def resampled_kmeans(
+    points: np.ndarray, level: Level, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One level: (centroids, cluster of each row, cosine to it)."""
+    clusters = min(level.clusters, len(points))
+    centroids = spherical_kmeans(points, clusters, seed)
+    steps = level.resampling_steps if level.points_per_cluster > 1 else 0
+    for step in range(steps):
+        cluster, similarity = nearest_centroid(points, centroids)
+        kept = nearest_per_cluster(cluster, similarity, level.points_per_cluster)
+        centroids = spherical_kmeans(points[kept], clusters, seed + step + 1)
+    cluster, similarity = nearest_centroid(points, centroids)
+    return centroids, cluster, similarity
+
+
+def hierarchical_kmeans(vectors: np.ndarray, levels: Sequence[Level], seed: int = 0) -> ClusterTree:
+    """The tree of `levels` over `vectors` [N, d] (unit rows), each level clustering the one below."""
+    require(len(levels) >= 1, "hierarchical_kmeans needs at least one level")
+    points = vectors
+    centroids, assignments, leaf_similarity = [], [], np.zeros(0, np.float32)
+    for depth, level in enumerate(levels):
+        level_centroids, cluster, similarity = resampled_kmeans(points, level, seed + 1000 * depth)
+        if depth == 0:
+            leaf_similarity = similarity
+        centroids.append(level_centroids)
+        assignments.append(cluster)
+        points = level_centroids
+    return ClusterTree(centroids, assignments, leaf_similarity)
+
+
+def split_budget(budget: int, caps: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`budget` split over children with `caps`: everyone gets min(x, cap) for the largest x that fits,
+    and what is left goes one each to random children still under their cap. Sums to min(budget, caps
+    sum); no child exceeds its cap."""
+    caps = np.asarray(caps, dtype=np.int64)
+    if caps.sum() <= budget:
+        return caps.copy()
+    low, high = 0, int(caps.max())
+    while low < high:  # the largest x with sum(min(x, caps)) <= budget
+        middle = (low + high + 1) // 2
+        if np.minimum(middle, caps).sum() <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    shares = np.minimum(low, caps)
+    open_children = np.flatnonzero(caps > low)
+    extra = budget - int(shares.sum())
+    shares[rng.choice(open_children, extra, replace=False)] += 1
+    return shares
+
+
+def balanced_sample(
+    tree: ClusterTree, target: int, seed: int = 0, leaf_pick: LeafPick = "random"
+) -> np.ndarray:
+    """Sorted row indices of at most `target` vectors, split evenly down the tree (each row at most once)."""
+    rng = np.random.default_rng(seed)
+    paths = tree.paths()
+    depth = paths.shape[1]
+    # budgets[t]: the budget of every cluster at level t, filled top down.
+    top_sizes = np.bincount(paths[:, -1], minlength=len(tree.centroids[-1]))
+    budget = split_budget(target, top_sizes, rng)
+    for level in range(depth - 2, -1, -1):
+        sizes = np.bincount(paths[:, level], minlength=len(tree.centroids[level]))
+        children_budget = np.zeros_like(sizes)
+        parent_of = tree.assignments[level + 1]
+        for parent in np.flatnonzero(budget):
+            children = np.flatnonzero(parent_of == parent)
+            children_budget[children] = split_budget(int(budget[parent]), sizes[children], rng)
+        budget = children_budget
+    picked = []
+    for leaf in np.flatnonzero(budget):
+        members = np.flatnonzero(paths[:, 0] == leaf)
+        count = int(budget[leaf])
+        if leaf_pick == "closest":
+            members = members[np.argsort(-tree.similarity[members], kind="stable")]
+            picked.append(members[:count])
+        else:
+            picked.append(rng.choice(members, count, replace=False))
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
