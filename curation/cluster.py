@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from curation.embed import EMBEDDINGS
 from curation.pictures import Tile, contact_sheet
-from curation.search.knn import faiss_gpus, on_gpus
+from curation.search.knn import faiss_gpus, nearest_centroid
 from curation.vector_parts import LocatedRows, located_columns, located_shards, read_unit_rows
 from curation.vectors import embedding_array
 from pipelines.images import read_image_bytes
@@ -92,15 +92,13 @@ def assign_shard(centroids: np.ndarray, use_gpu: bool, rows: LocatedRows) -> Sha
     """Shard worker: reads its rows' embeddings, and finds the nearest centroid (by cosine) of each (on the
     worker's GPUs when asked and present)."""
     started = time.perf_counter()
-    index = on_gpus(faiss.IndexFlatIP(centroids.shape[1]), use_gpu)
-    index.add(centroids)
-    similarity, nearest = index.search(rows.unit_rows(), 1)
+    nearest, similarity = nearest_centroid(rows.unit_rows(), centroids, use_gpu)
     table = pa.table(
         {
             "image_id": rows.keys.column("image_id"),
             "uri": rows.keys.column("uri"),
-            "cluster": pa.array(nearest[:, 0].astype(np.int32)),
-            "similarity": pa.array(similarity[:, 0].astype(np.float32)),
+            "cluster": pa.array(nearest.astype(np.int32)),
+            "similarity": pa.array(similarity.astype(np.float32)),
         }
     )
     seconds = round(time.perf_counter() - started, 3)

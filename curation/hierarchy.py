@@ -16,6 +16,7 @@ lvd's unit embeddings instead of squared L2 on raw ones, and Faiss's random init
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -23,10 +24,13 @@ from typing import Literal
 import faiss
 import numpy as np
 
+from curation.search.knn import nearest_centroid
 from pipelines.validation import require
 
 LeafPick = Literal["random", "closest"]
 KMEANS_ITERATIONS = 20
+# Seeds of level t's k-means runs start at seed + t * this: apart from the level's resampling seeds.
+LEVEL_SEED_STRIDE = 1000
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -61,14 +65,6 @@ class ClusterTree:
         for assignment in self.assignments[1:]:
             columns.append(assignment[columns[-1]])
         return np.stack(columns, axis=1)
-
-
-def nearest_centroid(points: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(cluster [n] int64, cosine [n] float32) of each row's nearest centroid."""
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    similarity, nearest = index.search(np.ascontiguousarray(points, dtype=np.float32), 1)
-    return nearest[:, 0].astype(np.int64), similarity[:, 0]
 
 
 def spherical_kmeans(points: np.ndarray, clusters: int, seed: int) -> np.ndarray:
@@ -116,7 +112,8 @@ def hierarchical_kmeans(vectors: np.ndarray, levels: Sequence[Level], seed: int 
     points = vectors
     centroids, assignments, leaf_similarity = [], [], np.zeros(0, np.float32)
     for depth, level in enumerate(levels):
-        level_centroids, cluster, similarity = resampled_kmeans(points, level, seed + 1000 * depth)
+        level_seed = seed + LEVEL_SEED_STRIDE * depth
+        level_centroids, cluster, similarity = resampled_kmeans(points, level, level_seed)
         if depth == 0:
             leaf_similarity = similarity
         centroids.append(level_centroids)
@@ -146,6 +143,13 @@ def split_budget(budget: int, caps: np.ndarray, rng: np.random.Generator) -> np.
     return shares
 
 
+def members_by_label(labels: np.ndarray, num_labels: int) -> list[np.ndarray]:
+    """For each label, the ascending positions holding it: one sort, not one scan per label."""
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(num_labels + 1))
+    return [order[start:stop] for start, stop in itertools.pairwise(bounds)]
+
+
 def balanced_sample(
     tree: ClusterTree, target: int, seed: int = 0, leaf_pick: LeafPick = "random"
 ) -> np.ndarray:
@@ -153,20 +157,22 @@ def balanced_sample(
     rng = np.random.default_rng(seed)
     paths = tree.paths()
     depth = paths.shape[1]
-    # budgets[t]: the budget of every cluster at level t, filled top down.
+    # `budget`: the budget of every cluster of one level, filled from the top level down.
     top_sizes = np.bincount(paths[:, -1], minlength=len(tree.centroids[-1]))
     budget = split_budget(target, top_sizes, rng)
     for level in range(depth - 2, -1, -1):
         sizes = np.bincount(paths[:, level], minlength=len(tree.centroids[level]))
         children_budget = np.zeros_like(sizes)
         parent_of = tree.assignments[level + 1]
+        children_of = members_by_label(parent_of, len(budget))
         for parent in np.flatnonzero(budget):
-            children = np.flatnonzero(parent_of == parent)
+            children = children_of[parent]
             children_budget[children] = split_budget(int(budget[parent]), sizes[children], rng)
         budget = children_budget
     picked = []
+    rows_of = members_by_label(paths[:, 0], len(budget))
     for leaf in np.flatnonzero(budget):
-        members = np.flatnonzero(paths[:, 0] == leaf)
+        members = rows_of[leaf]
         count = int(budget[leaf])
         if leaf_pick == "closest":
             members = members[np.argsort(-tree.similarity[members], kind="stable")]

@@ -146,6 +146,16 @@ def on_gpus(index: faiss.Index, use_gpu: bool) -> faiss.Index:
     return faiss.index_cpu_to_all_gpus(index)
 
 
+def nearest_centroid(
+    points: np.ndarray, centroids: np.ndarray, use_gpu: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster [n] int64, cosine [n] float32) of each row's nearest centroid (a k-means assignment)."""
+    index = on_gpus(faiss.IndexFlatIP(centroids.shape[1]), use_gpu)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    similarity, nearest = index.search(np.ascontiguousarray(points, dtype=np.float32), 1)
+    return nearest[:, 0].astype(np.int64), similarity[:, 0]
+
+
 def build_index(
     database: np.ndarray | VectorSource, kind: str, nprobe: int | None = None, use_gpu: bool = False
 ) -> faiss.Index:
