@@ -9,6 +9,16 @@ except ImportError as missing:
         "or 'lvd[gpu]' (faiss-gpu-cu12) on a CUDA 12 machine"
     ) from missing
 
-from curation import assemble, cluster, copydetect, dedup, embed, ingest, random_pool, retrieve
+from curation import assemble, balance, cluster, copydetect, dedup, embed, ingest, random_pool, retrieve
 
-__all__ = ["assemble", "cluster", "copydetect", "dedup", "embed", "ingest", "random_pool", "retrieve"]
+__all__ = [
+    "assemble",
+    "balance",
+    "cluster",
+    "copydetect",
+    "dedup",
+    "embed",
+    "ingest",
+    "random_pool",
+    "retrieve",
+]

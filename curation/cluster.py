@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from curation.embed import EMBEDDINGS
 from curation.pictures import Tile, contact_sheet
 from curation.search.knn import faiss_gpus, nearest_centroid
-from curation.vector_parts import LocatedRows, located_columns, located_shards, read_unit_rows
+from curation.vector_parts import LocatedRows, PartRows, located_columns, located_shards, read_unit_rows
 from curation.vectors import embedding_array
 from pipelines.images import read_image_bytes
 from pipelines.manifest import EMBEDDING, ROW_KEY_COLUMNS, ManifestSchema, Role, row_order
@@ -174,17 +174,31 @@ def uri_tile(uri: str, caption: str) -> Tile:
     return Tile(data, caption)
 
 
+def keyed_rows(embeddings: Manifest, roles: Sequence[Role]) -> tuple[pa.Table, PartRows]:
+    """The key columns of the embeddings rows of `roles`, in key order, and where each row lies.
+
+    Key order, not part order: a seeded sample of these rows must not depend on how upstream wrote parts.
+    """
+    table, where = located_columns(embeddings, EMBEDDINGS, [*ROW_KEY_COLUMNS, "role"])
+    wanted = pc.is_in(table.column("role"), pa.array(list(roles), pa.string()))
+    rows = np.flatnonzero(np.asarray(wanted.combine_chunks()))
+    keys = table.select(list(ROW_KEY_COLUMNS)).take(rows)
+    del table
+    order = row_order(keys)
+    return keys.take(order), where.take(rows[order])
+
+
+def seeded_sample(num_rows: int, count: int, seed: int) -> np.ndarray:
+    """Sorted positions of `count` rows of `num_rows`, drawn without replacement (all when count >= it)."""
+    if count >= num_rows:
+        return np.arange(num_rows)
+    return np.sort(np.random.default_rng(seed).choice(num_rows, count, replace=False))
+
+
 def run_cluster(cfg: ClusterConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    table, where = located_columns(inputs["embeddings"], EMBEDDINGS, [*ROW_KEY_COLUMNS, "role"])
-    clustered = pc.is_in(table.column("role"), pa.array(list(cfg.roles), pa.string()))
-    rows = np.flatnonzero(np.asarray(clustered.combine_chunks()))
-    keys = table.select(list(ROW_KEY_COLUMNS)).take(rows)
-    del table
-    # Key order, not part order: the seeded sample below must not depend on how upstream wrote its parts.
-    order = row_order(keys)
-    keys, where = keys.take(order), where.take(rows[order])
+    keys, where = keyed_rows(inputs["embeddings"], cfg.roles)
     num_rows = keys.num_rows
     if num_rows == 0:
         ctx.write_output("centroids", CENTROIDS.empty_table())
@@ -192,10 +206,7 @@ def run_cluster(cfg: ClusterConfig, inputs: Mapping[str, Manifest], ctx: StageCo
         return {"rows": 0, "clusters": 0}
     num_clusters = min(cfg.num_clusters, num_rows)
     train_rows = min(num_rows, num_clusters * cfg.max_points_per_centroid)
-    sample = np.arange(num_rows)
-    if train_rows < num_rows:
-        sample = np.sort(np.random.default_rng(cfg.seed).choice(num_rows, train_rows, replace=False))
-    training = read_unit_rows(where.take(sample))
+    training = read_unit_rows(where.take(seeded_sample(num_rows, train_rows, cfg.seed)))
     timings["read_and_sample"] = time.perf_counter() - started
 
     started = time.perf_counter()

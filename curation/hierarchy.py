@@ -1,11 +1,13 @@
 """Hierarchical k-means with resampling, and balanced sampling down its tree (Vo et al. 2024, the curation
-behind DINOv3's LVD-1689M). The algorithm only: issue 18 makes it a stage.
+behind DINOv3's LVD-1689M): the algorithm on arrays in memory. The `balance` stage (curation/balance.py)
+runs it on a sample of the pool and streams every row's assignment and the pick over manifest parts.
 
     vectors [N, d] (unit rows) --level 1: k-means, then `resampling_steps` times: keep the s rows nearest
       each centroid, k-means again on those alone, reassign every row--> centroids_1, assignment_1 [N]
     centroids_{t-1} --level t: the same on the previous level's centroids--> centroids_t, assignment_t
     tree + target T --split T evenly over the top clusters (a small cluster is taken whole and its
-      surplus goes to the others), recursively down the levels; in a leaf, random rows (or the nearest)
+      surplus goes to the others), recursively down the levels (level_budgets); in a leaf, the rows of
+      highest priority: a uniform draw (random) or the cosine to the centroid (closest) (top_per_leaf)
       --> row indices of the balanced sample
 
 Why levels: k-means centroids crowd where data is dense (density^(d/(d+2))), so one level still gives
@@ -24,7 +26,7 @@ from typing import Literal
 import faiss
 import numpy as np
 
-from curation.search.knn import nearest_centroid
+from curation.search.knn import faiss_gpus, nearest_centroid
 from pipelines.validation import require
 
 LeafPick = Literal["random", "closest"]
@@ -61,13 +63,18 @@ class ClusterTree:
 
     def paths(self) -> np.ndarray:
         """[N, levels] int64: each vector's cluster at every level; columns nest by construction."""
-        columns = [self.assignments[0]]
-        for assignment in self.assignments[1:]:
-            columns.append(assignment[columns[-1]])
-        return np.stack(columns, axis=1)
+        return ancestors(self.assignments[1:], self.assignments[0])
 
 
-def spherical_kmeans(points: np.ndarray, clusters: int, seed: int) -> np.ndarray:
+def ancestors(parents: Sequence[np.ndarray], leaves: np.ndarray) -> np.ndarray:
+    """[n, levels] the cluster of each of `leaves` at every level (leaf first), from each level's parents."""
+    columns = [leaves]
+    for parent in parents:
+        columns.append(parent[columns[-1]])
+    return np.stack(columns, axis=1)
+
+
+def spherical_kmeans(points: np.ndarray, clusters: int, seed: int, use_gpu: bool = False) -> np.ndarray:
     """[clusters, d] unit centroids of `points` (every row used: no subsampling)."""
     kmeans = faiss.Kmeans(
         points.shape[1],
@@ -77,6 +84,7 @@ def spherical_kmeans(points: np.ndarray, clusters: int, seed: int) -> np.ndarray
         seed=seed,
         min_points_per_centroid=1,
         max_points_per_centroid=len(points),
+        gpu=faiss_gpus(use_gpu) > 0,
         verbose=False,
     )
     kmeans.train(np.ascontiguousarray(points, dtype=np.float32))
@@ -92,28 +100,31 @@ def nearest_per_cluster(cluster: np.ndarray, similarity: np.ndarray, count: int)
 
 
 def resampled_kmeans(
-    points: np.ndarray, level: Level, seed: int
+    points: np.ndarray, level: Level, seed: int, use_gpu: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One level: (centroids, cluster of each row, cosine to it)."""
     clusters = min(level.clusters, len(points))
-    centroids = spherical_kmeans(points, clusters, seed)
+    centroids = spherical_kmeans(points, clusters, seed, use_gpu)
     steps = level.resampling_steps if level.points_per_cluster > 1 else 0
     for step in range(steps):
-        cluster, similarity = nearest_centroid(points, centroids)
+        cluster, similarity = nearest_centroid(points, centroids, use_gpu)
         kept = nearest_per_cluster(cluster, similarity, level.points_per_cluster)
-        centroids = spherical_kmeans(points[kept], clusters, seed + step + 1)
-    cluster, similarity = nearest_centroid(points, centroids)
+        centroids = spherical_kmeans(points[kept], clusters, seed + step + 1, use_gpu)
+    cluster, similarity = nearest_centroid(points, centroids, use_gpu)
     return centroids, cluster, similarity
 
 
-def hierarchical_kmeans(vectors: np.ndarray, levels: Sequence[Level], seed: int = 0) -> ClusterTree:
-    """The tree of `levels` over `vectors` [N, d] (unit rows), each level clustering the one below."""
+def hierarchical_kmeans(
+    vectors: np.ndarray, levels: Sequence[Level], seed: int = 0, use_gpu: bool = False
+) -> ClusterTree:
+    """The tree of `levels` over `vectors` [N, d] (unit rows), each level clustering the one below (on the
+    GPUs Faiss sees when `use_gpu`)."""
     require(len(levels) >= 1, "hierarchical_kmeans needs at least one level")
     points = vectors
     centroids, assignments, leaf_similarity = [], [], np.zeros(0, np.float32)
     for depth, level in enumerate(levels):
         level_seed = seed + LEVEL_SEED_STRIDE * depth
-        level_centroids, cluster, similarity = resampled_kmeans(points, level, level_seed)
+        level_centroids, cluster, similarity = resampled_kmeans(points, level, level_seed, use_gpu)
         if depth == 0:
             leaf_similarity = similarity
         centroids.append(level_centroids)
@@ -143,6 +154,31 @@ def split_budget(budget: int, caps: np.ndarray, rng: np.random.Generator) -> np.
     return shares
 
 
+def level_sizes(parents: Sequence[np.ndarray], leaf_sizes: np.ndarray) -> list[np.ndarray]:
+    """Rows under every cluster of each level (leaves first), from the leaves' sizes and, per level above,
+    the parent of each cluster one level down."""
+    sizes = [np.asarray(leaf_sizes, dtype=np.int64)]
+    for parent in parents:
+        sizes.append(np.bincount(parent, weights=sizes[-1], minlength=int(parent.max()) + 1).astype(np.int64))
+    return sizes
+
+
+def level_budgets(
+    parents: Sequence[np.ndarray], sizes: Sequence[np.ndarray], target: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Rows to take under every cluster of each level (leaves first): `target` split evenly over the top
+    clusters, then each cluster's share split evenly over its children, down to the leaves."""
+    budgets = [split_budget(target, sizes[-1], rng)]
+    for level in range(len(parents) - 1, -1, -1):
+        children_of = members_by_label(parents[level], len(budgets[0]))
+        children_budget = np.zeros_like(sizes[level])
+        for parent in np.flatnonzero(budgets[0]):
+            children = children_of[parent]
+            children_budget[children] = split_budget(int(budgets[0][parent]), sizes[level][children], rng)
+        budgets.insert(0, children_budget)
+    return budgets
+
+
 def members_by_label(labels: np.ndarray, num_labels: int) -> list[np.ndarray]:
     """For each label, the ascending positions holding it: one sort, not one scan per label."""
     order = np.argsort(labels, kind="stable")
@@ -150,33 +186,30 @@ def members_by_label(labels: np.ndarray, num_labels: int) -> list[np.ndarray]:
     return [order[start:stop] for start, stop in itertools.pairwise(bounds)]
 
 
+def top_per_leaf(
+    leaf: np.ndarray, priority: np.ndarray, budgets: np.ndarray, tiebreak: np.ndarray
+) -> np.ndarray:
+    """Positions of the `budgets[leaf]` rows of highest `priority` in each leaf (ties: lowest `tiebreak`),
+    by leaf, highest priority first."""
+    order = np.lexsort((tiebreak, -priority, leaf))
+    ordered = leaf[order]
+    rank = np.arange(len(order)) - np.searchsorted(ordered, ordered)
+    return order[rank < budgets[ordered]]
+
+
+def leaf_priority(leaf_pick: LeafPick, similarity: np.ndarray, draw: np.ndarray) -> np.ndarray:
+    """What a leaf keeps first: the rows nearest its centroid (`closest`), or a uniform draw (`random`)."""
+    return similarity if leaf_pick == "closest" else draw
+
+
 def balanced_sample(
     tree: ClusterTree, target: int, seed: int = 0, leaf_pick: LeafPick = "random"
 ) -> np.ndarray:
     """Sorted row indices of at most `target` vectors, split evenly down the tree (each row at most once)."""
     rng = np.random.default_rng(seed)
-    paths = tree.paths()
-    depth = paths.shape[1]
-    # `budget`: the budget of every cluster of one level, filled from the top level down.
-    top_sizes = np.bincount(paths[:, -1], minlength=len(tree.centroids[-1]))
-    budget = split_budget(target, top_sizes, rng)
-    for level in range(depth - 2, -1, -1):
-        sizes = np.bincount(paths[:, level], minlength=len(tree.centroids[level]))
-        children_budget = np.zeros_like(sizes)
-        parent_of = tree.assignments[level + 1]
-        children_of = members_by_label(parent_of, len(budget))
-        for parent in np.flatnonzero(budget):
-            children = children_of[parent]
-            children_budget[children] = split_budget(int(budget[parent]), sizes[children], rng)
-        budget = children_budget
-    picked = []
-    rows_of = members_by_label(paths[:, 0], len(budget))
-    for leaf in np.flatnonzero(budget):
-        members = rows_of[leaf]
-        count = int(budget[leaf])
-        if leaf_pick == "closest":
-            members = members[np.argsort(-tree.similarity[members], kind="stable")]
-            picked.append(members[:count])
-        else:
-            picked.append(rng.choice(members, count, replace=False))
-    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+    leaves = tree.assignments[0]
+    parents = tree.assignments[1:]
+    sizes = level_sizes(parents, np.bincount(leaves, minlength=len(tree.centroids[0])))
+    budgets = level_budgets(parents, sizes, target, rng)
+    priority = leaf_priority(leaf_pick, tree.similarity, rng.random(len(leaves)))
+    return np.sort(top_per_leaf(leaves, priority, budgets[0], np.arange(len(leaves))))
