@@ -5,13 +5,14 @@
 
 (copy_descriptor trains on phash_dedup's rows; copy_dedup and decontaminate both use its model)
 
-and, only when asked, the data ablation (the paper's Table 2 in miniature):
+and, only when asked, the data ablation (the paper's Table 2 in miniature, plus DINOv3's balanced
+sampling as a third arm):
 
-    decontaminate + assemble -> random_pool -> pretrain_random -> ablate_data <- pretrain
-                                                           (+ the seed replicates of both arms)
+    decontaminate + assemble -> random_pool -> pretrain_random ----> ablate_data <- pretrain
+    embed + decontaminate + assemble -> balance -> pretrain_balanced -^  (+ the seed replicates of each arm)
 
 Each stage's config is the job config's section of its name, except where a node says otherwise: the
-ablation's random pool reads `ablate_data`, its pretraining `pretrain` (only the data differs), and
+ablation's random pool reads `ablate_data`, its pretrainings `pretrain` (only the data differs), and
 ablate_data reads all three it needs: `ablate_data` (replicates), `pretrain` (their recipe) and
 `evaluate`. `CurateAndTrainConfig` is made from these sections, plus `store` and `runtime`.
 """
@@ -45,13 +46,17 @@ CURATE_AND_TRAIN = Dag(
     branches={
         ABLATE_DATA: (
             node("random_pool", "decontaminate.images", "assemble.curated", section="ablate_data"),
+            node("balance", "embed.embeddings", "decontaminate.images", "assemble.curated"),
             node("pretrain_random", "random_pool.curated", section="pretrain"),
+            node("pretrain_balanced", "balance.curated", section="pretrain"),
             node(
                 "ablate_data",
                 "pretrain.exports",
                 "pretrain_random.exports",
+                "pretrain_balanced.exports",
                 "assemble.curated",
                 "random_pool.replicates",
+                "balance.curated",
                 section=("ablate_data", "pretrain", "evaluate"),
             ),
         )

@@ -1,21 +1,22 @@
-"""The paper's Table 2 in miniature: the same pretraining on curated and on random pool data, compared
-over several seeds.
+"""The paper's Table 2 in miniature: the same pretraining on curated, on random pool and on balanced
+pool data (DINOv3's hierarchical k-means sampling), compared over several seeds.
 
     random_pool's curated-shaped sample --pretrain_random (pretrain's function, same `pretrain` section)-->
       exports (its teacher): replicate 0 of the random arm; pretrain's teacher is replicate 0 of the
-      curated arm
+      curated arm, pretrain_balanced's (on balance's sample of the same size) of the balanced arm
     ablate_data, replicates r = 1 .. R-1 (sections ablate_data, pretrain, evaluate):
-      curated rows                           --train_teacher, train.seed + r--> curated teacher r
+      curated rows, balanced rows            --train_teacher, train.seed + r--> curated, balanced teacher r
       random_pool's `replicates` rows of r (its sample of seed + r) --train_teacher, train.seed + r-->
         random teacher r
     every teacher and the raw pixels --evaluate_backbone with the `evaluate` section-->
       `results` manifest (ABLATION_RESULTS: eval rows + replicate), artifacts/table2.md:
-      per arm mean and std over replicates, the paired difference curated - random with its 95% interval
+      per arm mean and std over replicates; the paired difference of curated and of balanced against
+      random, each with its 95% interval
 
-A second stage name for the random-data pretraining keeps its runs apart from the curated one's in the
-store and in every summary, while the function and its config stay exactly those of `pretrain`. The
-replicates train inside ablate_data (each resumable from its own folder) because their number is a
-setting of the ablation, not of the job's DAG.
+Stage names of their own for the random- and balanced-data pretrainings keep their runs apart from the
+curated one's in the store and in every summary, while the function and its config stay exactly those
+of `pretrain`. The replicates train inside ablate_data (each resumable from its own folder) because their
+number is a setting of the ablation, not of the job's DAG.
 """
 
 from __future__ import annotations
@@ -44,8 +45,17 @@ from training.stages import BACKBONE_FILE, PRETRAIN, RUN_DIR, TEACHER_MODEL, tra
 TABLE_FILE = "table2.md"
 CURATED_MODEL = "curated"
 RANDOM_MODEL = "uncurated random"
+BALANCED_MODEL = "balanced"
 # Input name -> the arm its teacher is replicate 0 of, in table order.
-COMPARED_INPUTS = {"curated_exports": CURATED_MODEL, "random_exports": RANDOM_MODEL}
+COMPARED_INPUTS = {
+    "curated_exports": CURATED_MODEL,
+    "random_exports": RANDOM_MODEL,
+    "balanced_exports": BALANCED_MODEL,
+}
+# The arms whose rows are the same in every replicate (only the training seed changes): arm -> input.
+FIXED_ROWS_INPUTS = {CURATED_MODEL: "curated", BALANCED_MODEL: "balanced"}
+# Every other arm is compared with this one (it is what no curation gives).
+BASELINE_ARM = RANDOM_MODEL
 REPLICATES_DIR = "replicates"
 SAMPLE_DIR = "sample"
 LINEAR_METRIC = "linear"
@@ -64,6 +74,13 @@ PRETRAIN_RANDOM = register_stage(
         PRETRAIN,
         name="pretrain_random",
         description="the pretrain stage on a random sample of the uncurated pool (the ablation's baseline)",
+    )
+)
+PRETRAIN_BALANCED = register_stage(
+    dataclasses.replace(
+        PRETRAIN,
+        name="pretrain_balanced",
+        description="the pretrain stage on the balanced sample of the pool (hierarchical k-means)",
     )
 )
 
@@ -135,13 +152,16 @@ def replicate_teachers(
     teachers = {model: [teacher_export(inputs[name], name)] for name, model in COMPARED_INPUTS.items()}
     if cfg.ablate_data.replicates == 1:
         return teachers
-    curated = inputs["curated"].read(CURATED)
+    fixed_rows = {arm: inputs[name].read(CURATED) for arm, name in FIXED_ROWS_INPUTS.items()}
+    curated = fixed_rows[CURATED_MODEL]
     samples = inputs["random_samples"].read(CURATED_REPLICATES)
     replicate_of_row = samples.column("replicate").to_numpy()
     for replicate in range(1, cfg.ablate_data.replicates):
         recipe = replicate_recipe(cfg.pretrain, replicate)
-        folder = f"{CURATED_MODEL}-{replicate}"
-        teachers[CURATED_MODEL].append(train_replicate(recipe, curated, inputs["curated"].uri, ctx, folder))
+        for arm, rows in fixed_rows.items():
+            folder = f"{arm}-{replicate}"
+            uri = inputs[FIXED_ROWS_INPUTS[arm]].uri
+            teachers[arm].append(train_replicate(recipe, rows, uri, ctx, folder))
         sample = samples.filter(replicate_of_row == replicate).drop_columns(["replicate"])
         if sample.num_rows != curated.num_rows:
             raise ValueError(
@@ -184,8 +204,8 @@ class MetricSummary:
     """One metric (k-NN at one k, or the linear probe) of the ablation."""
 
     metric: str
-    arms: dict[str, Spread]  # curated, uncurated random
-    paired: PairedDifference  # curated - random
+    arms: dict[str, Spread]  # curated, uncurated random, balanced
+    paired: dict[str, PairedDifference]  # arm -> arm - random, for every arm but random
     baselines: dict[str, float]  # models without replicates (raw pixels)
 
 
@@ -206,7 +226,11 @@ def summarise(results: pa.Table) -> list[MetricSummary]:
             MetricSummary(
                 metric,
                 {model: spread(values) for model, values in per_arm.items()},
-                paired_difference(per_arm[CURATED_MODEL], per_arm[RANDOM_MODEL]),
+                {
+                    model: paired_difference(values, per_arm[BASELINE_ARM])
+                    for model, values in per_arm.items()
+                    if model != BASELINE_ARM
+                },
                 {row["model"]: row["top1"] for row in mine if row["replicate"] is None},
             )
         )
@@ -217,39 +241,43 @@ def points(value: float, signed: bool = False) -> str:
     return f"{PERCENT * value:{'+' if signed else ''}.1f}"
 
 
-def verdict(summary: MetricSummary) -> str:
-    paired = summary.paired
+def verdict(arm: str, paired: PairedDifference) -> str:
     if paired.count < 2:
         return "one replicate: no seed spread to compare with"
     interval = f"95% interval [{points(paired.low, True)}, {points(paired.high, True)}]"
     if not paired.beyond_noise:
         return f"{interval}: within the seed noise"
-    return f"{interval}: curated {'better' if paired.mean > 0 else 'worse'} beyond the seed noise"
+    return f"{interval}: {arm} {'better' if paired.mean > 0 else 'worse'} beyond the seed noise"
 
 
 def summary_cells(summaries: Sequence[MetricSummary]) -> tuple[list[str], list[list[str]]]:
     """Header and rows (one per metric) of the ablation's table, in percent."""
     baselines = list(dict.fromkeys(name for summary in summaries for name in summary.baselines))
     header = ["metric", *(f"{model} (%)" for model in (*COMPARED_INPUTS.values(), *baselines))]
-    header += ["curated - random (points)", "verdict"]
+    compared = [model for model in COMPARED_INPUTS.values() if model != BASELINE_ARM]
+    for model in compared:
+        header += [f"{model} - random (points)", f"{model}: verdict"]
     rows = []
     for summary in summaries:
         arms = [f"{points(arm.mean)} ± {points(arm.std)}" for arm in summary.arms.values()]
         pixels = [points(summary.baselines[name]) if name in summary.baselines else "" for name in baselines]
-        paired = f"{points(summary.paired.mean, True)} ± {points(summary.paired.std)}"
-        rows.append([summary.metric, *arms, *pixels, paired, verdict(summary)])
+        differences = []
+        for model in compared:
+            paired = summary.paired[model]
+            differences += [f"{points(paired.mean, True)} ± {points(paired.std)}", verdict(model, paired)]
+        rows.append([summary.metric, *arms, *pixels, *differences])
     return header, rows
 
 
 def table_markdown(results: pa.Table, title: str) -> str:
     """table2.md: the summary (mean ± std over replicates), then every replicate's numbers."""
     summaries = summarise(results)
-    replicates = summaries[0].paired.count if summaries else 0
+    replicates = summaries[0].paired[CURATED_MODEL].count if summaries else 0
     header, rows = summary_cells(summaries)
     lines = [
         f"### {title}",
         "",
-        f"{replicates} replicates per arm (seed r for both arms of replicate r):",
+        f"{replicates} replicates per arm (seed r for every arm of replicate r):",
         "",
     ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -273,11 +301,16 @@ def summary_stats(summaries: Sequence[MetricSummary]) -> dict[str, Any]:
             **{f"{model}_mean": arm.mean for model, arm in summary.arms.items()},
             **{f"{model}_std": arm.std for model, arm in summary.arms.items()},
             **summary.baselines,
-            "paired_mean": summary.paired.mean,
-            "paired_std": summary.paired.std,
-            "paired_low": summary.paired.low,
-            "paired_high": summary.paired.high,
-            "beyond_noise": summary.paired.beyond_noise,
+            **{
+                f"{model}_minus_random": {
+                    "mean": paired.mean,
+                    "std": paired.std,
+                    "low": paired.low,
+                    "high": paired.high,
+                    "beyond_noise": paired.beyond_noise,
+                }
+                for model, paired in summary.paired.items()
+            },
         }
         for summary in summaries
     }
@@ -291,6 +324,11 @@ def run_ablate_data(
         ctx.write_output("results", ABLATION_RESULTS.empty_table())
         ctx.warn(f"nothing was trained for {', '.join(untrained)}; nothing evaluated")
         return {"replicates": 0, "metrics": {}}
+    if inputs["balanced"].num_rows != inputs["curated"].num_rows:
+        raise ValueError(
+            f"ablate_data: the balanced sample holds {inputs['balanced'].num_rows} rows, the curated set "
+            f"{inputs['curated'].num_rows}; the arms compare at equal size (balance.target_rows: null)"
+        )
     teachers = replicate_teachers(cfg, inputs, ctx)
     data = load_eval_data(cfg.evaluate)
     evaluated = evaluate_replicates(cfg.evaluate, data, teachers, ctx.show_progress)
@@ -302,7 +340,7 @@ def run_ablate_data(
     results = ABLATION_RESULTS.table_from_rows(rows)
     ctx.write_output("results", results)
     title = (
-        f"Pretraining data, curated vs uncurated random (same size, same recipe): "
+        f"Pretraining data, curated vs uncurated random vs balanced (same size, same recipe): "
         f"{data.name}, {len(data.train)} train / {len(data.test)} test images"
     )
     ctx.write_artifact(TABLE_FILE, table_markdown(results, title).encode())
@@ -320,26 +358,32 @@ def ablation_tables(run: StageRun) -> list[TableView]:
     header, rows = summary_cells(summarise(run.outputs["results"].read(ABLATION_RESULTS)))
     replicates = run.record["stats"].get("replicates", 0)
     return [
-        table_view(f"curated vs uncurated random pretraining, {replicates} replicates per arm", header, rows)
+        table_view(
+            f"curated vs uncurated random vs balanced pretraining, {replicates} replicates per arm",
+            header,
+            rows,
+        )
     ]
 
 
 ABLATE_DATA = register_stage(
     StageSpec(
         name="ablate_data",
+        # 5: the balanced arm (balance's sample); each arm's difference from random
         # 4: the DINO/iBOT cross-entropy and Sinkhorn-Knopp sum in another order (same maths, other last bits)
         # 3: replicates per arm (mean, std, paired difference); 2: the raw-pixel baseline
-        version=4,
+        version=5,
         config_type=AblateDataConfig,
         fn=run_ablate_data,
         inputs={
             **dict.fromkeys(COMPARED_INPUTS, EXPORTS),
             "curated": CURATED,
             "random_samples": CURATED_REPLICATES,
+            "balanced": CURATED,
         },
         outputs={"results": ABLATION_RESULTS},
-        description="curated vs random-pool pretraining over seed replicates: k-NN and linear probe of "
-        "every teacher, mean, std and the paired difference",
+        description="curated vs random-pool vs balanced pretraining over seed replicates: k-NN and linear "
+        "probe of every teacher, mean, std and each arm's paired difference from random",
         tables=ablation_tables,
     )
 )

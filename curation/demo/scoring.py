@@ -1,14 +1,17 @@
-"""Scores dedup and decontamination rejects against the demo's answer key (tests and reports only).
+"""Scores dedup and decontamination rejects, retrieval and the balance of curated sets against the demo's
+answer key (tests, benchmarks and reports only).
 
 ground_truth.parquet --copy_of / same icon name--> truth clusters of image ids
 rejected rows (image_id ~ match_image_id) --same truth cluster?--> precision
 planted copies --linked to their cluster by some reject?--> recall
+a curated set's uris --concept of each (class, category or origin)--> evenness, Gini over the pool's concepts
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +24,7 @@ from curation.demo.ground_truth import (
     ORIGIN_ADWAITA,
     ORIGIN_FASHION_TEST,
     ORIGIN_FASHION_TRAIN,
+    ORIGIN_OPENCLIPART,
 )
 
 COPY_KINDS = (KIND_EXACT_COPY, KIND_NEAR_COPY, KIND_EVAL_NEAR_COPY)
@@ -117,3 +121,54 @@ def score_retrieval(
     fashion, in_class = shares(retrieved_ids)
     baseline_fashion, baseline_in_class = shares(sample)
     return RetrievalScore(len(retrieved_ids), fashion, in_class, baseline_fashion, baseline_in_class)
+
+
+# Origins whose labels are classes (Fashion-MNIST's ten, Openclipart's categories); any other origin is
+# one concept (Adwaita icons, Tux Paint stamps, synthetic junk).
+LABELLED_ORIGINS = (*FASHION_ORIGINS, ORIGIN_OPENCLIPART)
+
+
+def concept(row: Mapping[str, Any]) -> str:
+    """A ground-truth row's concept: `fashion/<class>`, `openclipart/<category>`, or its origin."""
+    if row["origin"] in FASHION_ORIGINS:
+        return f"fashion/{row['label']}"
+    if row["origin"] in LABELLED_ORIGINS and row["label"]:
+        return f"{row['origin']}/{row['label']}"
+    return row["origin"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConceptBalance:
+    """How evenly a set of images covers the pool's concepts."""
+
+    rows: int
+    concepts: int  # the pool's concepts with at least one row here
+    pool_concepts: int
+    evenness: float  # entropy of the concept shares / log(pool_concepts): 1 = even over all of them
+    gini: (
+        float  # Gini coefficient of the counts over the pool's concepts: 0 = even, towards 1 = one holds all
+    )
+    largest_share: float
+
+
+def concept_balance(uris: Iterable[str], truth: pa.Table, pool_uris: Iterable[str]) -> ConceptBalance:
+    """The concept balance of the images at `uris` over the concepts of the pool's images (`pool_uris`)."""
+    by_uri = {row["uri"]: concept(row) for row in truth.to_pylist()}
+    pool_concepts = sorted({by_uri[uri] for uri in pool_uris})
+    index = {name: position for position, name in enumerate(pool_concepts)}
+    counts = np.bincount([index[by_uri[uri]] for uri in uris], minlength=len(pool_concepts)).astype(
+        np.float64
+    )
+    total = counts.sum()
+    shares = counts[counts > 0] / total
+    ordered = np.sort(counts)
+    ranks = np.arange(1, len(ordered) + 1)
+    gini = float((2 * ranks - len(ordered) - 1) @ ordered / (len(ordered) * total))
+    return ConceptBalance(
+        rows=int(total),
+        concepts=int((counts > 0).sum()),
+        pool_concepts=len(pool_concepts),
+        evenness=float(-(shares * np.log(shares)).sum() / np.log(len(pool_concepts))),
+        gini=gini,
+        largest_share=float(shares.max()),
+    )

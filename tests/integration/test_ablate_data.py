@@ -1,4 +1,5 @@
-"""The paper's Table 2 in miniature on the small demo: pretraining on curated vs random pool data."""
+"""The paper's Table 2 in miniature on the small demo: pretraining on curated vs random vs balanced pool
+data."""
 
 from __future__ import annotations
 
@@ -18,7 +19,14 @@ from pipelines.manifest import ROW_KEY_COLUMNS, read_manifest
 from pipelines.stage import ARTIFACTS_DIR, get_stage, run_stage
 from pipelines.store import Store
 from tests.integration.demo_dag import small_demo_dag
-from training.ablate import CURATED_MODEL, RANDOM_MODEL, REPLICATES_DIR, SAMPLE_DIR, TABLE_FILE
+from training.ablate import (
+    BALANCED_MODEL,
+    CURATED_MODEL,
+    RANDOM_MODEL,
+    REPLICATES_DIR,
+    SAMPLE_DIR,
+    TABLE_FILE,
+)
 from training.eval.results import KNN_PROTOCOL, PERCENT
 from training.eval.stage import RAW_PIXELS_MODEL
 from training.exports import EXPORTS
@@ -67,11 +75,12 @@ def test_random_pool_is_a_seeded_sample_of_uncurated_rows_of_the_curated_size(ab
     assert set(row_keys(other)) != set(keys)
 
 
-PRETRAININGS = ("pretrain", "pretrain_random")
+PRETRAININGS = ("pretrain", "pretrain_random", "pretrain_balanced")
+ARM_FOLDERS = (CURATED_MODEL, "random", BALANCED_MODEL)
 
 
 def replicate_folders(replicates: int) -> list[str]:
-    return [f"{arm}-{replicate}" for replicate in range(1, replicates) for arm in (CURATED_MODEL, "random")]
+    return [f"{arm}-{replicate}" for replicate in range(1, replicates) for arm in ARM_FOLDERS]
 
 
 def knn_rows(runs, replicate: int | None = 0) -> dict[tuple[str, str], float]:
@@ -84,13 +93,13 @@ def knn_rows(runs, replicate: int | None = 0) -> dict[tuple[str, str], float]:
     }
 
 
-def test_both_teachers_are_evaluated_alike_and_tabulated(ablation):
+def test_every_teacher_is_evaluated_alike_and_tabulated(ablation):
     cfg, first, runs = ablation
     teachers = {stage: runs[stage].outputs["exports"].read(EXPORTS).to_pylist() for stage in PRETRAININGS}
-    assert teachers["pretrain"][0]["sha256"] != teachers["pretrain_random"][0]["sha256"]
+    assert len({rows[0]["sha256"] for rows in teachers.values()}) == len(PRETRAININGS)
     knn = knn_rows(runs)
     settings = [f"k={k}" for k in cfg.evaluate.knn_ks]
-    models = (CURATED_MODEL, RANDOM_MODEL, RAW_PIXELS_MODEL)
+    models = (CURATED_MODEL, RANDOM_MODEL, BALANCED_MODEL, RAW_PIXELS_MODEL)
     assert set(knn) == {(model, setting) for model in models for setting in settings}
     # Each top-1 is a count of correct test images.
     test_images = runs["ablate_data"].record["stats"]["test_images"]
@@ -118,7 +127,16 @@ def test_both_teachers_are_evaluated_alike_and_tabulated(ablation):
         assert evaluated == {setting: knn[(model, setting)] for setting in settings}, model
 
 
-def test_replicates_retrain_both_arms_with_the_next_seeds(ablation):
+def test_the_balanced_arm_trains_on_balance_s_sample_of_the_curated_size(ablation):
+    _, _, runs = ablation
+    balanced = runs["balance"].outputs["curated"].read()
+    assert balanced.num_rows == runs["assemble"].outputs["curated"].num_rows
+    assert set(balanced.column("curation_mode").to_pylist()) == {"balanced"}
+    stats = runs["balance"].record["stats"]
+    assert stats["top_level_evenness"]["balanced"] > stats["top_level_evenness"]["pool"]
+
+
+def test_replicates_retrain_every_arm_with_the_next_seeds(ablation):
     cfg, _, runs = ablation
     replicates = cfg.ablate_data.replicates
     assert replicates >= 3
@@ -136,18 +154,18 @@ def test_replicates_retrain_both_arms_with_the_next_seeds(ablation):
         drawn = runs["random_pool"].outputs["replicates"].read()
         drawn = drawn.filter(pc.equal(drawn.column("replicate"), replicate))
         assert row_keys(drawn) == row_keys(expected)
-        for arm in (CURATED_MODEL, "random"):
+        for arm in ARM_FOLDERS:
             run_config = (
                 stage_dir / REPLICATES_DIR / f"{arm}-{replicate}" / "run" / CHECKPOINTS_DIR / "config.json"
             )
             assert json.loads(run_config.read_text())["train"]["seed"] == cfg.pretrain.train.seed + replicate
-    # Different seeds, different teachers: 2 x replicates distinct backbones.
+    # Different seeds, different teachers: 3 x replicates distinct backbones.
     backbones = [
         stage_dir / REPLICATES_DIR / folder / BACKBONE_FILE for folder in replicate_folders(replicates)
     ]
     upstream = [runs[stage].outputs["exports"].read(EXPORTS)["sha256"][0].as_py() for stage in PRETRAININGS]
     digests = {hashlib.sha256(path.read_bytes()).hexdigest() for path in backbones} | set(upstream)
-    assert len(digests) == 2 * replicates
+    assert len(digests) == len(ARM_FOLDERS) * replicates
 
 
 def test_the_summary_is_mean_std_and_paired_difference_of_the_replicates(ablation):
@@ -162,8 +180,12 @@ def test_the_summary_is_mean_std_and_paired_difference_of_the_replicates(ablatio
         assert metric[f"{CURATED_MODEL}_mean"] == pytest.approx(np.mean(curated), abs=1e-12)
         assert metric[f"{RANDOM_MODEL}_std"] == pytest.approx(np.std(random, ddof=1), abs=1e-12)
         differences = np.subtract(curated, random)
-        assert metric["paired_mean"] == pytest.approx(differences.mean(), abs=1e-12)
-        assert metric["paired_std"] == pytest.approx(differences.std(ddof=1), abs=1e-12)
+        paired = metric[f"{CURATED_MODEL}_minus_random"]
+        assert paired["mean"] == pytest.approx(differences.mean(), abs=1e-12)
+        assert paired["std"] == pytest.approx(differences.std(ddof=1), abs=1e-12)
+        balanced = [knn_rows(runs, r)[(BALANCED_MODEL, f"k={k}")] for r in range(stats["replicates"])]
+        balanced_paired = metric[f"{BALANCED_MODEL}_minus_random"]
+        assert balanced_paired["mean"] == pytest.approx(np.mean(np.subtract(balanced, random)), abs=1e-12)
         assert metric[RAW_PIXELS_MODEL] == knn_rows(runs, None)[(RAW_PIXELS_MODEL, f"k={k}")]
         (line,) = [line for line in table.splitlines() if line.startswith(f"| k-NN k={k} |")]
         shown = f"{PERCENT * np.mean(curated):.1f} ± {PERCENT * np.std(curated, ddof=1):.1f}"

@@ -145,8 +145,8 @@ def test_every_input_is_fed_by_an_earlier_output_of_the_schema_the_stage_declare
         seen[item.stage] = spec.outputs
     assert list(seen) == [
         "ingest", "exact_dedup", "phash_dedup", "copy_descriptor", "copy_dedup", "decontaminate", "embed",
-        "cluster", "retrieve", "assemble", "pretrain", "distill", "evaluate", "random_pool",
-        "pretrain_random",
+        "cluster", "retrieve", "assemble", "pretrain", "distill", "evaluate", "random_pool", "balance",
+        "pretrain_random", "pretrain_balanced",
         "ablate_data",
     ]  # fmt: skip
 

@@ -211,6 +211,8 @@ def test_a_stage_section_shows_the_tables_its_stage_declares(tmp_path):
         ("curated", 1): 0.57,
         ("uncurated random", 0): 0.50,
         ("uncurated random", 1): 0.54,
+        ("balanced", 0): 0.49,
+        ("balanced", 1): 0.55,
     }
     rows = [
         {**common, "model": model, "replicate": replicate, "top1": value}
@@ -225,8 +227,9 @@ def test_a_stage_section_shows_the_tables_its_stage_declares(tmp_path):
     run = StageRun("ablate_data", "key", str(tmp_path), {"results": manifest}, record, True)
     section = stage_section("ablate_data", run, Store(tmp_path))
     assert "2 replicates per arm" in section.body
-    # curated 55, 57: 56.0 +- 1.4; random 50, 54: 52.0 +- 2.8; paired differences 5, 3: +4.0 +- 1.4.
-    for cell in ("k-NN k=10", "56.0 ± 1.4", "52.0 ± 2.8", "60.0", "+4.0 ± 1.4"):
+    # curated 55, 57: 56.0 +- 1.4; random 50, 54: 52.0 +- 2.8; paired differences 5, 3: +4.0 +- 1.4;
+    # balanced 49, 55: 52.0 +- 4.2, differences from random -1, 1: +0.0 +- 1.4.
+    for cell in ("k-NN k=10", "56.0 ± 1.4", "52.0 ± 2.8", "60.0", "+4.0 ± 1.4", "52.0 ± 4.2", "+0.0 ± 1.4"):
         assert f">{cell}</td>" in section.body, cell
     assert NOT_RUN in stage_section("ablate_data", None, Store(tmp_path)).body
 
