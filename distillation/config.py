@@ -5,6 +5,8 @@ Defaults are the paper's distillation recipe (Table 17): a ViT-S/14 student of a
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,6 +21,7 @@ from training.config import (
     TeacherConfig,
     TrainConfig,
 )
+from training.stages import TEACHER_MODEL
 
 DistillObjective = Literal["auto", "heads", "features"]
 # The paper's distillation row of Table 17: lr 1e-3 at batch 2048 under the sqrt rule is base_lr 7.07e-4
@@ -48,6 +51,31 @@ def _paper_teacher_arch() -> StudentConfig:
     return StudentConfig(arch="vit_giant2", patch_size=14, ffn_layer="swiglufused", drop_path_rate=0.0)
 
 
+# Names a student's exports and run folder take: letters, digits, `_` and `-`.
+STUDENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+RANDOM_INIT_SUFFIX = "_random_init"
+SINGLE_STUDENT = "student"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DistilledStudent:
+    """One student of a multi-student run: its name (its exports' model name) and backbone."""
+
+    name: str
+    student: StudentConfig
+
+    def __post_init__(self) -> None:
+        require(
+            bool(STUDENT_NAME.match(self.name)) and not self.name.endswith(RANDOM_INIT_SUFFIX),
+            f"student name {self.name!r} must be letters, digits, _ or - and not end in {RANDOM_INIT_SUFFIX}",
+        )
+        require(self.name != TEACHER_MODEL, f"a student cannot be named {TEACHER_MODEL!r}")
+        require(
+            self.student.drop_path_rate == 0,
+            f"{self.name}: drop_path_rate must be 0: distillation removes stochastic depth",
+        )
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DistillConfig:
     """Distillation of a smaller student from a frozen teacher (recipe section 7; the `distill` stage).
@@ -68,9 +96,22 @@ class DistillConfig:
     auto: heads when the teacher has heads (an lvd checkpoint), features for a bare hub backbone, whose
     freshly initialised heads would turn its features into targets through random prototypes."""
     recipe: PretrainConfig = field(default_factory=_paper_distill_recipe)
+    students: tuple[DistilledStudent, ...] = ()
+    """Several students distilled together (DINOv3's family in one run): each is `recipe` with its own
+    backbone, and one teacher forward per batch feeds them all. Empty: one student, `recipe.student`."""
 
     def __post_init__(self) -> None:
         require(
             self.recipe.student.drop_path_rate == 0,
             "recipe.student.drop_path_rate must be 0: distillation removes stochastic depth",
         )
+        names = [entry.name for entry in self.students]
+        require(len(set(names)) == len(names), f"student names must be unique, got {names}")
+
+    def student_recipes(self) -> dict[str, PretrainConfig]:
+        """Student name -> its training recipe, in the order listed."""
+        if not self.students:
+            return {SINGLE_STUDENT: self.recipe}
+        return {
+            entry.name: dataclasses.replace(self.recipe, student=entry.student) for entry in self.students
+        }

@@ -79,10 +79,43 @@ def check_compatible(cfg: DistillConfig, teacher: FrozenTeacher, objective: Obje
         )
 
 
-class DistillMetaArch(SSLMetaArch):
-    """Student, frozen teacher, the student's EMA, and the distillation objective."""
+class SharedTeacherOutputs:
+    """The frozen teacher's outputs for the current batch, shared by the students trained together on it:
+    the first student to ask computes them, the others reuse them, and the last one lets them go (they
+    are large: logits over every prototype for every patch)."""
 
-    def __init__(self, cfg: DistillConfig, teacher: FrozenTeacher, objective: Objective):
+    def __init__(self, students: int):
+        self.students = students
+        self._key: object | None = None
+        self._value: Any = None
+        self._served = 0
+
+    def get(self, key: object, compute: Callable[[], Any]) -> Any:
+        """The outputs for the batch `key` (the batch's own tensor: identity, not equality)."""
+        if key is not self._key:
+            self._key, self._value, self._served = key, compute(), 0
+        value = self._value
+        self._served += 1
+        if self._served == self.students:
+            self._value = None  # every student has its reference; the key stays to catch a repeat
+        return value
+
+
+class DistillMetaArch(SSLMetaArch):
+    """Student, frozen teacher, the student's EMA, and the distillation objective.
+
+    With `shared`, the teacher's outputs come from it: several students trained together on one batch
+    stream pay for one teacher forward per batch (each still normalises the targets itself, so its
+    centring state is exactly that of a run of its own).
+    """
+
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        teacher: FrozenTeacher,
+        objective: Objective,
+        shared: SharedTeacherOutputs | None = None,
+    ):
         check_compatible(cfg, teacher, objective)
         recipe = cfg.recipe
         backbone = build_backbone(recipe, drop_path_rate=0.0)
@@ -97,6 +130,10 @@ class DistillMetaArch(SSLMetaArch):
         super().__init__(recipe, (student, teacher.modules))
         self.objective = objective
         self.student_ema = copy.deepcopy(student).requires_grad_(False)
+        self.shared = shared
+        # The batch being trained on (its global crops as the loader gave them): the key of `shared`.
+        # Not the device copy, which is a new tensor for every student on CUDA.
+        self._batch_key: torch.Tensor | None = None
 
     def train(self, mode: bool = True) -> DistillMetaArch:
         super().train(mode)
@@ -121,6 +158,7 @@ class DistillMetaArch(SSLMetaArch):
         teacher_temp: float,
         backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     ) -> dict[str, float]:
+        self._batch_key = batch["collated_global_crops"]
         if self.objective == "heads":
             return super().forward_backward(batch, teacher_temp, backward)
         terms, global_cls = self.feature_terms(batch)
@@ -140,10 +178,7 @@ class DistillMetaArch(SSLMetaArch):
         device = next(self.student.parameters()).device
         global_crops = batch["collated_global_crops"].to(device, non_blocking=True)
         local_crops = batch["collated_local_crops"].to(device, non_blocking=True)
-        with torch.no_grad():
-            target = self.teacher["backbone"](global_crops, is_training=True)
-            if hasattr(self.teacher["backbone"], "reshard"):
-                self.teacher["backbone"].reshard()
+        target = self.shared_teacher_output(lambda: self.teacher_features(global_crops))
         groups = [global_crops, local_crops] if local_crops.shape[0] else [global_crops]
         outputs = self.student["backbone"](groups, masks=[None] * len(groups), is_training=True)
         global_cls = outputs[0]["x_norm_clstoken"]
@@ -169,6 +204,22 @@ class DistillMetaArch(SSLMetaArch):
             "objective": cls_term + local_term + patch_term + koleo,
         }
         return terms, global_cls
+
+    def shared_teacher_output(self, compute: Callable[[], Any]) -> Any:
+        return compute() if self.shared is None else self.shared.get(self._batch_key, compute)
+
+    @torch.no_grad()
+    def teacher_features(self, global_crops: torch.Tensor) -> dict[str, torch.Tensor]:
+        target = self.teacher["backbone"](global_crops, is_training=True)
+        if hasattr(self.teacher["backbone"], "reshard"):
+            self.teacher["backbone"].reshard()
+        return target
+
+    def teacher_logits(
+        self, global_crops: torch.Tensor, mask_indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        compute = super().teacher_logits
+        return self.shared_teacher_output(lambda: compute(global_crops, mask_indices))
 
     # -- training-loop interface ------------------------------------------------------------------------
 

@@ -10,12 +10,16 @@ eval images), so it lives in the spine and neither imports the other for it.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
+from PIL import Image
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
@@ -101,3 +105,29 @@ def _read_idx_labels(raw: bytes, path: Path) -> np.ndarray:
     if len(labels) != count:
         raise ValueError(f"{path}: header says {count} labels, file holds {len(labels)}")
     return labels
+
+
+def write_fashion_mnist_pngs(folder: Path, count: int, split: FashionSplit = "train") -> pa.Table:
+    """The first `count` images of a split written as PNG files into `folder`, as a table of the columns
+    training reads (image_id, uri, container, byte_offset, byte_size) plus each image's `label`: small real
+    training sets for tests and benchmarks."""
+    fashion = read_fashion_mnist(split)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(fashion.images[index]).save(buffer, format="PNG")
+        data = buffer.getvalue()
+        path = folder / f"{index:05d}.png"
+        path.write_bytes(data)
+        rows.append(
+            {
+                "image_id": hashlib.sha256(data).hexdigest(),
+                "uri": str(path),
+                "container": "file",
+                "byte_offset": None,
+                "byte_size": len(data),
+                "label": int(fashion.labels[index]),
+            }
+        )
+    return pa.Table.from_pylist(rows)

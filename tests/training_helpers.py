@@ -1,17 +1,11 @@
-"""Tiny real-image training runs for tests: Fashion-MNIST PNGs and a CPU-sized PretrainConfig."""
+"""Tiny training runs for tests: a CPU-sized PretrainConfig, distill and evaluate sections (real images
+come from pipelines.datasets.write_fashion_mnist_pngs)."""
 
 from __future__ import annotations
 
-import hashlib
-import io
-from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-from PIL import Image
-
 from pipelines.config import build_config
-from pipelines.datasets import read_fashion_mnist
 from training.config import PretrainConfig
 
 # A 2-block, 64-wide ViT on 28-px global / 14-px local crops with 7-px patches: 16 + 4 patches per crop.
@@ -44,30 +38,6 @@ def tiny_pretrain_section(**sections: dict[str, Any]) -> dict[str, Any]:
 def tiny_pretrain_config(**sections: dict[str, Any]) -> PretrainConfig:
     """TINY_PRETRAIN with some sections' keys replaced, e.g. train={"max_steps": 3}."""
     return build_config(PretrainConfig, tiny_pretrain_section(**sections), "pretrain")
-
-
-def fashion_manifest(folder: Path, count: int, split: str = "train") -> pa.Table:
-    """`count` Fashion-MNIST images written as PNG files, as a manifest of the columns training reads."""
-    fashion = read_fashion_mnist(split)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for index in range(count):
-        buffer = io.BytesIO()
-        Image.fromarray(fashion.images[index]).save(buffer, format="PNG")
-        data = buffer.getvalue()
-        path = folder / f"{index:05d}.png"
-        path.write_bytes(data)
-        rows.append(
-            {
-                "image_id": hashlib.sha256(data).hexdigest(),
-                "uri": str(path),
-                "container": "file",
-                "byte_offset": None,
-                "byte_size": len(data),
-                "label": int(fashion.labels[index]),
-            }
-        )
-    return pa.Table.from_pylist(rows)
 
 
 def tiny_distill_section(max_steps: int) -> dict[str, Any]:

@@ -131,6 +131,15 @@ class SSLMetaArch(nn.Module):
         self, global_crops: torch.Tensor, mask_indices: torch.Tensor, teacher_temp: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Targets (2, B, K) for the student's views [view 1, view 2] and (n_masked, K) for its patches."""
+        cls_logits, patch_logits = self.teacher_logits(global_crops, mask_indices)
+        cls_probs, patch_probs = self.normalise_targets(cls_logits, patch_logits, teacher_temp)
+        return cls_probs.reshape(NUM_GLOBAL_CROPS, -1, cls_probs.shape[-1]), patch_probs
+
+    @torch.no_grad()
+    def teacher_logits(
+        self, global_crops: torch.Tensor, mask_indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher heads' logits: (2B, K) of the swapped views' CLS tokens, (n_masked, K) of patches."""
         output = self.teacher["backbone"](global_crops, is_training=True)
         cls_v1, cls_v2 = output["x_norm_clstoken"].chunk(NUM_GLOBAL_CROPS)
         cls_swapped = torch.cat([cls_v2, cls_v1])  # row i of the target is the other view of row i
@@ -144,8 +153,7 @@ class SSLMetaArch(nn.Module):
         for module in self.teacher.values():
             if hasattr(module, "reshard"):
                 module.reshard()  # free the gathered teacher weights now: it runs no backward
-        cls_probs, patch_probs = self.normalise_targets(cls_logits, patch_logits, teacher_temp)
-        return cls_probs.reshape(NUM_GLOBAL_CROPS, -1, cls_probs.shape[-1]), patch_probs
+        return cls_logits, patch_logits
 
     def normalise_targets(
         self, cls_logits: torch.Tensor, patch_logits: torch.Tensor, teacher_temp: float

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.manifest import CURATED
+from pipelines.manifest import CURATED, ManifestSchema
 from pipelines.stage import (
     ARTIFACTS_DIR,
     Manifest,
@@ -37,12 +37,13 @@ from training.eval.pca_picture import pca_picture_png, spread_images
 from training.exports import EXPORTS, export_row, exports_table, load_exported_backbone, read_exports
 from training.health import HEALTH_COLUMNS
 from training.plots import health_curve_png, loss_curve_png
-from training.trainer import CHECKPOINTS_DIR, TRAIN_METRICS, read_metrics, train
+from training.run_metrics import TRAIN_METRICS, read_metrics
+from training.trainer import CHECKPOINTS_DIR, train
 
 RUN_DIR = "run"
 BACKBONE_FILE = "backbone.pth"
-LOSS_CURVE_FILE = "loss_curve.png"
-HEALTH_CURVE_FILE = "health.png"
+LOSS_CURVE_STEM = "loss_curve"  # artifacts: loss_curve.png, health.png (+ a student's name when several)
+HEALTH_CURVE_STEM = "health"
 CONFIG_FILE = "launch_config.json"
 TEACHER_MODEL = "teacher"  # pretraining exports its EMA teacher, the model DINOv2 releases
 PCA_IMAGE_COUNT = 6
@@ -80,9 +81,11 @@ def launch_torchrun(entry_module: str, section: Any, processes: int, images_uri:
     subprocess.run(command, check=True)
 
 
-def nothing_to_train(ctx: StageContext, stage: str) -> dict[str, Any]:
+def nothing_to_train(
+    ctx: StageContext, stage: str, metrics_schema: ManifestSchema = TRAIN_METRICS
+) -> dict[str, Any]:
     """Commits empty outputs for a training stage given no images, and says so in its stats."""
-    ctx.write_output("metrics", TRAIN_METRICS.empty_table())
+    ctx.write_output("metrics", metrics_schema.empty_table())
     ctx.write_output("exports", EXPORTS.empty_table())
     ctx.warn(f"{stage}: the curated manifest is empty; nothing trained")
     return {"steps": 0, "images": 0}
@@ -96,8 +99,13 @@ def finish_training(
     metrics = TRAIN_METRICS.validate(read_metrics(run_dir))
     ctx.write_output("metrics", metrics)
     ctx.write_output("exports", exports_table(exports, ctx.output_uri("exports"), ctx.store.root))
-    ctx.write_artifact(LOSS_CURVE_FILE, loss_curve_png(metrics, title))
-    ctx.write_artifact(HEALTH_CURVE_FILE, health_curve_png(metrics, f"{title}: health"))
+    return write_curves(ctx, metrics, title)
+
+
+def write_curves(ctx: StageContext, metrics: pa.Table, title: str, suffix: str = "") -> dict[str, Any]:
+    """A run's loss and health curves as artifacts (file names + `suffix`), and its metrics' stats."""
+    ctx.write_artifact(f"{LOSS_CURVE_STEM}{suffix}.png", loss_curve_png(metrics, title))
+    ctx.write_artifact(f"{HEALTH_CURVE_STEM}{suffix}.png", health_curve_png(metrics, f"{title}: health"))
     objective = metrics.column("objective")
     return {
         "steps": metrics.num_rows,

@@ -9,6 +9,8 @@ Everything a step does is a function of (weights, optimizer state, centre, step)
 the step number, and the torch RNG (stochastic-depth subsets) is reseeded from (seed, step, rank). So a
 run resumed from the checkpoint after step k repeats steps k+1.. exactly as an unbroken run does.
 The same loop runs under torchrun on N processes and as one plain process (a world of one).
+`train_together` runs several models in it on one stream of batches (distillation's students), each
+exactly as its own run: a model's step depends on nothing but its own state and the shared batch.
 """
 
 from __future__ import annotations
@@ -22,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
-from pipelines.manifest import ManifestSchema
 from pipelines.stage import config_to_dict
 from training.checkpoint import (
     checkpoint_step,
@@ -35,12 +36,13 @@ from training.checkpoint import (
     load_checkpoint,
     load_initial_weights,
     save_checkpoint,
+    step_dir_name,
     write_backbone_options,
     write_run_config,
 )
 from training.config import PretrainConfig
 from training.data.dataset import make_train_loader
-from training.health import HEALTH_COLUMNS, check_finite
+from training.health import check_finite
 from training.optim import apply_schedules, build_optimizer, build_schedules, clip_grad_norms, param_groups
 from training.parallel import (
     DistributedEnv,
@@ -51,11 +53,10 @@ from training.parallel import (
     shard_head,
     shutdown,
 )
+from training.run_metrics import drop_metrics_after, read_metrics, write_metrics_chunk
 from training.ssl import SSLMetaArch
 
 CHECKPOINTS_DIR = "checkpoints"
-METRICS_DIR = "metrics"
-METRICS_CHUNK = "steps_{first:08d}_{last:08d}.parquet"
 # Large odd constants that spread (seed, step, rank) over the RNG seed space without collisions in practice.
 STEP_SEED_STRIDE = 1_000_003
 RANK_SEED_STRIDE = 7_919
@@ -63,33 +64,6 @@ RANK_SEED_STRIDE = 7_919
 
 ModelFactory = Callable[[], nn.Module]
 FSDP_VIEW_WARNING = r"FSDP2-wrapped module .* returned a view tensor"
-
-
-def _float_fields(*names: str, nullable: bool = False) -> tuple[pa.Field, ...]:
-    return tuple(pa.field(name, pa.float64(), nullable=nullable) for name in names)
-
-
-# One row per training iteration: the schedules' values, every loss term (official logged names, plus the
-# optimised objective), the gradient norm of each student submodule before clipping, the health signals
-# (training/health.py) and the step time.
-# Version 2: every head's gradient norm is nullable. Version 3: the health signals.
-TRAIN_METRICS = ManifestSchema(
-    name="train_metrics",
-    version=3,
-    fields=(
-        pa.field("step", pa.int64(), nullable=False),
-        *_float_fields("lr", "weight_decay", "momentum", "teacher_temp", "last_layer_lr"),
-        *_float_fields(
-            "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "objective"
-        ),
-        *_float_fields("grad_norm_backbone"),
-        # One per student head: DINO (and a separate iBOT) head, or distillation's feature projection.
-        *_float_fields("grad_norm_dino_head", "grad_norm_ibot_head", "grad_norm_feature_head", nullable=True),
-        # Prototype signals are null for objectives without prototypes (feature distillation).
-        *_float_fields(*HEALTH_COLUMNS, nullable=True),
-        *_float_fields("seconds"),
-    ),
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +85,8 @@ def build_model(cfg: PretrainConfig, env: DistributedEnv, factory: ModelFactory 
     model = factory() if factory else SSLMetaArch(cfg)
     dtype = compute_dtype(cfg.train.precision, env.device)
     for modules in model.shard_groups():
+        if isinstance(modules["backbone"], FSDPModule):
+            continue  # shared with a model built before (a frozen teacher of several students): sharded
         shard_backbone(modules["backbone"], env.mesh, dtype)
         for name, head in modules.items():
             if name != "backbone":
@@ -154,29 +130,29 @@ def train_step(
     return losses, norms
 
 
-def write_metrics_chunk(root: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    directory = root / METRICS_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / METRICS_CHUNK.format(first=rows[0]["step"], last=rows[-1]["step"])
-    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    pq.write_table(TRAIN_METRICS.table_from_rows(rows), temp)
-    os.replace(temp, path)
+@dataclass(frozen=True, slots=True)
+class TrainedModel:
+    """One model of a loop: its recipe, its run folder, and what builds it (default: SSLMetaArch(cfg))."""
+
+    cfg: PretrainConfig
+    out_dir: Path
+    model_factory: ModelFactory | None = None
 
 
-def drop_metrics_after(root: Path, step: int) -> None:
-    """Removes chunks of steps a resumed run will redo (written just before a save that never landed)."""
-    for path in (root / METRICS_DIR).glob("steps_*.parquet"):
-        if int(path.stem.rsplit("_", 1)[1]) >= step:
-            path.unlink()
-
-
-def read_metrics(root: Path) -> pa.Table:
-    paths = sorted((root / METRICS_DIR).glob("steps_*.parquet"))
-    if not paths:
-        return TRAIN_METRICS.empty_table()
-    return pa.concat_tables([pq.read_table(path) for path in paths]).sort_by("step")
+def loop_settings(cfg: PretrainConfig) -> tuple[Any, ...]:
+    """The settings that decide the batches of every step, the steps, and when checkpoints are taken."""
+    return (
+        cfg.crops,
+        cfg.student.patch_size,  # the mask grid
+        cfg.ibot.mask_ratio_min_max,
+        cfg.ibot.mask_sample_probability,
+        cfg.train.seed,
+        cfg.train.batch_size_per_gpu,
+        cfg.train.num_workers,
+        cfg.train.checkpoint_period,
+        cfg.train.device,
+        cfg.steps_to_run,
+    )
 
 
 def train(
@@ -195,34 +171,77 @@ def train(
     distillation passes its own, and its `progress_label`). It must offer `student`, `shard_groups()`,
     `forward_backward`, `update_ema`, `centers()` and `exportable_backbones()`.
     """
-    env = init_distributed(cfg.train.device)
+    (result,) = train_together(
+        [TrainedModel(cfg, Path(out_dir), model_factory)],
+        images,
+        show_progress=show_progress,
+        on_step=on_step,
+        progress_label=progress_label,
+    )
+    return result
+
+
+def train_together(
+    models: list[TrainedModel],
+    images: pa.Table,
+    *,
+    show_progress: bool = True,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    progress_label: str = "pretrain",
+) -> list[TrainResult]:
+    """Trains (or resumes) several models on one stream of batches, each exactly as its own `train` run
+    would: its weights, optimizer, schedules, checkpoints and metrics in its own folder. They share each
+    batch (one loader), and whatever their factories share (distillation: one frozen teacher's outputs).
+
+    Raises:
+        ValueError: the recipes disagree on a setting of the shared loop (crops, masks, seed, batch size,
+            workers, checkpoint period, device, steps), or no model is given.
+    """
+    if not models:
+        raise ValueError("train_together needs at least one model")
+    settings = loop_settings(models[0].cfg)
+    if any(loop_settings(model.cfg) != settings for model in models[1:]):
+        raise ValueError(
+            "models trained together share one batch stream and loop: their recipes must agree on crops, "
+            "patch size, ibot masks, train.seed, batch_size_per_gpu, num_workers, checkpoint_period, "
+            "device and steps"
+        )
+    env = init_distributed(models[0].cfg.train.device)
     try:
         with warnings.catch_warnings():
             # Why: the backbone's output dict holds views of one normed tensor (as the official model
             # does); FSDP2 warns in case someone edits them in place, which nothing here does.
             warnings.filterwarnings("ignore", message=FSDP_VIEW_WARNING)
-            return _train(
-                cfg, images, Path(out_dir), env, show_progress, on_step, model_factory, progress_label
-            )
+            return _train(models, images, env, show_progress, on_step, progress_label)
     finally:
         shutdown(env)
 
 
-def _train(
-    cfg: PretrainConfig,
-    images: pa.Table,
-    root: Path,
-    env: DistributedEnv,
-    show_progress: bool,
-    on_step: Callable[[dict[str, Any]], None] | None,
-    model_factory: ModelFactory | None,
-    progress_label: str,
-) -> TrainResult:
-    checkpoints = root / CHECKPOINTS_DIR
-    model = build_model(cfg, env, model_factory)
+@dataclass(slots=True)
+class _Trainee:
+    """A model of the loop with its optimizer, schedules and unsaved metrics rows."""
+
+    cfg: PretrainConfig
+    root: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedules: Any
+    scaler: torch.amp.GradScaler | None
+    start_step: int
+    pending: list[dict[str, Any]]
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS_DIR
+
+
+def _trainee(trained: TrainedModel, env: DistributedEnv) -> _Trainee:
+    """Builds one model and its optimizer, and resumes it from its newest checkpoint (or its init_from)."""
+    cfg, root = trained.cfg, Path(trained.out_dir)
+    model = build_model(cfg, env, trained.model_factory)
     if env.is_main:
-        write_run_config(checkpoints, config_to_dict(cfg))
-        write_backbone_options(checkpoints, model.exportable_backbones())
+        write_run_config(root / CHECKPOINTS_DIR, config_to_dict(cfg))
+        write_backbone_options(root / CHECKPOINTS_DIR, model.exportable_backbones())
     groups = param_groups(
         {name: module for name, module in model.student.items()},
         layerwise_decay=cfg.optim.layerwise_decay,
@@ -231,9 +250,8 @@ def _train(
     )
     optimizer = build_optimizer(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
     schedules = build_schedules(cfg, global_batch=cfg.train.batch_size_per_gpu * env.world_size)
-
     start_step = 0
-    found = latest_checkpoint(checkpoints)
+    found = latest_checkpoint(root / CHECKPOINTS_DIR)
     if found is not None:
         start_step = load_checkpoint(found, model, optimizer)
         assert start_step == checkpoint_step(found), f"{found} holds step {start_step}"
@@ -241,12 +259,39 @@ def _train(
         load_initial_weights(
             model, cfg.train.init_from, grid=cfg.crops.global_crops_size // cfg.student.patch_size
         )
-    if env.is_main:
-        drop_metrics_after(root, start_step)
-
-    end_step = cfg.steps_to_run
     model.train()
-    scaler = loss_scaler(cfg, env)
+    return _Trainee(cfg, root, model, optimizer, schedules, loss_scaler(cfg, env), start_step, [])
+
+
+def _rewind(trainee: _Trainee, step: int) -> None:
+    """Loads `trainee`'s checkpoint of `step`: a model saved ahead of the others (killed between saves)
+    resumes with them."""
+    path = trainee.checkpoints / step_dir_name(step)
+    if not path.exists():
+        raise RuntimeError(
+            f"{trainee.root}: resuming with the models trained alongside it needs its checkpoint of step "
+            f"{step}, which is gone (keep_checkpoints); remove the run folders to start again"
+        )
+    trainee.start_step = load_checkpoint(path, trainee.model, trainee.optimizer)
+
+
+def _train(
+    models: list[TrainedModel],
+    images: pa.Table,
+    env: DistributedEnv,
+    show_progress: bool,
+    on_step: Callable[[dict[str, Any]], None] | None,
+    progress_label: str,
+) -> list[TrainResult]:
+    trainees = [_trainee(trained, env) for trained in models]
+    start_step = min(trainee.start_step for trainee in trainees)
+    for trainee in trainees:
+        if trainee.start_step != start_step:
+            _rewind(trainee, start_step)
+        if env.is_main:
+            drop_metrics_after(trainee.root, start_step)
+    cfg = trainees[0].cfg  # the loop's settings are every model's (checked by train_together)
+    end_step = cfg.steps_to_run
     loader = make_train_loader(
         images,
         cfg,
@@ -255,7 +300,6 @@ def _train(
         start_step=start_step,
         num_workers=cfg.train.num_workers,
     )
-    pending: list[dict[str, Any]] = []
     progress = tqdm(
         total=end_step,
         initial=start_step,
@@ -266,32 +310,46 @@ def _train(
     for step in range(start_step, end_step):
         started = time.perf_counter()
         batch = next(loader)
-        values = schedules.at(step)
-        torch.manual_seed(step_seed(cfg.train.seed, step, env.rank))
-        losses, norms = train_step(model, optimizer, batch, values, scaler, cfg.optim.clip_grad)
-        losses = all_reduce_mean(losses, env)
-        check_finite(step, losses, norms)
-        row = {
-            "step": step,
-            **{name: float(value) for name, value in values.items()},
-            **losses,
-            **{f"grad_norm_{name}": norm for name, norm in norms.items()},
-            "seconds": time.perf_counter() - started,
-        }
-        pending.append(row)
-        if on_step:
-            on_step(row)
+        waited = time.perf_counter() - started
+        for trainee in trainees:
+            started = time.perf_counter()
+            values = trainee.schedules.at(step)
+            torch.manual_seed(step_seed(trainee.cfg.train.seed, step, env.rank))
+            losses, norms = train_step(
+                trainee.model, trainee.optimizer, batch, values, trainee.scaler, trainee.cfg.optim.clip_grad
+            )
+            losses = all_reduce_mean(losses, env)
+            check_finite(step, losses, norms)
+            row = {
+                "step": step,
+                **{name: float(value) for name, value in values.items()},
+                **losses,
+                **{f"grad_norm_{name}": norm for name, norm in norms.items()},
+                # Its own step plus the wait for the shared batch (what the step costs it alone).
+                "seconds": waited + time.perf_counter() - started,
+            }
+            trainee.pending.append(row)
+            if on_step:
+                on_step(row)
         progress.update(1)
-        progress.set_postfix(loss=f"{losses['objective']:.3f}")
+        progress.set_postfix(loss=f"{trainees[0].pending[-1]['objective']:.3f}")
         done = step + 1
         if done % cfg.train.checkpoint_period == 0 or done == end_step:
-            if env.is_main:
-                write_metrics_chunk(root, pending)
-            pending = []
-            for center in model.centers():
-                center.flush()
-            save_checkpoint(checkpoints, done, model, optimizer, keep=cfg.train.keep_checkpoints)
+            for trainee in trainees:
+                if env.is_main:
+                    write_metrics_chunk(trainee.root, trainee.pending)
+                trainee.pending = []
+                for center in trainee.model.centers():
+                    center.flush()
+                keep = cfg.train.keep_checkpoints
+                save_checkpoint(trainee.checkpoints, done, trainee.model, trainee.optimizer, keep=keep)
     progress.close()
-    return TrainResult(
-        steps=end_step, resumed_from=start_step, checkpoint_root=checkpoints, metrics=read_metrics(root)
-    )
+    return [
+        TrainResult(
+            steps=end_step,
+            resumed_from=start_step,
+            checkpoint_root=trainee.checkpoints,
+            metrics=read_metrics(trainee.root),
+        )
+        for trainee in trainees
+    ]

@@ -13,10 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipelines.datasets import write_fashion_mnist_pngs
 from pipelines.stage import config_to_dict
-from tests.training_helpers import fashion_manifest, tiny_pretrain_config
+from tests.training_helpers import tiny_pretrain_config
 from training.checkpoint import latest_checkpoint
-from training.trainer import CHECKPOINTS_DIR, read_metrics, train
+from training.run_metrics import read_metrics
+from training.trainer import CHECKPOINTS_DIR, train
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN_TIMEOUT_S = 300
@@ -60,7 +62,7 @@ def test_two_fsdp2_processes_match_one_process_on_the_same_global_batch(tmp_path
 
 @pytest.mark.timeout(600)
 def test_a_two_process_run_resumes_in_one_process(tmp_path):
-    images = fashion_manifest(tmp_path / "images", 16)
+    images = write_fashion_mnist_pngs(tmp_path / "images", 16)
     cfg = tiny_pretrain_config(train={"max_steps": 3})
     config_path = tmp_path / "pretrain.json"
     config_path.write_text(json.dumps(config_to_dict(cfg)))

@@ -13,13 +13,14 @@ from distillation.meta_arch import DistillMetaArch
 from distillation.stage import distill, save_random_init
 from distillation.teacher import load_checkpoint_teacher, load_hub_teacher
 from pipelines.config import build_config
-from tests.training_helpers import fashion_manifest, tiny_distill_section, tiny_pretrain_config
+from tests.training_helpers import tiny_distill_section
 from training.checkpoint import export_backbone
 from training.data.dataset import make_train_loader
 from training.exports import export_row, load_exported_backbone
 from training.health import feature_signals
 from training.models.vit import build_vit
-from training.trainer import CHECKPOINTS_DIR, read_metrics, train
+from training.run_metrics import read_metrics
+from training.trainer import CHECKPOINTS_DIR
 
 # Cosine distance 1 - cos is 1 for orthogonal features; random maps stay well away from agreement (0).
 MIN_UNTRAINED_DISTANCE = 0.5
@@ -29,14 +30,6 @@ LOSS_COLUMNS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss",
 def distill_config(teacher_source, max_steps: int, **options):
     data = {**tiny_distill_section(max_steps), "teacher_source": str(teacher_source), **options}
     return build_config(DistillConfig, data, "distill")
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pretrained")
-    images = fashion_manifest(root / "images", 16)
-    train(tiny_pretrain_config(train={"max_steps": 3}), images, root / "run", show_progress=False)
-    return images, root / "run" / CHECKPOINTS_DIR
 
 
 def student_export(run_dir, out):
@@ -149,7 +142,7 @@ def untrained_feature_distances(
 def test_the_random_init_export_is_the_students_starting_point(pretrained, tmp_path):
     _, checkpoints = pretrained
     cfg = distill_config(checkpoints, 1)
-    row = export_row("student_random_init", save_random_init(cfg, tmp_path / "init.pth"))
+    row = export_row("student_random_init", save_random_init(cfg.recipe, tmp_path / "init.pth"))
     baseline = load_exported_backbone(row).state_dict()
     teacher = load_checkpoint_teacher(checkpoints)  # loaded before training seeds and builds the student
     torch.manual_seed(cfg.recipe.train.seed)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from distillation.teacher import load_checkpoint_teacher
-from tests.training_helpers import fashion_manifest, tiny_pretrain_config
+from pipelines.datasets import write_fashion_mnist_pngs
+from tests.training_helpers import tiny_pretrain_config
 from training.checkpoint import LATEST_FILE, latest_checkpoint, load_initial_weights, read_model_tensors
 from training.dcp_metadata import UnsafeCheckpointError
 from training.ssl import SSLMetaArch
@@ -34,8 +35,8 @@ class RunsAShellCommand:
 def checkpoints(tmp_path_factory) -> Path:
     """A real lvd checkpoint root: a one-step tiny pretraining run."""
     root = tmp_path_factory.mktemp("dcp")
-    train(tiny_pretrain_config(train={"max_steps": 1}), fashion_manifest(root / "images", 8), root / "run",
-          show_progress=False)  # fmt: skip
+    images = write_fashion_mnist_pngs(root / "images", 8)
+    train(tiny_pretrain_config(train={"max_steps": 1}), images, root / "run", show_progress=False)
     return root / "run" / CHECKPOINTS_DIR
 
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from tests.training_helpers import fashion_manifest, tiny_pretrain_config
+from pipelines.datasets import write_fashion_mnist_pngs
+from tests.training_helpers import tiny_pretrain_config
 from training.health import (
     HEALTH_COLUMNS,
     TrainingDiverged,
@@ -15,8 +16,9 @@ from training.health import (
     feature_signals,
     prototype_signals,
 )
+from training.run_metrics import METRICS_DIR
 from training.ssl import SSLMetaArch
-from training.trainer import CHECKPOINTS_DIR, METRICS_DIR, train
+from training.trainer import CHECKPOINTS_DIR, train
 
 PROTOTYPES = 8
 ROWS = 4
@@ -88,7 +90,7 @@ def test_a_gradient_overflow_with_finite_losses_names_the_submodule():
 
 
 def test_a_run_fed_nan_stops_at_its_first_step_naming_the_term_and_saves_nothing(tmp_path):
-    images = fashion_manifest(tmp_path / "images", 8)
+    images = write_fashion_mnist_pngs(tmp_path / "images", 8)
     cfg = tiny_pretrain_config(train={"max_steps": 3})
 
     def poisoned_heads() -> SSLMetaArch:
@@ -107,7 +109,7 @@ def test_a_run_fed_nan_stops_at_its_first_step_naming_the_term_and_saves_nothing
 
 
 def test_every_pretraining_step_logs_the_health_signals(tmp_path):
-    images = fashion_manifest(tmp_path / "images", 8)
+    images = write_fashion_mnist_pngs(tmp_path / "images", 8)
     result = train(
         tiny_pretrain_config(train={"max_steps": 2}), images, tmp_path / "run", show_progress=False
     )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tests.training_helpers import fashion_manifest, tiny_pretrain_config
+from pipelines.datasets import write_fashion_mnist_pngs
+from tests.training_helpers import tiny_pretrain_config
 from training.checkpoint import export_backbone, latest_checkpoint, load_initial_weights, resize_pos_embed
 from training.models.vit import build_vit
 from training.parallel import init_distributed, local_tensor, shutdown
@@ -21,7 +22,7 @@ def teacher_weights(run_dir) -> dict[str, torch.Tensor]:
 
 
 def test_resumed_run_repeats_the_unbroken_run_exactly(tmp_path):
-    images = fashion_manifest(tmp_path / "images", 16)
+    images = write_fashion_mnist_pngs(tmp_path / "images", 16)
     straight = train(
         tiny_pretrain_config(train={"max_steps": 6}), images, tmp_path / "straight", show_progress=False
     )
@@ -46,7 +47,7 @@ def test_resumed_run_repeats_the_unbroken_run_exactly(tmp_path):
 
 
 def test_training_moves_the_teacher_and_logs_the_schedules(tmp_path):
-    images = fashion_manifest(tmp_path / "images", 16)
+    images = write_fashion_mnist_pngs(tmp_path / "images", 16)
     cfg = tiny_pretrain_config(train={"max_steps": 4})
     result = train(cfg, images, tmp_path / "run", show_progress=False)
     metrics = result.metrics.to_pydict()
@@ -67,7 +68,7 @@ def test_training_moves_the_teacher_and_logs_the_schedules(tmp_path):
 
 
 def test_the_high_resolution_phase_starts_from_the_earlier_run_with_a_resized_position_table(tmp_path):
-    images = fashion_manifest(tmp_path / "images", 16)
+    images = write_fashion_mnist_pngs(tmp_path / "images", 16)
     train(tiny_pretrain_config(train={"max_steps": 2}), images, tmp_path / "low", show_progress=False)
     low = teacher_weights(tmp_path / "low")
     # 42-px global crops: a 6 x 6 grid instead of 4 x 4; the run starts from the 28-px checkpoint.
