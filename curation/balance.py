@@ -32,6 +32,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.cluster import (
@@ -69,9 +70,9 @@ from pipelines.manifest import (
     row_order,
     sort_rows,
 )
-from pipelines.stage import Manifest, ShardResult, StageContext, StageSpec, register_stage
+from pipelines.stage import Manifest, ShardResult, StageContext, StageRun, StageSpec, register_stage
 from pipelines.validation import require
-from pipelines.views import figure_png, pyplot
+from pipelines.views import TableView, figure_png, pyplot, table_view
 
 BALANCED_MODE = "balanced"
 # CURATED requires a seed source; a balanced row answers to no seed set, so it names the mode instead.
@@ -307,6 +308,43 @@ def evenness(counts: np.ndarray) -> float:
     return float(-(shares * np.log(shares)).sum() / np.log(len(counts))) if len(counts) > 1 else 1.0
 
 
+def composition_view(tree: pa.Table) -> TableView:
+    """Per level: clusters, and the smallest / median / largest cluster in the pool and in the sample,
+    with the evenness of each (1 = every cluster the same size)."""
+    rows = []
+    for level in range(pc.max(tree.column("level")).as_py() + 1):
+        members = tree.filter(pc.equal(tree.column("level"), level))
+        sizes, taken = np.asarray(members.column("size")), np.asarray(members.column("selected"))
+        spread = [
+            f"{int(values.min()):,} / {np.median(values):,.0f} / {int(values.max()):,}"
+            for values in (sizes, taken)
+        ]
+        rows.append(
+            [
+                level + 1,
+                f"{members.num_rows:,}",
+                spread[0],
+                spread[1],
+                f"{evenness(sizes):.3f}",
+                f"{evenness(taken):.3f}",
+            ]
+        )
+    header = [
+        "level",
+        "clusters",
+        "pool: min / median / max",
+        "sample: min / median / max",
+        "pool evenness",
+        "sample evenness",
+    ]
+    return table_view("the tree, level 1 = leaves: rows per cluster before and after balancing", header, rows)
+
+
+def balance_tables(run: StageRun) -> list[TableView]:
+    tree = run.outputs["tree"].read(TREE)
+    return [composition_view(tree)] if tree.num_rows else []
+
+
 def run_balance(cfg: BalanceConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -392,5 +430,6 @@ BALANCE = register_stage(
         outputs={"assignments": LEAF_ASSIGNMENTS, "tree": TREE, "curated": CURATED, "paths": PATHS},
         description="hierarchical k-means of the pool and a sample split evenly down its tree",
         shown_stats={"rows": "pool images", "selected": "balanced rows"},
+        tables=balance_tables,
     )
 )

@@ -11,7 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 
 import curation  # noqa: F401  (registers the stages)
-from curation.balance import BALANCED_MODE, LEAF_ASSIGNMENTS, PATHS, TREE, BalanceConfig, uniform_draws
+from curation.balance import (
+    BALANCED_MODE,
+    LEAF_ASSIGNMENTS,
+    PATHS,
+    TREE,
+    BalanceConfig,
+    balance_tables,
+    uniform_draws,
+)
 from curation.embed import EMBEDDINGS
 from curation.hierarchy import Level, top_per_leaf
 from pipelines.manifest import CURATED, IMAGES, ManifestError, row_order, sort_rows
@@ -108,6 +116,8 @@ def test_paths_nest_and_the_tree_counts_what_was_taken(run):
         rows = tree.filter(pa.compute.equal(tree.column("level"), level))
         assert pa.compute.sum(rows.column("size")).as_py() == sum(CONCEPT_SIZES)
         assert pa.compute.sum(rows.column("selected")).as_py() == TARGET
+    (view,) = balance_tables(run)
+    assert [row[:2] for row in view.rows] == [("1", "32"), ("2", str(TOP_CLUSTERS))]
 
 
 def test_the_streamed_pick_is_the_rule_applied_to_every_row_at_once(run):
