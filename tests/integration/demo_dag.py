@@ -35,6 +35,7 @@ def small_demo_config(data: Path, store: Path) -> CurateAndTrainConfig:
         copy_dedup=replace(cfg.copy_dedup, rows_per_shard=rows),
         embed=replace(cfg.embed, rows_per_shard=rows),
         cluster=replace(cfg.cluster, rows_per_shard=rows),
+        balance=replace(cfg.balance, rows_per_shard=rows),
         retrieve=replace(cfg.retrieve, rows_per_shard=SMALL_DEMO_QUERIES_PER_SHARD),
     )
 

@@ -141,9 +141,13 @@ def report(tmp_path_factory) -> tuple[Path, dict[str, StageRun]]:
     """The whole small-demo DAG (shared with other tests) and its data ablation (reused when another
     test made it), then `lvd report` on its config; returns the page and every stage's run."""
     shared, first = small_demo_dag(tmp_path_factory.getbasetemp())
-    # Why a seed of its own: the ablation's keys stay apart from those of test_ablate_data, which
-    # expects to compute its ablation itself, whichever module runs first.
-    cfg = dataclasses.replace(shared, ablate_data=dataclasses.replace(shared.ablate_data, seed=ABLATION_SEED))
+    # Why seeds of their own: the ablation's keys (random and balanced arms) stay apart from those of
+    # test_ablate_data, which expects to compute its ablation itself, whichever module runs first.
+    cfg = dataclasses.replace(
+        shared,
+        ablate_data=dataclasses.replace(shared.ablate_data, seed=ABLATION_SEED),
+        balance=dataclasses.replace(shared.balance, seed=ABLATION_SEED),
+    )
     upstream = CURATE_AND_TRAIN.branch_upstream(ABLATE_DATA)
     runs = {**first, **run_pipeline(CURATE_AND_TRAIN, cfg, until=upstream, branches=[ABLATE_DATA])}
     folder = tmp_path_factory.mktemp("report")
@@ -172,9 +176,9 @@ def test_report_loads_every_image_decodes_and_the_console_stays_clean(browser, r
     undecoded = [alt for alt, complete, width in images if not (complete and width > 0)]
     assert not undecoded, f"images that did not decode: {undecoded}"
     # One picture per PNG artifact of the committed stages, plus the PCA picture of each pretraining
-    # (curated and random data), as wide as the images it shows.
+    # (curated, random and balanced data), as wide as the images it shows.
     pictures = sum(name.endswith(".png") for run in runs.values() for name in run.record["artifacts"])
-    pretrainings = ("pretrain", "pretrain_random")
+    pretrainings = ("pretrain", "pretrain_random", "pretrain_balanced")
     assert len(images) == pictures + len(pretrainings)
     pca = sorted(width for alt, _, width in images if "PCA components" in alt)
     trained_on = [runs[stage].inputs["curated"].read() for stage in pretrainings]
