@@ -40,7 +40,7 @@ from curation.cluster import (
     DEFAULT_POINTS_PER_CENTROID,
     assign_shard,
     cluster_sizes,
-    keyed_rows,
+    pool_rows,
     seeded_sample,
 )
 from curation.embed import EMBEDDINGS
@@ -55,7 +55,7 @@ from curation.hierarchy import (
     level_sizes,
     top_per_leaf,
 )
-from curation.vector_parts import LocatedRows, located_shards, manifest_parts, read_unit_rows
+from curation.vector_parts import ChosenRows, manifest_parts
 from curation.vectors import embedding_array
 from pipelines.manifest import (
     CURATED,
@@ -170,10 +170,13 @@ def uniform_draws(keys: pa.Table, seed: int) -> np.ndarray:
     return bits.astype(np.float64) / float(1 << DRAW_MANTISSA_BITS)
 
 
-def leaf_shard(leaves: np.ndarray, seed: int, use_gpu: bool, rows: LocatedRows) -> ShardResult:
+def leaf_shard(leaves: np.ndarray, seed: int, use_gpu: bool, rows: ChosenRows) -> ShardResult:
     """Shard worker: each row's nearest leaf centroid (cluster's assignment) and its draw."""
     result = assign_shard(leaves, use_gpu, rows)
-    table = result.tables["assignments"].append_column("draw", pa.array(uniform_draws(rows.keys, seed)))
+    assigned = result.tables["assignments"]
+    table = assigned.append_column(
+        "draw", pa.array(uniform_draws(assigned.select(["image_id", "uri"]), seed))
+    )
     return ShardResult(tables={"assignments": table}, stats=result.stats)
 
 
@@ -270,8 +273,8 @@ def balance_tables(run: StageRun) -> list[TableView]:
 def run_balance(cfg: BalanceConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    keys, where = keyed_rows(inputs["embeddings"], cfg.roles)
-    num_rows = keys.num_rows
+    rows = pool_rows(ctx, inputs["embeddings"], cfg.roles, cfg.rows_per_shard)
+    num_rows = len(rows)
     if num_rows == 0:
         for name, schema in (
             ("assignments", LEAF_ASSIGNMENTS),
@@ -282,7 +285,7 @@ def run_balance(cfg: BalanceConfig, inputs: Mapping[str, Manifest], ctx: StageCo
             ctx.write_output(name, schema.empty_table())
         return {"rows": 0, "selected": 0}
     train_rows = min(num_rows, cfg.levels[0].clusters * cfg.max_points_per_centroid)
-    training = read_unit_rows(where.take(seeded_sample(num_rows, train_rows, cfg.seed)))
+    training = rows.read_unit_rows(seeded_sample(num_rows, train_rows, cfg.seed))
     timings["read_and_sample"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -292,8 +295,8 @@ def run_balance(cfg: BalanceConfig, inputs: Mapping[str, Manifest], ctx: StageCo
     timings["hierarchical_kmeans"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    shards = located_shards(keys, where, cfg.rows_per_shard, loaded)
-    del keys, where, loaded
+    shards = rows.shards(cfg.rows_per_shard, loaded)
+    del rows, loaded
     worker = functools.partial(leaf_shard, tree.centroids[0], cfg.seed, cfg.use_gpu)
     ctx.map_shards(worker, shards, outputs=["assignments"])
     del shards
@@ -345,7 +348,8 @@ def run_balance(cfg: BalanceConfig, inputs: Mapping[str, Manifest], ctx: StageCo
 BALANCE = register_stage(
     StageSpec(
         name="balance",
-        version=1,
+        # 2: assignment shards are the partitions of every row (`pipelines.partitions`), not of role rows
+        version=2,
         config_type=BalanceConfig,
         fn=run_balance,
         inputs={"embeddings": EMBEDDINGS, "images": IMAGES, "curated": CURATED},

@@ -1,14 +1,15 @@
 """The `cluster` stage: spherical (cosine) k-means of the pool's embeddings, in bounded memory.
 
-embeddings --keys and role only, part by part (never the embedding column)--> rows of cfg.roles, key order
+embeddings (key ranges: `pipelines.partitions`) --role column, part by part--> rows of cfg.roles as global
+   row ids (key order; 8 bytes a row, never a key)
    --seeded sample (<= k * max_points_per_centroid rows): only those rows' embeddings read--> unit float32
    --faiss.Kmeans(spherical)--> centroids
-   --ctx.map_shards over key-sorted shards: each worker reads its own rows from the parts holding them
+   --ctx.map_shards over partitions: each worker reads its own rows' keys and embeddings from the parts
      (unless the sample was every row: then shards view it), nearest centroid of each row--> assignments
    --part by part: cluster sizes, then the members nearest the largest clusters' centroids--> centroids
      (cluster, size, centroid), the picture
 
-Memory: the key columns, the training sample and the centroids; a shard worker adds one shard's rows.
+Memory: the role rows' ids, the training sample and the centroids; a shard worker adds one shard's rows.
 Beyond the sample's cap no copy of the embeddings is ever held, so the pool can outgrow one machine.
 """
 
@@ -30,10 +31,11 @@ import pyarrow.parquet as pq
 from curation.embed import EMBEDDINGS
 from curation.pictures import Tile, contact_sheet
 from curation.search.knn import faiss_gpus, nearest_centroid
-from curation.vector_parts import LocatedRows, PartRows, located_columns, located_shards, read_unit_rows
+from curation.vector_parts import ChosenRows, RoleRows, role_rows
 from curation.vectors import embedding_array
 from pipelines.images import read_image_bytes
-from pipelines.manifest import EMBEDDING, ROW_KEY_COLUMNS, ManifestSchema, Role, row_order
+from pipelines.manifest import EMBEDDING, ManifestSchema, Role
+from pipelines.partitions import stage_key_ranges
 from pipelines.stage import Manifest, ShardResult, StageContext, StageSpec, register_stage
 from pipelines.validation import require
 
@@ -88,22 +90,23 @@ ASSIGNMENTS = ManifestSchema(
 )
 
 
-def assign_shard(centroids: np.ndarray, use_gpu: bool, rows: LocatedRows) -> ShardResult:
-    """Shard worker: reads its rows' embeddings, and finds the nearest centroid (by cosine) of each (on the
-    worker's GPUs when asked and present)."""
+def assign_shard(centroids: np.ndarray, use_gpu: bool, rows: ChosenRows) -> ShardResult:
+    """Shard worker: reads its rows' keys and embeddings, and finds the nearest centroid (by cosine) of
+    each (on the worker's GPUs when asked and present)."""
     started = time.perf_counter()
+    keys = rows.read_keys()
     nearest, similarity = nearest_centroid(rows.unit_rows(), centroids, use_gpu)
     table = pa.table(
         {
-            "image_id": rows.keys.column("image_id"),
-            "uri": rows.keys.column("uri"),
+            "image_id": keys.column("image_id"),
+            "uri": keys.column("uri"),
             "cluster": pa.array(nearest.astype(np.int32)),
             "similarity": pa.array(similarity.astype(np.float32)),
         }
     )
     seconds = round(time.perf_counter() - started, 3)
     return ShardResult(
-        tables={"assignments": table}, stats={"assigned_rows": rows.keys.num_rows, "seconds": seconds}
+        tables={"assignments": table}, stats={"assigned_rows": keys.num_rows, "seconds": seconds}
     )
 
 
@@ -174,18 +177,13 @@ def uri_tile(uri: str, caption: str) -> Tile:
     return Tile(data, caption)
 
 
-def keyed_rows(embeddings: Manifest, roles: Sequence[Role]) -> tuple[pa.Table, PartRows]:
-    """The key columns of the embeddings rows of `roles`, in key order, and where each row lies.
-
-    Key order, not part order: a seeded sample of these rows must not depend on how upstream wrote parts.
-    """
-    table, where = located_columns(embeddings, EMBEDDINGS, [*ROW_KEY_COLUMNS, "role"])
-    wanted = pc.is_in(table.column("role"), pa.array(list(roles), pa.string()))
-    rows = np.flatnonzero(np.asarray(wanted.combine_chunks()))
-    keys = table.select(list(ROW_KEY_COLUMNS)).take(rows)
-    del table
-    order = row_order(keys)
-    return keys.take(order), where.take(rows[order])
+def pool_rows(
+    ctx: StageContext, embeddings: Manifest, roles: Sequence[Role], rows_per_shard: int
+) -> RoleRows:
+    """The embeddings rows of `roles`, in key order (a seeded sample of them must not depend on how
+    upstream wrote parts), as global row ids: the driver holds 8 bytes a row, never a key."""
+    ranges = stage_key_ranges(ctx, "embeddings", embeddings.uri, EMBEDDINGS, rows_per_shard)
+    return role_rows(ranges, roles)
 
 
 def seeded_sample(num_rows: int, count: int, seed: int) -> np.ndarray:
@@ -198,15 +196,15 @@ def seeded_sample(num_rows: int, count: int, seed: int) -> np.ndarray:
 def run_cluster(cfg: ClusterConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    keys, where = keyed_rows(inputs["embeddings"], cfg.roles)
-    num_rows = keys.num_rows
+    rows = pool_rows(ctx, inputs["embeddings"], cfg.roles, cfg.rows_per_shard)
+    num_rows = len(rows)
     if num_rows == 0:
         ctx.write_output("centroids", CENTROIDS.empty_table())
         ctx.write_output("assignments", ASSIGNMENTS.empty_table())
         return {"rows": 0, "clusters": 0}
     num_clusters = min(cfg.num_clusters, num_rows)
     train_rows = min(num_rows, num_clusters * cfg.max_points_per_centroid)
-    training = read_unit_rows(where.take(seeded_sample(num_rows, train_rows, cfg.seed)))
+    training = rows.read_unit_rows(seeded_sample(num_rows, train_rows, cfg.seed))
     timings["read_and_sample"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -217,7 +215,8 @@ def run_cluster(cfg: ClusterConfig, inputs: Mapping[str, Manifest], ctx: StageCo
     timings["train"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    shards = located_shards(keys, where, cfg.rows_per_shard, loaded)
+    shards = rows.shards(cfg.rows_per_shard, loaded)
+    del loaded
     ctx.map_shards(functools.partial(assign_shard, centroids, cfg.use_gpu), shards, outputs=["assignments"])
     timings["assign"] = time.perf_counter() - started
 
@@ -253,7 +252,8 @@ def run_cluster(cfg: ClusterConfig, inputs: Mapping[str, Manifest], ctx: StageCo
 CLUSTER = register_stage(
     StageSpec(
         name="cluster",
-        version=1,
+        # 2: assignment shards are the partitions of every row (`pipelines.partitions`), not of role rows
+        version=2,
         config_type=ClusterConfig,
         fn=run_cluster,
         inputs={"embeddings": EMBEDDINGS},

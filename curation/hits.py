@@ -4,7 +4,9 @@ sample mode:  queries --knn_search over the pool index--> the N nearest pool row
 cluster mode: each query's nearest centroid --clusters with more than T queries--> up to M pool rows of
               each (a seeded sample, ranked by cosine to the centroid) --> a seeded cap per source
 collisions:   `keep_once` keeps one hit per pool row (its best); otherwise every hit stays
-`hits_table` --> RETRIEVED rows; `neighbour_hits` reads them back as row indices, in search order
+`hits_table` --> RETRIEVED rows (the hit pool rows described by `retrieval_pool.Pool.describe`)
+sample mode's `neighbours` rows --`sample_retrievals`--> one source's rows in search order, or its best one
+              per pool image; counted by image (no pool table needed)
 """
 
 from __future__ import annotations
@@ -18,12 +20,10 @@ import numpy as np
 import pyarrow as pa
 
 from curation.search.knn import Searcher, knn_search
-from pipelines.manifest import ManifestSchema, align_rows
+from pipelines.manifest import ManifestSchema
 
 if TYPE_CHECKING:
     from curation.retrieve import RetrievalSourceConfig
-
-QUERY_COLUMNS = {"query_image_id": "image_id", "query_uri": "uri"}
 
 RETRIEVED = ManifestSchema(
     name="retrieved",
@@ -82,16 +82,16 @@ def nearest_centroids(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 def cluster_hits(
     query_clusters: np.ndarray,
-    pool: pa.Table,
+    clusters: np.ndarray,
+    centroid_similarity: np.ndarray,
     source: RetrievalSourceConfig,
     seed: int,
 ) -> tuple[Hits, int, int]:
-    """Pool rows of every cluster with more than `min_query_hits` queries, capped per cluster and source.
+    """Pool rows of every cluster with more than `min_query_hits` queries, capped per cluster and source;
+    `clusters` and `centroid_similarity` are per pool row.
 
     Returns the hits, the clusters used, and the count before the per-source cap.
     """
-    clusters = np.asarray(pool.column("cluster"), dtype=np.int64)
-    centroid_similarity = np.asarray(pool.column("centroid_similarity"), dtype=np.float32)
     num_clusters = int(max(clusters.max(initial=-1), query_clusters.max(initial=-1))) + 1
     hits_per_cluster = np.bincount(query_clusters, minlength=num_clusters)
     used = np.flatnonzero(hits_per_cluster > source.min_query_hits)
@@ -117,37 +117,62 @@ def cluster_hits(
     return hits, len(used), before_cap
 
 
-def hits_table(hits: Hits, pool: pa.Table, queries: pa.Table, seed_source: str, mode: str) -> pa.Table:
+def hits_table(hits: Hits, described: pa.Table, queries: pa.Table, seed_source: str, mode: str) -> pa.Table:
+    """RETRIEVED rows for `hits`; `described` holds each hit's pool row (`Pool.describe(hits.pool)`)."""
     has_query = hits.query >= 0
     query_rows = pa.array(np.where(has_query, hits.query, 0), mask=~has_query)
     return RETRIEVED.validate(
         pa.table(
             {
-                "image_id": pool.column("image_id").take(hits.pool),
-                "uri": pool.column("uri").take(hits.pool),
-                "source": pool.column("source").take(hits.pool),
+                "image_id": described.column("image_id"),
+                "uri": described.column("uri"),
+                "source": described.column("source"),
                 "seed_source": pa.array([seed_source] * len(hits.pool), pa.string()),
                 "mode": pa.array([mode] * len(hits.pool), pa.string()),
                 "query_image_id": queries.column("image_id").take(query_rows),
                 "query_uri": queries.column("uri").take(query_rows),
                 "similarity": pa.array(hits.similarity.astype(np.float32)),
                 "rank": pa.array(hits.rank.astype(np.int32)),
-                "cluster": pool.column("cluster").take(hits.pool),
+                "cluster": described.column("cluster"),
             }
         )
     )
 
 
-def neighbour_hits(neighbours: pa.Table, pool: pa.Table, queries: pa.Table) -> Hits:
-    """One source's `neighbours` rows as row indices of `pool` and `queries`: query by query, nearest first.
+@dataclass(frozen=True, slots=True)
+class SampleRetrievals:
+    """One sample-mode source's `retrieved` rows and how its hits fell on pool images."""
+
+    table: pa.Table
+    retrievals: int
+    unique_pool_images: int
+    collisions: int  # pool images retrieved more than once
+
+
+def sample_retrievals(neighbours: pa.Table, keep_best_only: bool) -> SampleRetrievals:
+    """One source's `neighbours` rows query by query (in key order), nearest first; with `keep_best_only`,
+    one row per pool image: its most similar (then lowest rank, then first query), by pool image key.
 
     The order is the one a single search over all the queries gives, whichever order the parts come in.
     """
-    query_keys = neighbours.select(list(QUERY_COLUMNS)).rename_columns(list(QUERY_COLUMNS.values()))
-    hits = Hits(
-        align_rows(neighbours, pool),
-        align_rows(query_keys, queries),
-        np.asarray(neighbours.column("similarity"), dtype=np.float32),
-        np.asarray(neighbours.column("rank"), dtype=np.int64),
+    by_query = neighbours.sort_by(
+        [("query_image_id", "ascending"), ("query_uri", "ascending"), ("rank", "ascending")]
     )
-    return hits.take(np.lexsort((hits.rank, hits.query)))
+    by_image = neighbours.sort_by(
+        [
+            ("image_id", "ascending"),
+            ("uri", "ascending"),
+            ("similarity", "descending"),
+            ("rank", "ascending"),
+            ("query_image_id", "ascending"),
+            ("query_uri", "ascending"),
+        ]
+    )
+    ids = np.asarray(by_image.column("image_id").to_numpy(zero_copy_only=False), dtype=object)
+    uris = np.asarray(by_image.column("uri").to_numpy(zero_copy_only=False), dtype=object)
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = (ids[1:] != ids[:-1]) | (uris[1:] != uris[:-1])
+    starts = np.flatnonzero(first)
+    counts = np.diff(np.append(starts, len(ids)))
+    table = by_image.filter(pa.array(first)) if keep_best_only else by_query
+    return SampleRetrievals(table, neighbours.num_rows, len(starts), int((counts > 1).sum()))

@@ -1,7 +1,9 @@
 """The `retrieve` stage: pool images near each curated seed set (paper Sec. 3, App. A.4).
 
-pool    = embeddings rows with role `uncurated` that the cluster stage assigned (the decontaminated pool)
-queries = embeddings rows whose `source` is a configured seed source, sorted by key
+pool    = embeddings rows with role `uncurated` that the cluster stage assigned (the decontaminated pool),
+          held as row ids (`retrieval_pool`): its vectors fill the index a block at a time, and a search
+          shard reads the keys of the pool rows it hit; the driver holds 16 bytes a pool row
+queries = embeddings rows whose `source` is a configured seed source, in key order (held: the seed sets)
 sample mode:  queries --key-sorted shards of rows_per_shard--> ctx.map_shards(search_shard): the N pool
               images nearest to each query (cosine; exact Faiss, or IVF from ivf_min_rows), one
               `neighbours` part per shard (resumable; every worker holds the pool index once, or with
@@ -42,16 +44,18 @@ from curation.hits import (
     hits_table,
     keep_once,
     nearest_centroids,
-    neighbour_hits,
     sample_hits,
+    sample_retrievals,
 )
 from curation.pictures import Tile, contact_sheet
+from curation.retrieval_pool import Pool, assigned_pool
 from curation.search import SearchConfig, database_index
 from curation.search.knn import Searcher
 from curation.search.sharded import SINGLE_INDEX
 from curation.vectors import RowVectors, embedding_matrix, vector_shards
 from pipelines.executor import SerialExecutor
-from pipelines.manifest import ROW_KEY_COLUMNS, ManifestSchema, sort_rows
+from pipelines.manifest import ROW_KEY_COLUMNS, ManifestSchema
+from pipelines.partitions import KeyRanges, stage_key_ranges
 from pipelines.stage import Manifest, Shard, ShardResult, StageContext, StageSpec, register_stage
 from pipelines.validation import require
 
@@ -124,26 +128,12 @@ COMPOSITION = ManifestSchema(
 )
 
 
-def load_pool(embeddings: pa.Table, assignments: pa.Table) -> tuple[pa.Table, np.ndarray]:
-    """Pool rows (sorted by key) with their cluster and centroid similarity, and their unit vectors.
-
-    Only rows the cluster stage assigned count: the pool is exactly what was clustered.
-    """
-    pool = sort_rows(embeddings.filter(pc.equal(embeddings.column("role"), POOL_ROLE)))
-    wanted = pool.select(list(ROW_KEY_COLUMNS)).append_column("_row", pa.array(np.arange(pool.num_rows)))
-    joined = wanted.join(assignments, list(ROW_KEY_COLUMNS), join_type="inner").sort_by("_row")
-    pool = pool.take(np.asarray(joined.column("_row"), dtype=np.int64))
-    vectors = embedding_matrix(pool)
-    pool = pool.drop_columns(["embedding"]).append_column("cluster", joined.column("cluster"))
-    return pool.append_column("centroid_similarity", joined.column("similarity")), vectors
-
-
 @dataclass(frozen=True, slots=True)
 class PoolSearch:
-    """What every search worker holds once: the pool's index and its rows (keys, source, cluster)."""
+    """What every search worker holds once: the pool's index and where its rows lie."""
 
     searcher: Searcher
-    pool: pa.Table
+    pool: Pool
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +149,8 @@ def search_shard(search: PoolSearch, shard: QueryShard) -> ShardResult:
     """Shard worker: the `num_neighbours` nearest pool rows of every query, as `neighbours` rows."""
     started = time.perf_counter()
     hits = sample_hits(shard.queries.vectors, search.searcher, shard.num_neighbours)
-    table = hits_table(hits, search.pool, shard.queries.keys, shard.seed_source, SAMPLE_MODE)
+    described = search.pool.describe(hits.pool)
+    table = hits_table(hits, described, shard.queries.keys, shard.seed_source, SAMPLE_MODE)
     seconds = round(time.perf_counter() - started, 3)
     stats = {shard.seed_source: {"queries": shard.queries.keys.num_rows, "search_seconds": seconds}}
     return ShardResult(tables={"neighbours": table}, stats=stats)
@@ -174,9 +165,10 @@ def query_shards(source: RetrievalSourceConfig, queries: pa.Table, rows_per_shar
     ]
 
 
-def source_queries(embeddings: pa.Table, source: str) -> pa.Table:
-    """The rows of seed source `source`, sorted by key."""
-    queries = sort_rows(embeddings.filter(pc.equal(embeddings.column("source"), source)))
+def source_queries(embeddings: KeyRanges, source: str) -> pa.Table:
+    """The rows of seed source `source`, in key order (only they are read)."""
+    rows = np.flatnonzero(embeddings.column_is_in("source", [source]))
+    queries = EMBEDDINGS.validate(embeddings.offsets.read_rows(rows, EMBEDDINGS.names))
     if pc.any(pc.equal(queries.column("role"), POOL_ROLE)).as_py():
         # Why: its images are also in the pool, so each query would retrieve itself.
         raise ValueError(f"retrieval source {source!r} is an uncurated (pool) source")
@@ -187,38 +179,46 @@ def retrieve_source(
     source: RetrievalSourceConfig,
     cfg: RetrieveConfig,
     queries: pa.Table,
-    pool: pa.Table,
+    pool: Pool,
     neighbours: pa.Table,
     centroids: np.ndarray,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """The `retrieved` rows of one seed source (sample mode: from its `neighbours` rows) and its stats."""
     started = time.perf_counter()
     clusters_used = 0
+    keep_best_only = cfg.collisions == "keep_once"
     if source.mode == SAMPLE_MODE:
-        found = neighbours.filter(pc.equal(neighbours.column("seed_source"), source.source))
-        hits = neighbour_hits(found, pool, queries)
-        before_cap = len(hits.pool)
+        found = sample_retrievals(
+            neighbours.filter(pc.equal(neighbours.column("seed_source"), source.source)), keep_best_only
+        )
+        table, retrievals, before_cap = found.table, found.retrievals, found.retrievals
+        unique, collisions = found.unique_pool_images, found.collisions
     else:
         query_vectors = embedding_matrix(queries)
         query_clusters = nearest_centroids(query_vectors, centroids) if len(query_vectors) else np.zeros(0)
+        clusters, centroid_similarity = pool.clusters()
         hits, clusters_used, before_cap = cluster_hits(
-            query_clusters.astype(np.int64), pool, source, cfg.seed
+            query_clusters.astype(np.int64), clusters, centroid_similarity, source, cfg.seed
         )
-    counts = np.bincount(hits.pool, minlength=pool.num_rows)
+        del clusters, centroid_similarity
+        counts = np.bincount(hits.pool, minlength=len(pool))
+        retrievals, unique, collisions = len(hits.pool), int((counts > 0).sum()), int((counts > 1).sum())
+        del counts
+        if keep_best_only:
+            hits = keep_once(hits)
+        table = hits_table(hits, pool.describe(hits.pool), queries, source.source, source.mode)
     stats = {
         "mode": source.mode,
         "queries": queries.num_rows,
-        "retrievals": len(hits.pool),
+        "retrievals": retrievals,
         "retrieved_before_cap": before_cap,
-        "unique_pool_images": int((counts > 0).sum()),
-        "collisions": int((counts > 1).sum()),
+        "unique_pool_images": unique,
+        "collisions": collisions,
         "clusters_used": clusters_used,
+        "rows": table.num_rows,
+        "seconds": round(time.perf_counter() - started, 3),
     }
-    if cfg.collisions == "keep_once":
-        hits = keep_once(hits)
-    stats["rows"] = len(hits.pool)
-    stats["seconds"] = round(time.perf_counter() - started, 3)
-    return hits_table(hits, pool, queries, source.source, source.mode), stats
+    return table, stats
 
 
 def examples_sheet(retrieved: pa.Table) -> bytes:
@@ -235,7 +235,7 @@ def examples_sheet(retrieved: pa.Table) -> bytes:
 
 
 def search_queries(
-    ctx: StageContext, cfg: RetrieveConfig, shards: list[Shard], searcher: Searcher | None, pool: pa.Table
+    ctx: StageContext, cfg: RetrieveConfig, shards: list[Shard], searcher: Searcher | None, pool: Pool
 ) -> dict[str, Any]:
     """Writes every query shard's `neighbours` part; returns the shards' summed stats."""
     # Why: a sharded index already spreads each search over the executor's workers, and query shards
@@ -247,10 +247,10 @@ def search_queries(
 
 
 def run_retrieve(cfg: RetrieveConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
-    embeddings = inputs["embeddings"].read(EMBEDDINGS)
-    pool, pool_vectors = load_pool(embeddings, inputs["assignments"].read(ASSIGNMENTS))
+    embeddings = stage_key_ranges(ctx, "embeddings", inputs["embeddings"].uri, EMBEDDINGS)
+    assignments = stage_key_ranges(ctx, "assignments", inputs["assignments"].uri, ASSIGNMENTS)
+    pool = assigned_pool(embeddings, assignments, [POOL_ROLE])
     queries = {source.source: source_queries(embeddings, source.source) for source in cfg.sources}
-    del embeddings
     shards = [
         shard
         for source in cfg.sources
@@ -258,8 +258,7 @@ def run_retrieve(cfg: RetrieveConfig, inputs: Mapping[str, Manifest], ctx: Stage
         for shard in query_shards(source, queries[source.source], cfg.rows_per_shard)
     ]
     # One index over the pool for every sample-mode source: an IVF build costs more than its searches.
-    index = database_index(pool_vectors, cfg.search, ctx.executor) if shards else nullcontext(None)
-    del pool_vectors  # the index holds its own copy
+    index = database_index(pool.vectors(), cfg.search, ctx.executor) if shards else nullcontext(None)
     with index as searcher:
         search_stats = search_queries(ctx, cfg, shards, searcher, pool)
     neighbours = ctx.read_output("neighbours")
@@ -271,9 +270,9 @@ def run_retrieve(cfg: RetrieveConfig, inputs: Mapping[str, Manifest], ctx: Stage
     for source in cfg.sources:
         if not queries[source.source].num_rows:
             ctx.warn(f"no embeddings of source {source.source!r}: nothing retrieved")
-        elif source.mode == SAMPLE_MODE and source.num_neighbours > pool.num_rows:
+        elif source.mode == SAMPLE_MODE and source.num_neighbours > len(pool):
             ctx.warn(
-                f"{source.source}: num_neighbours {source.num_neighbours} capped at the {pool.num_rows} "
+                f"{source.source}: num_neighbours {source.num_neighbours} capped at the {len(pool)} "
                 "pool images"
             )
         table, stats = retrieve_source(source, cfg, queries[source.source], pool, neighbours, centroids)
@@ -297,7 +296,7 @@ def run_retrieve(cfg: RetrieveConfig, inputs: Mapping[str, Manifest], ctx: Stage
     if examples:
         ctx.write_artifact(SHEET_NAME, examples_sheet(pa.concat_tables(examples)))
     return {
-        "pool_rows": pool.num_rows,
+        "pool_rows": len(pool),
         "query_shards": len(shards),
         "rows": sum(stats["rows"] for stats in per_source.values()),
         "sources": per_source,
@@ -307,7 +306,8 @@ def run_retrieve(cfg: RetrieveConfig, inputs: Mapping[str, Manifest], ctx: Stage
 RETRIEVE = register_stage(
     StageSpec(
         name="retrieve",
-        version=2,
+        # 3: the pool is read where it lies (`retrieval_pool`); rows and outputs as before
+        version=3,
         config_type=RetrieveConfig,
         fn=run_retrieve,
         inputs={"embeddings": EMBEDDINGS, "assignments": ASSIGNMENTS, "centroids": CENTROIDS},

@@ -4,8 +4,8 @@ manifest --located_columns: small columns of every part (keys, role; not the emb
             + PartRows: for each row, its part and its row inside that part
    --PartRows.take(positions): any subset, in any order (a training sample, one shard's rows)
    --read_unit_rows: those rows' embeddings only, part by part --> [n, dim] unit float32, in take order
-   --located_shards: `row_shards` of sorted keys (the same shard ids) whose payloads carry PartRows
-     (or views of rows the caller already holds)
+   --RoleRows.shards: a key-ranged manifest's partitions (`pipelines.partitions`), each with the rows of
+     some roles in it (ChosenRows: read by the worker, or views of rows the caller already holds)
    --StoredVectors: PartRows as a `knn.VectorSource`, so a Faiss index fills a block at a time
 
 Memory is the small columns plus the rows asked for (and, while reading, one part per reading thread): a
@@ -27,41 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.vectors import EMBEDDING_COLUMN, float16_rows, unit_rows
-from pipelines.manifest import PART_SUFFIX, ManifestError, ManifestSchema, resolve_manifest
-from pipelines.shards import row_shards
+from pipelines.manifest import PART_SUFFIX, ROW_KEY_COLUMNS, ManifestError, ManifestSchema, resolve_manifest
+from pipelines.part_rows import PartRows
+from pipelines.partitions import KeyRanges, Partition
 from pipelines.stage import Manifest, Shard
-
-
-@dataclass(frozen=True, slots=True)
-class PartRows:
-    """Where rows of a manifest lie: row i is row `row[i]` of the Parquet file `parts[part[i]]`."""
-
-    fs: fsspec.AbstractFileSystem
-    parts: tuple[str, ...]
-    part: np.ndarray  # int64 [n], index into `parts`
-    row: np.ndarray  # int64 [n], row inside that part
-
-    def __len__(self) -> int:
-        return len(self.row)
-
-    def take(self, positions: np.ndarray) -> PartRows:
-        """The rows at `positions`, in that order; `parts` shrinks to the files they use (small pickles)."""
-        part = self.part[positions]
-        used, part = np.unique(part, return_inverse=True)
-        return PartRows(self.fs, tuple(self.parts[index] for index in used), part, self.row[positions])
-
-
-@dataclass(frozen=True, slots=True)
-class LocatedRows:
-    """A shard's key columns and its embeddings, row i of `keys` being row i of `where` (and `loaded`)."""
-
-    keys: pa.Table
-    where: PartRows
-    loaded: np.ndarray | None = None  # [n, dim] unit float32 rows, when the caller holds them already
-
-    def unit_rows(self) -> np.ndarray:
-        """The rows' unit float32 embeddings: the loaded ones, else read from their parts."""
-        return self.loaded if self.loaded is not None else read_unit_rows(self.where)
 
 
 def manifest_parts(manifest: Manifest | str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
@@ -181,23 +150,54 @@ def stored_vectors(where: PartRows, column: str) -> StoredVectors:
     return StoredVectors(where, column, dim)
 
 
-def located_shards(
-    keys: pa.Table, where: PartRows, rows_per_shard: int, loaded: np.ndarray | None = None
-) -> list[Shard]:
-    """`row_shards` of `keys` (already in `row_order`; the same shard ids) with LocatedRows payloads.
+@dataclass(frozen=True, slots=True)
+class ChosenRows:
+    """A shard: the rows of one partition a stage works on (e.g. those of its roles), and their unit
+    vectors when the driver holds them already."""
 
-    With `loaded` (unit rows of every key, in the same order) the payloads view it instead of reading.
-    """
-    shards = []
-    start = 0
-    # Sorted keys stay put under row_shards' stable sort, so its shards are consecutive runs of rows.
-    for shard in row_shards(keys, rows_per_shard, keys.column_names):
-        stop = start + shard.payload.num_rows
-        rows = LocatedRows(
-            shard.payload,
-            where.take(np.arange(start, stop)),
-            None if loaded is None else loaded[start:stop],
-        )
-        shards.append(Shard(shard.shard_id, rows))
-        start = stop
-    return shards
+    partition: Partition
+    chosen: np.ndarray  # int64 rows of the partition (0 = its first), ascending
+    loaded: np.ndarray | None = None  # [len(chosen), dim] unit float32
+
+    def read_keys(self) -> pa.Table:
+        """The chosen rows' (image_id, uri), in key order."""
+        return self.partition.read(ROW_KEY_COLUMNS).take(pa.array(self.chosen))
+
+    def unit_rows(self) -> np.ndarray:
+        """The chosen rows' unit float32 embeddings: the loaded ones, else read from their parts."""
+        return self.loaded if self.loaded is not None else read_unit_rows(self.partition.locate(self.chosen))
+
+
+@dataclass(frozen=True, slots=True)
+class RoleRows:
+    """The rows of some roles in a key-ranged embeddings manifest: their global ids, 8 bytes a row."""
+
+    ranges: KeyRanges
+    rows: np.ndarray  # int64 global rows, ascending (key order)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read_unit_rows(self, positions: np.ndarray) -> np.ndarray:
+        """Unit float32 embeddings of the role rows at sorted `positions` (e.g. a seeded sample)."""
+        return read_unit_rows(self.ranges.offsets.take(self.rows[positions]))
+
+    def shards(self, rows_per_shard: int, loaded: np.ndarray | None = None) -> list[Shard]:
+        """One shard per partition of `rows_per_shard` rows holding any role row (the partition's id);
+        with `loaded` (unit rows of every role row, in order) the shards view it instead of reading."""
+        shards = []
+        for shard in self.ranges.shards(rows_per_shard):
+            partition = shard.payload
+            low, high = np.searchsorted(
+                self.rows, [partition.first_row, partition.first_row + partition.num_rows]
+            )
+            if high > low:
+                chosen = self.rows[low:high] - partition.first_row
+                rows = ChosenRows(partition, chosen, None if loaded is None else loaded[low:high])
+                shards.append(Shard(shard.shard_id, rows))
+        return shards
+
+
+def role_rows(ranges: KeyRanges, roles: Sequence[str]) -> RoleRows:
+    """The rows of `roles` in the manifest of `ranges` (its role column read one part at a time)."""
+    return RoleRows(ranges, np.flatnonzero(ranges.column_is_in("role", roles)))

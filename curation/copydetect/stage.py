@@ -34,7 +34,7 @@ from curation.copydetect.train import DescriptorTrainConfig, thumbnail, train_de
 from curation.embedders import EmbedderConfig, weights_fingerprint
 from pipelines.config import build_config
 from pipelines.images import load_row_rgb
-from pipelines.manifest import IMAGES, ManifestSchema, Role
+from pipelines.manifest import IMAGES, ManifestSchema, Role, sort_rows
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
 from pipelines.store import location_from_manifest, location_in_manifest
 from pipelines.validation import UserInputError, require
@@ -124,7 +124,8 @@ def run_copy_descriptor(
         ctx.write_output("model", model_table(PRETRAINED, cfg.pretrained, path, sha256, ctx))
         return {"source": PRETRAINED, "kind": cfg.pretrained.kind}
 
-    images = inputs["images"].read(IMAGES)
+    # Key order: the model depends on the rows, never on how upstream laid out their parts.
+    images = sort_rows(inputs["images"].read(IMAGES))
     started = time.perf_counter()
     pool = training_images(images, cfg, ctx)
     loaded_seconds = time.perf_counter() - started
@@ -194,7 +195,9 @@ def descriptor_embedder(model: Manifest) -> EmbedderConfig:
 COPY_DESCRIPTOR_STAGE = register_stage(
     StageSpec(
         name="copy_descriptor",
-        version=2,  # 2: initial weights seeded from the config; the row records the weights' sha256
+        # 2: initial weights seeded from the config; the row records the weights' sha256. 3: trains on its
+        # rows in key order, whatever the layout of their parts
+        version=3,
         config_type=CopyDescriptorConfig,
         fn=run_copy_descriptor,
         inputs={"images": IMAGES},

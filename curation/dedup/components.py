@@ -8,7 +8,6 @@ edges (row i ~ row j) --connected_components, or ComponentLabels fed batch by ba
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,13 +138,17 @@ def _first_in_order(labels: np.ndarray, order: np.ndarray, eligible: np.ndarray)
     return best
 
 
+def protected_rows(images: pa.Table, rule: KeepRuleConfig) -> np.ndarray:
+    """bool per row: its role is one the rule never drops."""
+    return np.isin(np.asarray(images.column("role").to_pylist(), dtype=object), list(rule.protected_roles))
+
+
 def resolve_groups(images: pa.Table, labels: np.ndarray, rule: KeepRuleConfig) -> GroupResolution:
-    """Applies the keep rule to every component of `labels` (see KeepRuleConfig)."""
+    """Applies the keep rule to every component of `labels` (see KeepRuleConfig), all rows in memory
+    (`curation.dedup.keep.resolve_partitioned` is the same rule a partition at a time)."""
     num_rows = images.num_rows
     order = preference_order(images, rule)
-    protected = np.isin(
-        np.asarray(images.column("role").to_pylist(), dtype=object), list(rule.protected_roles)
-    )
+    protected = protected_rows(images, rule)
     best_any = _first_in_order(labels, order, np.ones(num_rows, dtype=bool))
     best_protected = _first_in_order(labels, order, protected)
     representative = np.array(
@@ -165,26 +168,48 @@ def duplicate_rejections(
     reason: str,
 ) -> pa.Table:
     """`rejected` rows for `dropped` row indices; `match`, `group` and `similarity` are per dropped row."""
-    ids = images.column("image_id").to_pylist()
-    uris = images.column("uri").to_pylist()
-    sources = images.column("source").to_pylist()
-    roles = images.column("role").to_pylist()
-    rows = [
-        {
-            "image_id": ids[row],
-            "source": sources[row],
-            "role": roles[row],
-            "uri": uris[row],
-            "reason": reason,
-            "detail": f"{reason} of {uris[matched]} (similarity {score:.3f})",
-            "match_image_id": ids[matched],
-            "match_uri": uris[matched],
-            "group_id": ids[group_row],
-            "similarity": float(score),
-        }
-        for row, matched, group_row, score in zip(dropped, match, group, similarity, strict=True)
+    keys = images.select(["image_id", "uri"])
+    groups = keys.column("image_id").take(pa.array(group, pa.int64()))
+    return rejection_table(
+        images.take(pa.array(dropped, pa.int64())),
+        keys.take(pa.array(match, pa.int64())),
+        groups,
+        similarity,
+        reason,
+    )
+
+
+def rejection_table(
+    dropped: pa.Table,
+    matches: pa.Table,
+    group_ids: pa.ChunkedArray | pa.Array,
+    similarity: np.ndarray,
+    reason: str,
+) -> pa.Table:
+    """`rejected` rows for the `dropped` images rows; per row, the (image_id, uri) it duplicates
+    (`matches`), its group's representative's image_id and its similarity."""
+    match_uris = matches.column("uri").to_pylist()
+    details = [
+        f"{reason} of {uri} (similarity {score:.3f})"
+        for uri, score in zip(match_uris, similarity.tolist(), strict=True)
     ]
-    return DUPLICATES_REJECTED.table_from_rows(rows)
+    count = dropped.num_rows
+    return DUPLICATES_REJECTED.validate(
+        pa.table(
+            {
+                "image_id": dropped.column("image_id"),
+                "source": dropped.column("source"),
+                "role": dropped.column("role"),
+                "uri": dropped.column("uri"),
+                "reason": pa.array([reason] * count, pa.string()),
+                "detail": pa.array(details, pa.string()),
+                "match_image_id": matches.column("image_id"),
+                "match_uri": matches.column("uri"),
+                "group_id": group_ids,
+                "similarity": pa.array(np.asarray(similarity, dtype=np.float32)),
+            }
+        )
+    )
 
 
 # What every dedup stage's summary shows: stats key -> label.
@@ -197,24 +222,32 @@ DEDUP_SHOWN_STATS = {
 }
 
 
+def component_sizes(labels: np.ndarray) -> np.ndarray:
+    """The size of every component with 2 or more rows (8 bytes a row while counting, no Python objects)."""
+    sizes = np.bincount(labels, minlength=len(labels))
+    return sizes[sizes > 1]
+
+
 def component_stats(labels: np.ndarray) -> dict[str, object]:
     """Groups (components of 2 or more rows), the rows in them, the largest, and a size histogram."""
-    sizes = Counter(Counter(labels.tolist()).values())
-    groups = {size: count for size, count in sizes.items() if size > 1}
+    sizes = component_sizes(labels)
+    bounds = np.asarray(SIZE_BUCKETS)
+    bucket = np.searchsorted(bounds, sizes)  # index of the first bound >= size; len(bounds): open bucket
     histogram: dict[str, int] = {}
-    for size, count in sorted(groups.items()):
-        bucket = next((f"<={bound}" for bound in SIZE_BUCKETS if size <= bound), f">{SIZE_BUCKETS[-1]}")
-        histogram[bucket] = histogram.get(bucket, 0) + count
+    for index, count in zip(*np.unique(bucket, return_counts=True), strict=True):
+        name = f"<={bounds[index]}" if index < len(bounds) else f">{SIZE_BUCKETS[-1]}"
+        histogram[name] = int(count)
     return {
-        "groups": sum(groups.values()),
-        "rows_in_groups": sum(size * count for size, count in groups.items()),
-        "largest_group": max(groups, default=1),
+        "groups": len(sizes),
+        "rows_in_groups": int(sizes.sum()),
+        "largest_group": int(sizes.max(initial=1)),
         "group_sizes": histogram,
     }
 
 
 def largest_groups(labels: np.ndarray, num_groups: int) -> list[np.ndarray]:
-    """Row indices of the `num_groups` largest components with 2 or more rows, largest first."""
-    counts = Counter(labels.tolist())
-    biggest = [label for label, size in counts.most_common() if size > 1][:num_groups]
+    """Row indices of the `num_groups` largest components with 2 or more rows, largest first (ties: the
+    smaller label first)."""
+    sizes = np.bincount(labels, minlength=len(labels))
+    biggest = [label for label in np.argsort(-sizes, kind="stable")[:num_groups] if sizes[label] > 1]
     return [np.flatnonzero(labels == label) for label in biggest]

@@ -7,7 +7,9 @@ images + descriptors (copy_dedup's, restricted to these images, read where they 
   --k-NN graph (cosine > threshold, edges streamed into a union-find)--> components
   --components holding an eval image--> their drop_roles rows are rejected, each naming the eval image
                                         of its component most similar to it
-  --> images (the rest), rejected (reason eval_contamination), decontaminated.png
+  --> images (the rest), rejected (reason eval_contamination), one part per partition of the key-ranged
+      input (`pipelines.partitions`); decontaminated.png
+The driver holds the index, per-row numbers and the descriptors of the rows it rejects.
 """
 
 from __future__ import annotations
@@ -17,29 +19,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from curation.copydetect.calibrate import CalibrationConfig
 from curation.copydetect.stage import COPY_DESCRIPTOR, descriptor_embedder
-from curation.dedup.components import (
-    DEDUP_SHOWN_STATS,
-    DUPLICATES_REJECTED,
-    component_stats,
-    duplicate_rejections,
-)
+from curation.dedup.components import DEDUP_SHOWN_STATS, DUPLICATES_REJECTED, component_stats
 from curation.dedup.descriptors import DESCRIPTORS
 from curation.dedup.graph import (
     PAPER_GRAPH_NEIGHBOURS,
     HeldRows,
     check_graph_settings,
     held_rows,
-    locate_descriptors,
+    located_descriptors,
 )
+from curation.dedup.keep import Dropped, write_partitioned
 from curation.dedup.normalise import DEFAULT_BACKGROUND_ROWS
 from curation.dedup.probe import THRESHOLD_SHOWN_STATS, image_tile, probed_graph, record_probe
 from curation.pictures import contact_sheet
 from curation.search import SearchConfig
 from pipelines.manifest import IMAGES, Role
+from pipelines.part_rows import RowReader
+from pipelines.partitions import DEFAULT_ROWS_PER_PARTITION, stage_key_ranges
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
 from pipelines.validation import require
 
@@ -68,9 +67,14 @@ class DecontaminateConfig:
     background_rows: int = DEFAULT_BACKGROUND_ROWS
     drop_roles: tuple[Role, ...] = ("uncurated",)
     search: SearchConfig = field(default_factory=SearchConfig)
+    rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION
+    """Rows per partition of the outputs (one output part each)."""
 
     def __post_init__(self) -> None:
         check_graph_settings(self.num_neighbours, self.threshold)
+        require(
+            self.rows_per_partition >= 1, f"rows_per_partition must be >= 1, got {self.rows_per_partition}"
+        )
         require(self.background_rows >= 1, f"background_rows must be >= 1, got {self.background_rows}")
         require(
             EVAL_ROLE not in self.drop_roles,
@@ -108,16 +112,15 @@ def _rows_by_label(labels: np.ndarray, rows: np.ndarray) -> dict[int, np.ndarray
 def run_decontaminate(
     cfg: DecontaminateConfig, inputs: Mapping[str, Manifest], ctx: StageContext
 ) -> dict[str, Any]:
-    images = inputs["images"].read(IMAGES)
-    descriptors = locate_descriptors(images, inputs["descriptors"])
+    images = stage_key_ranges(ctx, "images", inputs["images"].uri, IMAGES, cfg.rows_per_partition)
+    descriptors = located_descriptors(images, inputs["descriptors"].uri)
     every_row = np.arange(images.num_rows)
-    roles = np.asarray(images.column("role").to_pylist(), dtype=object)
-    eval_rows = np.flatnonzero(roles == EVAL_ROLE)
-    droppable = np.isin(roles, list(cfg.drop_roles))
+    eval_rows = np.flatnonzero(images.column_is_in("role", [EVAL_ROLE]))
+    droppable = images.column_is_in("role", cfg.drop_roles)
     # Why only with rows: an empty pool's copy_descriptor run holds no model, and none is needed.
     embedder = descriptor_embedder(inputs["model"]) if images.num_rows else None
     probe, graph = probed_graph(
-        images, descriptors, every_row, eval_rows, droppable, cfg, embedder, ctx.executor
+        images.offsets, descriptors, every_row, eval_rows, droppable, cfg, embedder, ctx.executor
     )
     labels = graph.labels
 
@@ -126,18 +129,15 @@ def run_decontaminate(
     # Only the rejected rows and the eval rows are ever compared again: read just those.
     vectors = held_rows(descriptors, np.concatenate([dropped, eval_rows]))
     match, similarity = best_eval_matches(vectors, labels, dropped, eval_rows)
-    # group_id names the eval image: the component's reason for going.
-    rejected = duplicate_rejections(images, dropped, match, match, similarity, REASON)
     keep = np.ones(images.num_rows, dtype=bool)
     keep[dropped] = False
-    ctx.write_output("images", images.filter(keep))
-    ctx.write_output("rejected", rejected)
+    # group_id names the eval image: the component's reason for going.
+    write_partitioned(ctx, images, cfg.rows_per_partition, Dropped(keep, match, match, similarity), REASON)
     if len(dropped):
-        ctx.write_artifact(
-            SHEET_NAME, contamination_sheet(images, dropped, match, similarity, probe.threshold)
-        )
+        sheet = contamination_sheet(images.offsets, dropped, match, similarity, probe.threshold)
+        ctx.write_artifact(SHEET_NAME, sheet)
     return {
-        **record_probe(probe, images, cfg.calibration, ctx),
+        **record_probe(probe, images.offsets, cfg.calibration, ctx),
         "rows_in": images.num_rows,
         "rows_out": int(keep.sum()),
         "rejected": len(dropped),
@@ -152,7 +152,7 @@ def run_decontaminate(
 
 
 def contamination_sheet(
-    images: pa.Table, dropped: np.ndarray, match: np.ndarray, similarity: np.ndarray, threshold: float
+    images: RowReader, dropped: np.ndarray, match: np.ndarray, similarity: np.ndarray, threshold: float
 ) -> bytes:
     """Removed pool images beside their eval match (red frame), spread over the similarity range."""
     order = np.argsort(-similarity, kind="stable")
@@ -171,7 +171,8 @@ def contamination_sheet(
 DECONTAMINATE = register_stage(
     StageSpec(
         name="decontaminate",
-        version=4,
+        # 5: the outputs are written a partition at a time (one output part per partition)
+        version=5,
         config_type=DecontaminateConfig,
         fn=run_decontaminate,
         inputs={"images": IMAGES, "descriptors": DESCRIPTORS, "model": COPY_DESCRIPTOR},

@@ -14,7 +14,8 @@ import pyarrow as pa
 from curation.embedders import EmbedderConfig, build_embedder
 from curation.vectors import embedding_array
 from pipelines.images import load_row_rgb
-from pipelines.manifest import EMBEDDING, ManifestSchema
+from pipelines.manifest import EMBEDDING, IMAGES, ManifestSchema
+from pipelines.partitions import Partition
 from pipelines.stage import ShardResult
 
 DESCRIPTORS = ManifestSchema(
@@ -36,9 +37,10 @@ def descriptors_table(rows: pa.Table, vectors: np.ndarray) -> pa.Table:
     )
 
 
-def describe_shard(embedder_cfg: EmbedderConfig, rows: pa.Table) -> ShardResult:
-    """Shard worker: the descriptor of every row of an `images` slice."""
+def describe_shard(embedder_cfg: EmbedderConfig, partition: Partition) -> ShardResult:
+    """Shard worker: the descriptor of every row of a partition of `images`, in key order."""
     embedder = build_embedder(embedder_cfg)  # cached: a worker process loads the model once
+    rows = partition.read(IMAGES.names, IMAGES)
     started = time.perf_counter()
     vectors = embedder.embed_images(load_row_rgb(row) for row in rows.to_pylist())
     seconds = time.perf_counter() - started

@@ -1,6 +1,10 @@
 """The `exact_dedup` stage: rows with the same bytes (same sha256 image_id) are one image.
 
 images --group by image_id--> keep one per group (keep rule) --> images, rejected (naming the kept row)
+
+The one dedup stage that holds its input whole (a group-by over every row; at scale: a hash-partitioned
+shuffle, not built). Its `images` leave in key order, in key-ranged parts of `rows_per_part` rows, so
+every stage after it walks them a partition at a time (`pipelines.partitions`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,11 @@ from curation.dedup.components import (
 )
 from curation.dedup.sheets import duplicate_groups_sheet
 from pipelines.manifest import IMAGES
+from pipelines.part_rows import TableRows
+from pipelines.partitions import DEFAULT_ROWS_PER_PARTITION
+from pipelines.shards import row_shards
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
+from pipelines.validation import require
 
 REASON = "exact_duplicate"
 SHEET_NAME = "duplicate_groups.png"
@@ -31,6 +39,11 @@ SHEET_NAME = "duplicate_groups.png"
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ExactDedupConfig:
     keep: KeepRuleConfig = field(default_factory=KeepRuleConfig)
+    rows_per_part: int = DEFAULT_ROWS_PER_PARTITION
+    """Rows per part of the `images` output (content-keyed, key-ranged parts)."""
+
+    def __post_init__(self) -> None:
+        require(self.rows_per_part >= 1, f"rows_per_part must be >= 1, got {self.rows_per_part}")
 
 
 def run_exact_dedup(
@@ -53,10 +66,12 @@ def run_exact_dedup(
         np.ones(len(dropped), dtype=np.float32),
         REASON,
     )
-    ctx.write_output("images", images.filter(resolution.keep))
+    for shard in row_shards(images.filter(resolution.keep), cfg.rows_per_part):
+        ctx.write_output("images", shard.payload, shard_id=shard.shard_id)
     ctx.write_output("rejected", rejected)
     if len(dropped):
-        ctx.write_artifact(SHEET_NAME, duplicate_groups_sheet(images, labels, resolution, "exact duplicates"))
+        sheet = duplicate_groups_sheet(TableRows(images), labels, resolution, "exact duplicates")
+        ctx.write_artifact(SHEET_NAME, sheet)
     return {
         "rows_in": images.num_rows,
         "rows_out": int(resolution.keep.sum()),
@@ -68,7 +83,8 @@ def run_exact_dedup(
 EXACT_DEDUP = register_stage(
     StageSpec(
         name="exact_dedup",
-        version=1,
+        # 2: `images` in key-ranged parts, not one part in input order
+        version=2,
         config_type=ExactDedupConfig,
         fn=run_exact_dedup,
         inputs={"images": IMAGES},

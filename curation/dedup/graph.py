@@ -1,7 +1,8 @@
 """The duplicate graph of `copy_dedup` and `decontaminate`, built in bounded memory.
 
-images rows in the graph --locate_descriptors: keys of the descriptors parts only--> where each row's
-  descriptor lies --key order (the search's row ids: the same graph whatever the part layout)-->
+images rows in the graph (global rows in key order: the search's row ids, the same graph whatever the
+  part layout) --located_descriptors: by position, or a key merge for a subset--> where each row's
+  descriptor lies -->
   `graph_index`: a Faiss index filled a block at a time (one here, or `search.shards` shards on executor
   workers, each reading its own rows), which the stage may probe first (`GraphIndex.neighbours`)
   --`GraphIndex.components`: k-NN of each query block, score > threshold (the cosine, or minus the rows'
@@ -23,16 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from curation.dedup.components import ComponentLabels
-from curation.dedup.descriptors import DESCRIPTORS
 from curation.search import SearchConfig, database_index
 from curation.search.knn import SEARCH_BATCH_ROWS, Searcher, VectorSource, edge_batches, knn_search
-from curation.vector_parts import PartRows, StoredVectors, located_columns, stored_vectors
+from curation.vector_parts import StoredVectors, stored_vectors
 from pipelines.executor import Executor
-from pipelines.manifest import ROW_KEY_COLUMNS, align_rows, row_order
-from pipelines.stage import Manifest
+from pipelines.partitions import KeyRanges, key_ranges, subset_positions
 from pipelines.validation import require
 
 DESCRIPTOR_COLUMN = "descriptor"
@@ -40,15 +38,21 @@ DESCRIPTOR_COLUMN = "descriptor"
 PAPER_GRAPH_NEIGHBOURS = 64
 # A probe that finds too few allowed neighbours searches this many times wider.
 NEIGHBOUR_WIDENING = 4
+# Pairs whose cosines are measured at once: bounds the descriptors read for them.
+PAIR_BLOCK = 65_536
 
 
-def locate_descriptors(images: pa.Table, descriptors: Manifest | str) -> StoredVectors:
-    """Row i is the descriptor of images row i (matched on image_id and uri); nothing but keys is read."""
+def located_descriptors(images: KeyRanges, descriptors_uri: str) -> StoredVectors:
+    """Row i is the descriptor of images row i (global, key order), read where it lies. Descriptors of the
+    same rows (what copy_dedup's map writes) are read by position; of more rows, through a key merge."""
     if images.num_rows == 0:  # a stage given no rows writes no descriptor parts to locate
-        nowhere = np.zeros(0, np.int64)
-        return StoredVectors(PartRows(None, (), nowhere, nowhere), DESCRIPTOR_COLUMN, 0)
-    keys, where = located_columns(descriptors, DESCRIPTORS, list(ROW_KEY_COLUMNS))
-    return stored_vectors(where.take(align_rows(images, keys)), DESCRIPTOR_COLUMN)
+        return stored_vectors(images.offsets.take(np.zeros(0, np.int64)), DESCRIPTOR_COLUMN)
+    descriptors = key_ranges(descriptors_uri)
+    if descriptors.num_rows == images.num_rows:
+        images.check_aligned(descriptors, "the descriptors manifest")
+        return stored_vectors(descriptors.offsets, DESCRIPTOR_COLUMN)
+    positions = subset_positions(images, descriptors, "the images")
+    return stored_vectors(descriptors.offsets.take(positions), DESCRIPTOR_COLUMN)
 
 
 def check_graph_settings(num_neighbours: int, threshold: float | None) -> None:
@@ -73,18 +77,17 @@ class DuplicateGraph:
 class GraphIndex:
     """The searchable index of a graph's rows, in key order; the stage may probe it before the graph.
 
-    Row ids, and so tie-breaks, follow the key order, never how upstream stages laid out their parts.
+    Row ids are global rows in key order (`pipelines.partitions`), so tie-breaks follow the keys, never
+    how upstream stages laid out their parts.
     """
 
-    def __init__(
-        self, images: pa.Table, descriptors: StoredVectors, graph_rows: np.ndarray, search: SearchConfig
-    ):
-        self.ordered = graph_rows[row_order(images.select(list(ROW_KEY_COLUMNS)).take(graph_rows))]
-        self.rows = descriptors.take(self.ordered)
-        self.num_images = images.num_rows
+    def __init__(self, descriptors: StoredVectors, graph_rows: np.ndarray, search: SearchConfig):
+        self.ordered = np.sort(np.asarray(graph_rows, dtype=np.int64))
+        everything = len(self.ordered) == len(descriptors)  # sorted distinct rows: then all of them
+        self.rows = descriptors if everything else descriptors.take(self.ordered)
+        self.num_images = len(descriptors)
         self.kind = search.kind_for(len(self.rows))
         self.searcher: Searcher | None = None
-        self._sorter: np.ndarray | None = None
         self.started = time.perf_counter()
 
     def components(
@@ -99,9 +102,7 @@ class GraphIndex:
 
     def positions(self, images_rows: np.ndarray) -> np.ndarray:
         """Where each of `images_rows` (rows of the graph) lies in the index."""
-        if self._sorter is None:  # one sort per index, however often the stage asks
-            self._sorter = np.argsort(self.ordered, kind="stable")
-        return self._sorter[np.searchsorted(self.ordered, images_rows, sorter=self._sorter)]
+        return np.searchsorted(self.ordered, images_rows)
 
     def neighbours(
         self, queries: np.ndarray, num_neighbours: int, allowed: np.ndarray
@@ -135,14 +136,10 @@ class GraphIndex:
 
 @contextlib.contextmanager
 def graph_index(
-    images: pa.Table,
-    descriptors: StoredVectors,
-    graph_rows: np.ndarray,
-    search: SearchConfig,
-    executor: Executor,
+    descriptors: StoredVectors, graph_rows: np.ndarray, search: SearchConfig, executor: Executor
 ) -> Iterator[GraphIndex]:
     """The index of `graph_rows`' descriptors (one here, or shards on the executor's workers)."""
-    index = GraphIndex(images, descriptors, graph_rows, search)
+    index = GraphIndex(descriptors, graph_rows, search)
     with database_index(index.rows, search, executor) as searcher:
         index.searcher = searcher
         yield index
@@ -227,6 +224,11 @@ def held_rows(descriptors: StoredVectors, images_rows: np.ndarray) -> HeldRows:
 
 
 def pair_cosines(descriptors: StoredVectors, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """float32 cosine of images row first[i]'s descriptor with row second[i]'s."""
-    held = held_rows(descriptors, np.concatenate([first, second]))
-    return np.einsum("ij,ij->i", held[first], held[second]).astype(np.float32)
+    """float32 cosine of images row first[i]'s descriptor with row second[i]'s, PAIR_BLOCK pairs at a
+    time (memory: one block's vectors, whatever the number of pairs)."""
+    cosines = np.empty(len(first), dtype=np.float32)
+    for start in range(0, len(first), PAIR_BLOCK):
+        block = slice(start, start + PAIR_BLOCK)
+        held = held_rows(descriptors, np.concatenate([first[block], second[block]]))
+        cosines[block] = np.einsum("ij,ij->i", held[first[block]], held[second[block]])
+    return cosines

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import pyarrow as pa
 
 from curation.copydetect.augment import held_out_copy
 from curation.copydetect.calibrate import (
@@ -36,6 +35,8 @@ from curation.search import SearchConfig
 from curation.vector_parts import StoredVectors
 from pipelines.executor import Executor
 from pipelines.images import load_row_rgb, read_image_bytes
+from pipelines.manifest import IMAGES
+from pipelines.part_rows import RowReader
 from pipelines.stage import StageContext
 
 THRESHOLD_SHOWN_STATS = {
@@ -74,17 +75,18 @@ def sample_rows(rows: np.ndarray, count: int, seed: int) -> np.ndarray:
 
 
 def copy_descriptors(
-    images: pa.Table, queries: np.ndarray, embedder: EmbedderConfig, seed: int
+    images: RowReader, queries: np.ndarray, embedder: EmbedderConfig, seed: int
 ) -> np.ndarray:
     """The descriptor of a held-out synthetic copy of each query row's image."""
     rng = np.random.default_rng(seed)
-    copies = [held_out_copy(load_row_rgb(row), rng) for row in images.take(queries).to_pylist()]
+    rows = images.read_rows(queries, IMAGES.names).to_pylist()
+    copies = [held_out_copy(load_row_rgb(row), rng) for row in rows]
     return build_embedder(embedder).embed_images(copies)
 
 
 def probe_graph(
     index: GraphIndex,
-    images: pa.Table,
+    images: RowReader,
     candidates: np.ndarray,
     allowed: np.ndarray,
     num_neighbours: int,
@@ -137,7 +139,7 @@ class ProbedGraphSettings(Protocol):
 
 
 def probed_graph(
-    images: pa.Table,
+    images: RowReader,
     descriptors: StoredVectors,
     graph_rows: np.ndarray,
     candidates: np.ndarray,
@@ -147,7 +149,7 @@ def probed_graph(
     executor: Executor,
 ) -> tuple[Probe, DuplicateGraph]:
     """The graph over `graph_rows`, its index probed first (`probe_graph`) for the threshold it uses."""
-    with graph_index(images, descriptors, graph_rows, cfg.search, executor) as index:
+    with graph_index(descriptors, graph_rows, cfg.search, executor) as index:
         background = cfg.background_rows if cfg.score_normalization else 0
         probe = probe_graph(
             index,
@@ -170,7 +172,7 @@ def distinct_pairs(first: np.ndarray, second: np.ndarray, similarity: np.ndarray
     return NeighbourPairs(low[keep], high[keep], similarity[keep])
 
 
-def record_probe(probe: Probe, images: pa.Table, calibration: CalibrationConfig, ctx: StageContext) -> dict:
+def record_probe(probe: Probe, images: RowReader, calibration: CalibrationConfig, ctx: StageContext) -> dict:
     """Writes the calibration picture and the near-miss sheets; returns the stats to record."""
     stats: dict = {
         "threshold": round(probe.threshold, 4),
@@ -206,16 +208,16 @@ def record_probe(probe: Probe, images: pa.Table, calibration: CalibrationConfig,
     return stats
 
 
-def image_tile(images: pa.Table, row: int, caption: str, highlight: bool = False) -> Tile:
+def image_tile(images: RowReader, row: int, caption: str, highlight: bool = False) -> Tile:
     """A tile of images row `row`; an empty frame if its bytes cannot be read any more."""
     try:
-        data = read_image_bytes(images.slice(row, 1).to_pylist()[0])
+        data = read_image_bytes(images.read_rows(np.asarray([row]), IMAGES.names).to_pylist()[0])
     except OSError:
         data = None
     return Tile(data, caption, highlight)
 
 
-def pair_sheet(images: pa.Table, pairs: NeighbourPairs, chosen: np.ndarray, title: str) -> bytes:
+def pair_sheet(images: RowReader, pairs: NeighbourPairs, chosen: np.ndarray, title: str) -> bytes:
     """Each chosen pair side by side, its cosine under both images."""
     tiles = []
     for position in chosen:

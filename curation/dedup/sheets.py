@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 
 from curation.dedup.components import GroupResolution, largest_groups
 from curation.pictures import Tile, contact_sheet
 from pipelines.images import read_image_bytes
+from pipelines.manifest import IMAGES
+from pipelines.part_rows import RowReader
 
 SHEET_GROUPS = 8
 SHEET_TILES_PER_GROUP = 8
@@ -22,14 +23,15 @@ def _tile(row: dict, kept: bool) -> Tile:
 
 
 def duplicate_groups_sheet(
-    images: pa.Table, labels: np.ndarray, resolution: GroupResolution, title: str
+    images: RowReader, labels: np.ndarray, resolution: GroupResolution, title: str
 ) -> bytes:
-    """The largest groups, one row each, the representative first."""
-    rows = images.to_pylist()
+    """The largest groups, one row each, the representative first; only the rows shown are read."""
     sheet_rows = []
     for members in largest_groups(labels, SHEET_GROUPS):
         ordered = sorted(members.tolist(), key=lambda row: (not resolution.keep[row], row))
+        shown = ordered[:SHEET_TILES_PER_GROUP]
+        rows = images.read_rows(np.asarray(shown, dtype=np.int64), IMAGES.names).to_pylist()
         sheet_rows.append(
-            [_tile(rows[row], bool(resolution.keep[row])) for row in ordered[:SHEET_TILES_PER_GROUP]]
+            [_tile(row, bool(resolution.keep[index])) for row, index in zip(rows, shown, strict=True)]
         )
     return contact_sheet(sheet_rows, title)

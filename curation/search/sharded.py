@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from curation.search.config import SearchConfig
+from curation.search.config import DEFAULT_SQ_BITS, SearchConfig
 from curation.search.knn import Searcher, VectorSource, build_index, vector_source
 from pipelines.executor import Executor, HeldStates
 
@@ -61,11 +61,11 @@ class ShardQuery:
 
 
 def build_shard(
-    rows: VectorSource, first_row: int, kind: str, nprobe: int | None, use_gpu: bool
+    rows: VectorSource, first_row: int, kind: str, nprobe: int | None, use_gpu: bool, sq_bits: int
 ) -> IndexShard:
-    """A worker's state factory: indexes its rows (`kind` is `flat` or `ivf`, as for the whole), on the
-    worker's GPUs when asked and present."""
-    return IndexShard(build_index(rows, kind, nprobe, use_gpu), first_row)
+    """A worker's state factory: indexes its rows (`kind` as for the whole), on the worker's GPUs when
+    asked and present."""
+    return IndexShard(build_index(rows, kind, nprobe, use_gpu, sq_bits), first_row)
 
 
 def search_in_shard(shard: IndexShard, query: ShardQuery) -> tuple[np.ndarray, np.ndarray]:
@@ -118,6 +118,7 @@ def sharded_index(
     executor: Executor,
     nprobe: int | None = None,
     use_gpu: bool = False,
+    sq_bits: int = DEFAULT_SQ_BITS,
 ) -> Iterator[ShardedIndex]:
     """`database` split into `num_shards` indexes held by the executor's workers for the `with` block.
 
@@ -125,14 +126,15 @@ def sharded_index(
         database: [N, d] rows (unit length for cosine); row i keeps id i. Given as stored rows, each
             worker reads its own part and the caller never holds them.
         num_shards: Workers (Ray: actors) holding one contiguous part each.
-        kind: `flat` (exact) or `ivf`, as `SearchConfig.kind_for` picks it for all N rows.
+        kind: `flat` (exact), `ivf` or `ivfsq`, as `SearchConfig.kind_for` picks it for all N rows.
         executor: Serial builds every shard here; Ray holds each on an actor.
         nprobe: IVF lists searched per query in each shard (None: `knn.ivf_probes`' share).
         use_gpu: Each worker indexes on the GPUs Faiss sees there (Ray: the ones its actor reserved).
+        sq_bits: `ivfsq` code bits per dimension.
     """
     source = vector_source(database)
     factories = [
-        functools.partial(build_shard, source.part(start, stop), start, kind, nprobe, use_gpu)
+        functools.partial(build_shard, source.part(start, stop), start, kind, nprobe, use_gpu, sq_bits)
         for start, stop in shard_bounds(len(source), num_shards)
     ]
     with executor.hold_states(factories) as shards:
@@ -150,5 +152,7 @@ def database_index(
     source = vector_source(database)
     kind = search.kind_for(len(source))
     if search.shards == SINGLE_INDEX:
-        return nullcontext(build_index(source, kind, search.ivf_nprobe, search.use_gpu))
-    return sharded_index(source, search.shards, kind, executor, search.ivf_nprobe, search.use_gpu)
+        return nullcontext(build_index(source, kind, search.ivf_nprobe, search.use_gpu, search.sq_bits))
+    return sharded_index(
+        source, search.shards, kind, executor, search.ivf_nprobe, search.use_gpu, search.sq_bits
+    )

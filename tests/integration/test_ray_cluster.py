@@ -2,7 +2,8 @@
 
 ray start --head (1 CPU)  +  ray start --address=<head> (1 CPU, resource worker_node)
   each node with its own temp dir, ports and process group; token auth with a fresh token
-driver process, serial: ingest .. assemble on the small demo, one index per k-NN search
+driver process, serial: ingest .. assemble on the small demo, one index per k-NN search, the dedup stages
+  partitioned (PARTITION_ROWS rows a partition: their keep rule and outputs a partition at a time)
 driver process, RAY_ADDRESS=<head>: the same with runtime.executor=ray and 2 index shards
   (ray_cluster_driver.py notes the node every task, stateful worker and index shard ran on)
 --> every output digest equal; the work ran on both nodes; both nodes stopped, no process left
@@ -44,6 +45,10 @@ CPUS_PER_NODE = 1
 SEARCH_SHARDS = 2
 SMALL_DEMO_FILES_PER_SHARD = 16
 MODEL_ROWS_PER_SHARD = 32  # about 110 images: 4 shards for copy_dedup's descriptors and for embed
+# Rows per partition of the dedup stages (and per part of exact_dedup's images): several partitions on
+# the small demo, so their keep rule and outputs spread over both nodes.
+PARTITION_ROWS = 48
+PARTITIONED_STAGES = ("phash_dedup", "copy_dedup", "decontaminate")
 HEAD_START_TIMEOUT_S = 60
 DRIVER_TIMEOUT_S = 240
 NODE_STOP_TIMEOUT_S = 20
@@ -205,7 +210,12 @@ def test_curation_on_a_two_node_cluster_equals_the_serial_run(tmp_path):
     # Several shards for the model stages, so that both of their actors (one per node) get work.
     serial_cfg = replace(
         demo,
-        copy_dedup=replace(demo.copy_dedup, rows_per_shard=MODEL_ROWS_PER_SHARD),
+        exact_dedup=replace(demo.exact_dedup, rows_per_part=PARTITION_ROWS),
+        phash_dedup=replace(demo.phash_dedup, rows_per_partition=PARTITION_ROWS),
+        copy_dedup=replace(
+            demo.copy_dedup, rows_per_shard=MODEL_ROWS_PER_SHARD, rows_per_partition=PARTITION_ROWS
+        ),
+        decontaminate=replace(demo.decontaminate, rows_per_partition=PARTITION_ROWS),
         embed=replace(demo.embed, rows_per_shard=MODEL_ROWS_PER_SHARD),
     )
     cluster_cfg = replace(
@@ -226,6 +236,8 @@ def test_curation_on_a_two_node_cluster_equals_the_serial_run(tmp_path):
 
     assert list(found["digests"]) == [node.stage for node in CURATE_AND_TRAIN.nodes_until(LAST_STAGE)]
     assert found["digests"] == serial["digests"]
+    for stage in PARTITIONED_STAGES:  # partitioned runs: several output parts, one per partition
+        assert len(list((tmp_path / "cluster-store" / stage).glob("*/images/*.parquet"))) > 1, stage
     both = {found["head"], found["worker"]}
     assert len(both) == 2 and set(found["alive"]) == both
     # One CPU per node: the two model-holding actors, and the two index shards, must be one per node.

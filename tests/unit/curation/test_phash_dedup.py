@@ -6,12 +6,13 @@ import warnings
 from dataclasses import replace
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 import curation  # noqa: F401  (registers the stages)
 from curation.dedup import phash
-from curation.dedup.components import DUPLICATES_REJECTED, KeepRuleConfig, connected_components
+from curation.dedup.components import DUPLICATES_REJECTED, connected_components
 from curation.dedup.hamming import (
     HASH_BITS,
     HASH_CLASSES,
@@ -28,13 +29,13 @@ from curation.dedup.hamming import (
     plan_search,
     quiet_imagededup,
 )
-from curation.dedup.phash import IMAGE_HASHES, PhashDedupConfig, aligned_hashes, dedup_by_hash
+from curation.dedup.phash import IMAGE_HASHES, PHASH_DEDUP, PhashDedupConfig, dedup_stored_hashes
 from curation.demo import build_demo_data
 from curation.ingest import IngestConfig
 from flows.curate_and_train import CURATE_AND_TRAIN
-from pipelines.executor import RayExecutor
-from pipelines.manifest import IMAGES, read_manifest
-from pipelines.stage import Manifest, get_stage, run_stage
+from pipelines.executor import RayExecutor, SerialExecutor
+from pipelines.manifest import IMAGES, align_rows, part_name, read_manifest
+from pipelines.stage import Manifest, StageContext, get_stage, run_stage
 from pipelines.store import SHARD_RECORDS_DIR, Store
 from tests.helpers import SMALL_DEMO
 
@@ -142,11 +143,26 @@ def _image_rows(specs):
     )
 
 
-def test_a_dropped_row_names_its_nearest_kept_neighbour_else_the_representative():
+def _rejected_by_hash(store: Store, images: pa.Table, hashes: np.ndarray) -> list[dict]:
+    """The stage's steps after hashing on `images` (in key order) with these `hashes`: its rejected rows."""
+    for name, table in (("images", images), ("hashes", images.select(["image_id", "uri"]))):
+        if name == "hashes":
+            table = IMAGE_HASHES.validate(table.append_column("hash", pa.array(hashes, pa.uint64())))
+        store.write_table_atomic(f"{store.root}/input/{name}/{part_name('0')}", table)
+    key = f"k{len(store.fs.ls(store.root))}"
+    ctx = StageContext(PHASH_DEDUP, key, store, SerialExecutor(), show_progress=False)
+    images_manifest = Manifest(f"{store.root}/input/images", "images", "d", images.num_rows)
+    dedup_stored_hashes(PhashDedupConfig(max_distance=2), images_manifest, f"{store.root}/input/hashes", ctx)
+    store.fs.rm(f"{store.root}/input", recursive=True)
+    return read_manifest(ctx.output_uri("rejected"), DUPLICATES_REJECTED).to_pylist()
+
+
+def test_a_dropped_row_names_its_nearest_kept_neighbour_else_the_representative(tmp_path):
+    store = Store(tmp_path / "store")
     # Chain a ~ b ~ c (2 bits apart each, a and c 4 apart); a is largest and kept.
     images = _image_rows([("uncurated", 64), ("uncurated", 32), ("uncurated", 32)])
     hashes = np.array([0b0, 0b11, 0b1111], dtype=np.uint64)
-    rejected = dedup_by_hash(images, hashes, 2, KeepRuleConfig()).rejected.to_pylist()
+    rejected = _rejected_by_hash(store, images, hashes)
     assert [(row["uri"], row["match_uri"]) for row in rejected] == [
         ("/data/img1.png", "/data/img0.png"),
         ("/data/img2.png", "/data/img0.png"),  # no kept neighbour within 2 bits: the representative
@@ -156,7 +172,7 @@ def test_a_dropped_row_names_its_nearest_kept_neighbour_else_the_representative(
     # curated a ~ uncurated b ~ eval c: both references kept, b names the closer one, not the group's.
     images = _image_rows([("curated", 32), ("uncurated", 64), ("eval", 32)])
     hashes = np.array([0b0, 0b1, 0b111], dtype=np.uint64)
-    (row,) = dedup_by_hash(images, hashes, 2, KeepRuleConfig()).rejected.to_pylist()
+    (row,) = _rejected_by_hash(store, images, hashes)
     assert (row["uri"], row["match_uri"], row["group_id"]) == (
         "/data/img1.png",
         "/data/img0.png",
@@ -223,7 +239,8 @@ def test_serial_and_ray_give_identical_outputs(demo_images, tmp_path, ray_sessio
 def test_the_stage_keeps_references_and_names_kept_neighbours(demo_images, tmp_path):
     run = _phash_dedup(demo_images, Store(tmp_path / "store"))
     images = demo_images.read(IMAGES)
-    hashes = aligned_hashes(images, read_manifest(run.outputs["hashes"].uri, IMAGE_HASHES))
+    stored = read_manifest(run.outputs["hashes"].uri, IMAGE_HASHES)
+    hashes = np.asarray(stored.column("hash"), dtype=np.uint64)[align_rows(images, stored)]
     kept = read_manifest(run.outputs["images"].uri, IMAGES)
     rejected = read_manifest(run.outputs["rejected"].uri, DUPLICATES_REJECTED).to_pylist()
     assert rejected and kept.num_rows + len(rejected) == images.num_rows

@@ -40,6 +40,24 @@ def test_a_built_ivf_index_probes_the_default_share():
     assert build_index(vectors, "ivf", nprobe=3).nprobe == 3
 
 
+@pytest.mark.parametrize(("bits", "code_bytes", "worst_error"), [(8, 64, 0.01), (4, 32, 0.1)])
+def test_an_ivfsq_index_holds_codes_and_scores_near_copies_close_to_their_cosine(
+    bits, code_bytes, worst_error
+):
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(20_000, 64)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    copies = vectors[:500] + 0.5 / np.sqrt(64) * rng.normal(size=(500, 64)).astype(np.float32)
+    copies /= np.linalg.norm(copies, axis=1, keepdims=True)
+    index = build_index(vectors, "ivfsq", nprobe=64, sq_bits=bits)
+    assert isinstance(index, faiss.IndexIVFScalarQuantizer) and index.code_size == code_bytes
+    scores, found = index.search(copies, 1)
+    assert (found[:, 0] == np.arange(500)).mean() > 0.99
+    cosines = np.einsum("ij,ij->i", copies, vectors[:500])
+    error = np.abs(scores[:, 0] - cosines).max()
+    assert 0 < error < worst_error  # approximate, and close
+
+
 def test_an_index_moves_to_gpus_only_when_asked_and_faiss_sees_some():
     index = faiss.IndexFlatIP(4)
     assert on_gpus(index, use_gpu=False) is index

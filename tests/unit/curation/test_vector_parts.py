@@ -1,4 +1,4 @@
-"""Rows located in manifest parts: where each row lies, only the rows asked for read, shards as row_shards."""
+"""Rows located in manifest parts: where each row lies, only the rows asked for read, shards as partitions."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.embed import EMBEDDINGS
-from curation.vector_parts import located_columns, located_shards, read_unit_rows
-from pipelines.manifest import ManifestError, row_order
+from curation.vector_parts import located_columns, read_unit_rows, role_rows
+from pipelines.manifest import ManifestError
+from pipelines.partitions import key_ranges
 from pipelines.shards import row_shards
 from pipelines.stage import Manifest
 from tests.unit.curation.embedding_data import embeddings_table
@@ -64,26 +65,41 @@ def test_read_unit_rows_reads_any_rows_in_the_order_asked(tmp_path):
     assert one_part.parts == (where.parts[2],) and one_part.part.tolist() == [0, 0]
 
 
-def test_located_shards_have_row_shards_ids_and_their_own_rows(tmp_path):
-    manifest, stored, _ = _write_parts(tmp_path / "m")
-    keys, where = located_columns(manifest, EMBEDDINGS, ["image_id", "uri"])
-    order = row_order(keys)
-    shards = located_shards(keys.take(order), where.take(order), ROWS_PER_SHARD)
-    expected = row_shards(keys, ROWS_PER_SHARD, ["image_id", "uri"])
-    assert [shard.shard_id for shard in shards] == [shard.shard_id for shard in expected]
-    loaded = read_unit_rows(where.take(order))
-    with_loaded = located_shards(keys.take(order), where.take(order), ROWS_PER_SHARD, loaded)
+def test_role_shards_are_the_partitions_with_their_role_rows(tmp_path):
+    """Key-ranged parts (named out of key order), some rows of another role: each shard is a partition
+    (row_shards' id over every row) holding its rows of the role, read or viewed from the loaded rows."""
+    rng = np.random.default_rng(3)
+    total = sum(PART_SIZES)
+    vectors = rng.normal(size=(total, DIM)).astype(np.float32)
+    table = embeddings_table(vectors, "pool", "uncurated", "r")
+    roles = np.where(rng.random(total) < 0.3, "curated", "uncurated")
+    table = table.set_column(table.column_names.index("role"), "role", pa.array(roles.tolist()))
+    table = table.set_column(0, "image_id", pa.array([f"k{row:03d}" for row in range(total)]))
+    folder = tmp_path / "m"
+    folder.mkdir()
     start = 0
-    for shard, viewing, reference in zip(shards, with_loaded, expected, strict=True):
-        assert shard.payload.keys.equals(reference.payload)
-        stop = start + reference.payload.num_rows
-        read = shard.payload.unit_rows()
-        np.testing.assert_allclose(read, _unit(stored[order[start:stop]]), rtol=1e-6)
+    for name, size in zip(rng.permutation(len(PART_SIZES)), PART_SIZES, strict=True):
+        pq.write_table(table.slice(start, size), folder / f"part-{name}.parquet")
+        start += size
+    pool = role_rows(key_ranges(str(folder), ROWS_PER_SHARD), ["uncurated"])
+    np.testing.assert_array_equal(pool.rows, np.flatnonzero(roles == "uncurated"))
+    shards = pool.shards(ROWS_PER_SHARD)
+    expected = {shard.shard_id: shard.payload for shard in row_shards(table, ROWS_PER_SHARD)}
+    assert {shard.shard_id for shard in shards} <= set(expected)
+    loaded = pool.read_unit_rows(np.arange(len(pool)))
+    np.testing.assert_allclose(loaded, _unit(vectors.astype(np.float16)[pool.rows]), rtol=1e-6)
+    seen = 0
+    for shard, viewing in zip(shards, pool.shards(ROWS_PER_SHARD, loaded), strict=True):
+        reference = expected[shard.shard_id].filter(
+            pa.array(np.asarray(expected[shard.shard_id]["role"]) == "uncurated")
+        )
+        assert shard.payload.read_keys().equals(reference.select(["image_id", "uri"]))
+        count = reference.num_rows
+        np.testing.assert_array_equal(shard.payload.unit_rows(), loaded[seen : seen + count])
         assert viewing.shard_id == shard.shard_id
         assert np.shares_memory(viewing.payload.unit_rows(), loaded)  # a view: nothing read again
-        np.testing.assert_array_equal(viewing.payload.unit_rows(), read)
-        start = stop
-    assert start == len(stored)
+        seen += count
+    assert seen == len(pool)
 
 
 def test_a_column_that_is_not_float16_vectors_is_refused(tmp_path):
