@@ -31,8 +31,11 @@ def small_demo_config(data: Path, store: Path) -> CurateAndTrainConfig:
     rows = SMALL_DEMO_ROWS_PER_SHARD
     return replace(
         cfg,
-        phash_dedup=replace(cfg.phash_dedup, rows_per_shard=rows),
-        copy_dedup=replace(cfg.copy_dedup, rows_per_shard=rows),
+        # Partitions too: the dedup stages' keep rule and outputs run (and resume) a partition at a time.
+        exact_dedup=replace(cfg.exact_dedup, rows_per_part=rows),
+        phash_dedup=replace(cfg.phash_dedup, rows_per_shard=rows, rows_per_partition=rows),
+        copy_dedup=replace(cfg.copy_dedup, rows_per_shard=rows, rows_per_partition=rows),
+        decontaminate=replace(cfg.decontaminate, rows_per_partition=rows),
         embed=replace(cfg.embed, rows_per_shard=rows),
         cluster=replace(cfg.cluster, rows_per_shard=rows),
         balance=replace(cfg.balance, rows_per_shard=rows),
