@@ -30,6 +30,7 @@ from benchmarks import (
     kmeans_overhead,
     multi_student,
     phash_search,
+    scale_memory,
     train_step,
 )
 from curation.search.knn import ivf_lists, ivf_probes
@@ -56,6 +57,9 @@ QUICK = {
     "bounded_memory": {"rows": 400_000},
     "copy_descriptor": {"images": 256, "repeats": 2},
     "multi_student": {"steps": 10},
+    # issue 19's quick variant: the current drivers at 2M rows beside the old ones at 2M (the full size
+    # runs them at 20M too)
+    "scale": {"rows": scale_memory.DEFAULT_BASELINE_ROWS},
 }
 FULL: dict[str, dict[str, Any]] = {name: {} for name in QUICK}  # each benchmark's own defaults
 
@@ -249,6 +253,33 @@ def bounded_memory_rows(options: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def scale_rows(options: dict[str, Any]) -> list[Row]:
+    """Goal (issue 19): every step completes under the memory cap, holding no more than the driver before
+    key ranges held at the baseline size."""
+    found = scale_memory.measure(**options)
+    rows, base, cap = found["rows"], found["baseline_rows"], found["cap_mib"]
+    result = []
+    for step in scale_memory.STEPS:
+        old = found["runs"][f"baseline-{base}-{step}"]
+        new = found["runs"][f"current-{rows}-{step}"]
+        killed = new.get("killed_at_cap", False)
+        ratio = None if killed else new["peak_rss_mib"] / old["peak_rss_mib"]
+        versus = f"{scale_memory.BASELINE_COMMIT} at {base:,}"
+        result.append(
+            Row(
+                f"peak RSS, {step} at {rows:,} rows (cap {cap} MiB) vs {versus}",
+                "killed at the cap"
+                if killed
+                else f"{new['peak_rss_mib']:,} MiB, {new['rows_per_second']:,} rows/s",
+                f"{old['peak_rss_mib']:,} MiB, {old['rows_per_second']:,} rows/s",
+                "-" if ratio is None else f"{ratio:.2f}",
+                "under the cap" + (", <= 1x" if rows == base else ""),
+                not killed and (rows != base or ratio <= 1.0),
+            )
+        )
+    return result
+
+
 def multi_student_rows(options: dict[str, Any]) -> list[Row]:
     found = multi_student.measure(**options)
     students = ", ".join(found["students"])
@@ -298,6 +329,7 @@ BENCHMARKS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "bounded_memory": bounded_memory_rows,
     "copy_descriptor": copy_descriptor_rows,
     "multi_student": multi_student_rows,
+    "scale": scale_rows,
 }
 
 

@@ -1,7 +1,8 @@
 """The `assemble` stage: seed images as is + retrieved pool images -> the curated manifest.
 
-images (decontaminated) --curated sources, when include_seeds--> as_is rows
-retrieved --joined to their images rows on (image_id, uri)--> sample | cluster rows
+images (decontaminated; key ranges, never read whole) --curated sources, when include_seeds--> as_is
+  rows, in key order
+retrieved --their images rows found by a key merge (`partitions.key_positions`)--> sample | cluster rows
    --> curated (IMAGES columns + provenance) and composition (the paper's Table 15 per seed source)
 
 A retrieved row whose pool image is not in `images` is an error, not a silent drop: retrieval must only
@@ -14,12 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.hits import RETRIEVED
 from curation.retrieve import COMPOSITION
-from pipelines.manifest import CURATED, IMAGES, ManifestError, align_rows
+from pipelines.manifest import CURATED, IMAGES, ManifestError
+from pipelines.partitions import KeyRanges, key_positions, stage_key_ranges
 from pipelines.stage import Manifest, StageContext, StageRun, StageSpec, register_stage
 from pipelines.views import TableView, format_count, table_view
 
@@ -37,11 +40,13 @@ class AssembleConfig:
     """Curated sources kept as is; empty means every curated source (the paper keeps only some)."""
 
 
-def seed_rows(images: pa.Table, cfg: AssembleConfig) -> pa.Table:
-    """Curated rows kept as they are: every curated source, or only `cfg.as_is_sources`."""
-    seeds = images.filter(pc.equal(images.column("role"), SEED_ROLE))
+def seed_rows(images: KeyRanges, cfg: AssembleConfig) -> pa.Table:
+    """Curated rows kept as they are, in key order: every curated source, or only `cfg.as_is_sources`
+    (only those rows are read)."""
+    wanted = images.column_is_in("role", [SEED_ROLE])
     if cfg.as_is_sources:
-        seeds = seeds.filter(pc.is_in(seeds.column("source"), pa.array(list(cfg.as_is_sources), pa.string())))
+        wanted &= images.column_is_in("source", cfg.as_is_sources)
+    seeds = IMAGES.validate(images.offsets.read_rows(np.flatnonzero(wanted), IMAGES.names))
     count = seeds.num_rows
     provenance = {
         "seed_source": seeds.column("source"),
@@ -56,13 +61,14 @@ def seed_rows(images: pa.Table, cfg: AssembleConfig) -> pa.Table:
     return CURATED.validate(seeds)
 
 
-def retrieved_rows(images: pa.Table, retrieved: pa.Table) -> pa.Table:
-    """Each retrieved row as its images row plus provenance, in `retrieved`'s order."""
+def retrieved_rows(images: KeyRanges, retrieved: pa.Table) -> pa.Table:
+    """Each retrieved row as its images row plus provenance, in `retrieved`'s order (the images rows
+    found by a key merge, only they read)."""
     try:
-        positions = align_rows(retrieved, images)
+        positions = key_positions(images, retrieved, "retrieved pool images")
     except ManifestError as err:
         raise ManifestError(f"retrieved pool images missing from the images manifest: {err}") from err
-    rows = images.take(positions)
+    rows = IMAGES.validate(images.offsets.read_rows(positions, IMAGES.names))
     rows = rows.append_column("seed_source", retrieved.column("seed_source"))
     rows = rows.append_column("curation_mode", retrieved.column("mode"))
     for name in COPIED_COLUMNS:
@@ -110,8 +116,8 @@ def composition_tables(run: StageRun) -> list[TableView]:
 
 
 def run_assemble(cfg: AssembleConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
-    images = inputs["images"].read(IMAGES)
-    retrieved = inputs["retrieved"].read(RETRIEVED)
+    images = stage_key_ranges(ctx, "images", inputs["images"].uri, IMAGES)
+    retrieved = inputs["retrieved"].read(RETRIEVED)  # the curated set's size: what the output holds
     seeds = seed_rows(images, cfg) if cfg.include_seeds else CURATED.empty_table()
     pool_rows = retrieved_rows(images, retrieved)
     ctx.write_output("curated", seeds, shard_id=AS_IS)
@@ -135,7 +141,8 @@ def run_assemble(cfg: AssembleConfig, inputs: Mapping[str, Manifest], ctx: Stage
 ASSEMBLE = register_stage(
     StageSpec(
         name="assemble",
-        version=1,
+        # 2: seed rows in key order (the images are walked as key ranges, not read whole)
+        version=2,
         config_type=AssembleConfig,
         fn=run_assemble,
         inputs={"images": IMAGES, "retrieved": RETRIEVED, "retrieval_summary": COMPOSITION},

@@ -1,6 +1,7 @@
 """The `random_pool` stage: the uncurated baseline of the paper's Table 2, as a curated-shaped manifest.
 
-images (decontaminated) --uncurated rows, in (image_id, uri) order--> seeded uniform sample without
+images (decontaminated; key ranges: the driver holds the uncurated rows' ids, 8 bytes a row, and reads
+only the sampled rows) --uncurated rows, in (image_id, uri) order--> seeded uniform sample without
 replacement, as many rows as the curated manifest has --> curated (IMAGES columns + provenance:
 curation_mode "random", no query, similarity, rank or cluster); the same with seed + r for each further
 replicate r of the ablation --> replicates (CURATED_REPLICATES: those rows + `replicate`)
@@ -12,6 +13,7 @@ buys. The pool comes after dedup and decontamination, like the curated set, so o
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.manifest import CURATED, CURATED_REPLICATES, IMAGES, sort_rows
+from pipelines.part_rows import RowReader, TableRows
+from pipelines.partitions import KeyRanges, stage_key_ranges
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
 from training.ablate import DataAblationConfig
 
@@ -32,28 +36,42 @@ class PoolTooSmallError(ValueError):
     """The uncurated pool has fewer rows than the sample must hold."""
 
 
-def uncurated_pool(images: pa.Table) -> pa.Table:
-    """The uncurated rows of `images` in (image_id, uri) order.
+@dataclass(frozen=True, slots=True)
+class UncuratedPool:
+    """The uncurated rows of an images manifest in (image_id, uri) order, as row ids of `reader`.
 
-    Why sorted: a sample drawn from them then depends on the pool's content only, not on how upstream
-    shards happened to order it.
+    Why key order: a sample drawn from them then depends on the pool's content only, not on how
+    upstream shards happened to lay it out. Only the sampled rows are ever read.
     """
-    return sort_rows(images.filter(pc.equal(images.column("role"), POOL_ROLE)))
+
+    reader: RowReader
+    rows: np.ndarray  # int64 row ids of the uncurated rows, in key order
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
-def random_pool_rows(images: pa.Table, count: int, seed: int) -> pa.Table:
-    """`count` uncurated rows of `images`, drawn uniformly without replacement, as CURATED rows.
+def uncurated_pool(images: pa.Table | KeyRanges) -> UncuratedPool:
+    """The pool of a table in memory, or of a key-ranged manifest (8 bytes a row, no keys held)."""
+    if isinstance(images, KeyRanges):
+        return UncuratedPool(images.offsets, np.flatnonzero(images.column_is_in("role", [POOL_ROLE])))
+    ordered = sort_rows(images)
+    rows = np.flatnonzero(np.asarray(pc.equal(ordered.column("role"), POOL_ROLE).combine_chunks()))
+    return UncuratedPool(TableRows(ordered), rows)
+
+
+def random_pool_rows(pool: UncuratedPool, count: int, seed: int) -> pa.Table:
+    """`count` rows of `pool`, drawn uniformly without replacement, as CURATED rows (in key order).
 
     Raises:
         PoolTooSmallError: fewer than `count` uncurated rows.
     """
-    pool = uncurated_pool(images)
-    if pool.num_rows < count:
+    if len(pool) < count:
         raise PoolTooSmallError(
-            f"random_pool: the uncurated pool has {pool.num_rows} rows, fewer than the {count} curated rows"
+            f"random_pool: the uncurated pool has {len(pool)} rows, fewer than the {count} curated rows"
         )
-    chosen = np.sort(np.random.default_rng(seed).choice(pool.num_rows, size=count, replace=False))
-    rows = pool.take(pa.array(chosen, pa.int64()))
+    chosen = np.sort(np.random.default_rng(seed).choice(len(pool), size=count, replace=False))
+    rows = IMAGES.validate(pool.reader.read_rows(pool.rows[chosen], IMAGES.names))
     provenance = {
         "seed_source": pa.array([RANDOM_SEED_SOURCE] * count, pa.string()),
         "curation_mode": pa.array([RANDOM_MODE] * count, pa.string()),
@@ -67,11 +85,11 @@ def random_pool_rows(images: pa.Table, count: int, seed: int) -> pa.Table:
     return CURATED.validate(rows)
 
 
-def replicate_rows(images: pa.Table, count: int, cfg: DataAblationConfig) -> pa.Table:
+def replicate_rows(pool: UncuratedPool, count: int, cfg: DataAblationConfig) -> pa.Table:
     """The samples of replicates 1 .. replicates-1 (seeds cfg.seed + r), as CURATED_REPLICATES rows."""
     samples = []
     for replicate in range(1, cfg.replicates):
-        rows = random_pool_rows(images, count, cfg.seed + replicate)
+        rows = random_pool_rows(pool, count, cfg.seed + replicate)
         samples.append(rows.append_column("replicate", pa.array([replicate] * count, pa.int32())))
     return (
         CURATED_REPLICATES.validate(pa.concat_tables(samples))
@@ -83,14 +101,14 @@ def replicate_rows(images: pa.Table, count: int, cfg: DataAblationConfig) -> pa.
 def run_random_pool(
     cfg: DataAblationConfig, inputs: Mapping[str, Manifest], ctx: StageContext
 ) -> dict[str, Any]:
-    images = inputs["images"].read(IMAGES)
+    pool = uncurated_pool(stage_key_ranges(ctx, "images", inputs["images"].uri, IMAGES))
     count = inputs["curated"].num_rows
-    rows = random_pool_rows(images, count, cfg.seed)
+    rows = random_pool_rows(pool, count, cfg.seed)
     ctx.write_output("curated", rows)
-    ctx.write_output("replicates", replicate_rows(images, count, cfg))
+    ctx.write_output("replicates", replicate_rows(pool, count, cfg))
     return {
         "rows": rows.num_rows,
-        "pool_rows": uncurated_pool(images).num_rows,
+        "pool_rows": len(pool),
         "replicates": cfg.replicates,
     }
 

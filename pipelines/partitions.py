@@ -38,6 +38,7 @@ from pipelines.manifest import (
     align_rows,
     part_name,
     resolve_manifest,
+    row_order,
 )
 from pipelines.part_rows import PartOffsets, PartRows
 from pipelines.shards import SHARD_ID_LENGTH, joined_lines, key_lines
@@ -295,24 +296,48 @@ def subset_positions(subset: KeyRanges, superset: KeyRanges, subset_name: str) -
         ManifestError: a subset row has no match in `superset`.
     """
     positions = []
-    for index, path in enumerate(subset.offsets.parts):
-        low, high = subset.first_keys[index], subset.last_keys[index]
-        # The superset parts whose key range meets [low, high].
-        first = bisect.bisect_left(superset.last_keys, low)
-        stop = bisect.bisect_right(superset.first_keys, high)
+    for path in subset.offsets.parts:
         wanted = pq.read_table(path, columns=list(ROW_KEY_COLUMNS), filesystem=subset.offsets.fs)
-        found = [
-            pq.read_table(
-                superset.offsets.parts[part], columns=list(ROW_KEY_COLUMNS), filesystem=superset.offsets.fs
-            )
-            for part in range(first, stop)
-        ]
-        candidates = pa.concat_tables(found) if found else wanted.schema.empty_table()
-        base = superset.offsets.starts[first] if found else 0
-        try:
-            positions.append(base + align_rows(wanted, candidates))
-        except ManifestError as err:
-            raise ManifestError(
-                f"{subset_name}: rows of {path} are not all in the manifest it subsets: {err}"
-            ) from None
+        positions.append(_positions_in(superset, wanted, f"{subset_name}: rows of {path}"))
     return np.concatenate(positions) if positions else np.zeros(0, np.int64)
+
+
+def key_positions(superset: KeyRanges, keys: pa.Table, name: str) -> np.ndarray:
+    """For each row of `keys` (image_id, uri: any order, repeats allowed), the global row of `superset`
+    with that key; sorted blocks of the keys each merged with the superset parts they meet.
+
+    Raises:
+        ManifestError: a key is not in `superset`.
+    """
+    order = row_order(keys)
+    ordered = keys.select(list(ROW_KEY_COLUMNS)).take(pa.array(order))
+    positions = np.empty(keys.num_rows, dtype=np.int64)
+    for start in range(0, keys.num_rows, DEFAULT_ROWS_PER_PARTITION):
+        block = ordered.slice(start, DEFAULT_ROWS_PER_PARTITION)
+        positions[order[start : start + block.num_rows]] = _positions_in(superset, block, name)
+    return positions
+
+
+def _positions_in(superset: KeyRanges, wanted: pa.Table, name: str) -> np.ndarray:
+    """Global rows of `superset` holding `wanted`'s keys (in key order), reading only the superset parts
+    whose key range meets [first wanted key, last wanted key]."""
+    if wanted.num_rows == 0:
+        return np.zeros(0, np.int64)
+    low = (wanted["image_id"][0].as_py(), wanted["uri"][0].as_py())
+    high = (wanted["image_id"][-1].as_py(), wanted["uri"][-1].as_py())
+    first = bisect.bisect_left(superset.last_keys, low)
+    stop = bisect.bisect_right(superset.first_keys, high)
+    offsets = superset.offsets
+    found = [
+        pq.read_table(offsets.parts[part], columns=list(ROW_KEY_COLUMNS), filesystem=offsets.fs)
+        for part in range(first, stop)
+    ]
+    candidates = pa.concat_tables(found) if found else wanted.schema.empty_table()
+    try:
+        return (
+            offsets.starts[first] + align_rows(wanted, candidates)
+            if found
+            else align_rows(wanted, candidates)
+        )
+    except ManifestError as err:
+        raise ManifestError(f"{name} are not all in the manifest they refer to: {err}") from None

@@ -121,7 +121,10 @@ class GraphIndex:
             scores, found = knn_search(self.searcher, vectors, width)
             ids = np.where(found >= 0, self.ordered[np.maximum(found, 0)], -1)
             keep = (ids >= 0) & (ids != queries[:, None]) & allowed[np.maximum(ids, 0)]
-            if keep.sum(axis=1).min(initial=num_neighbours) >= num_neighbours or width >= len(self.rows):
+            # Why not widen a query the index returned empty slots to: an IVF index searches the same few
+            # lists at any width, so asking it for more rows only grows the result arrays.
+            widens = (keep.sum(axis=1) < num_neighbours) & (found >= 0).all(axis=1)
+            if not widens.any() or width >= len(self.rows):
                 break
             width = min(width * NEIGHBOUR_WIDENING, len(self.rows))
         rank = np.cumsum(keep, axis=1) - 1

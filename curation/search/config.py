@@ -29,6 +29,8 @@ class SearchConfig:
     IVF-PQ compresses further; product quantisation's scores stray too far from the cosine for a
     threshold on them (0.08 at 4-bit fast-scan codes, 0.2 at 16 bytes, on 128-d unit vectors)."""
     ivf_min_rows: int = DEFAULT_IVF_MIN_ROWS
+    ivf_lists: int | None = None
+    """IVF lists; None: 4 sqrt(N) (`knn.ivf_lists`). Fewer lists train faster and scan more per probe."""
     ivf_nprobe: int | None = None
     """IVF lists searched per query (recall against speed); None: a fixed share of the lists, so the
     speed-up over exact search stays the same at any pool size (`knn.ivf_probes`)."""
@@ -45,6 +47,9 @@ class SearchConfig:
         require(self.ivf_min_rows >= 1, f"ivf_min_rows must be >= 1, got {self.ivf_min_rows}")
         require(
             self.ivf_nprobe is None or self.ivf_nprobe >= 1, f"ivf_nprobe must be >= 1, got {self.ivf_nprobe}"
+        )
+        require(
+            self.ivf_lists is None or self.ivf_lists >= 1, f"ivf_lists must be >= 1, got {self.ivf_lists}"
         )
         require(self.shards >= 1, f"shards must be >= 1, got {self.shards}")
         require(self.sq_bits in SQ_BITS, f"sq_bits must be one of {SQ_BITS}, got {self.sq_bits}")

@@ -168,6 +168,7 @@ def build_index(
     nprobe: int | None = None,
     use_gpu: bool = False,
     sq_bits: int = DEFAULT_SQ_BITS,
+    lists: int | None = None,
 ) -> faiss.Index:
     """A flat, IVF or IVF-SQ inner-product index over `database`, filled `SEARCH_BATCH_ROWS` rows at once.
 
@@ -182,7 +183,7 @@ def build_index(
     if kind == "flat" or num_rows == 0:  # no rows to train IVF lists on
         index = faiss.IndexFlatIP(dim)
     else:
-        nlist = ivf_lists(num_rows)
+        nlist = min(lists, num_rows) if lists is not None else ivf_lists(num_rows)
         quantizer = faiss.IndexFlatIP(dim)
         if kind == "ivf":
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -226,7 +227,7 @@ def knn_edges(
     if len(vectors) < 2:
         return _no_edges()
     kind = search.kind_for(len(vectors))
-    searcher = build_index(vectors, kind, search.ivf_nprobe, search.use_gpu, search.sq_bits)
+    searcher = build_index(vectors, kind, search.ivf_nprobe, search.use_gpu, search.sq_bits, search.ivf_lists)
     return searched_edges(vectors, searcher, num_neighbours, threshold)
 
 

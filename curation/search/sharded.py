@@ -61,11 +61,17 @@ class ShardQuery:
 
 
 def build_shard(
-    rows: VectorSource, first_row: int, kind: str, nprobe: int | None, use_gpu: bool, sq_bits: int
+    rows: VectorSource,
+    first_row: int,
+    kind: str,
+    nprobe: int | None,
+    use_gpu: bool,
+    sq_bits: int,
+    lists: int | None = None,
 ) -> IndexShard:
     """A worker's state factory: indexes its rows (`kind` as for the whole), on the worker's GPUs when
     asked and present."""
-    return IndexShard(build_index(rows, kind, nprobe, use_gpu, sq_bits), first_row)
+    return IndexShard(build_index(rows, kind, nprobe, use_gpu, sq_bits, lists), first_row)
 
 
 def search_in_shard(shard: IndexShard, query: ShardQuery) -> tuple[np.ndarray, np.ndarray]:
@@ -119,6 +125,7 @@ def sharded_index(
     nprobe: int | None = None,
     use_gpu: bool = False,
     sq_bits: int = DEFAULT_SQ_BITS,
+    lists: int | None = None,
 ) -> Iterator[ShardedIndex]:
     """`database` split into `num_shards` indexes held by the executor's workers for the `with` block.
 
@@ -131,10 +138,11 @@ def sharded_index(
         nprobe: IVF lists searched per query in each shard (None: `knn.ivf_probes`' share).
         use_gpu: Each worker indexes on the GPUs Faiss sees there (Ray: the ones its actor reserved).
         sq_bits: `ivfsq` code bits per dimension.
+        lists: IVF lists per shard (None: `knn.ivf_lists` of the shard's rows).
     """
     source = vector_source(database)
     factories = [
-        functools.partial(build_shard, source.part(start, stop), start, kind, nprobe, use_gpu, sq_bits)
+        functools.partial(build_shard, source.part(start, stop), start, kind, nprobe, use_gpu, sq_bits, lists)
         for start, stop in shard_bounds(len(source), num_shards)
     ]
     with executor.hold_states(factories) as shards:
@@ -152,7 +160,15 @@ def database_index(
     source = vector_source(database)
     kind = search.kind_for(len(source))
     if search.shards == SINGLE_INDEX:
-        return nullcontext(build_index(source, kind, search.ivf_nprobe, search.use_gpu, search.sq_bits))
+        index = build_index(source, kind, search.ivf_nprobe, search.use_gpu, search.sq_bits, search.ivf_lists)
+        return nullcontext(index)
     return sharded_index(
-        source, search.shards, kind, executor, search.ivf_nprobe, search.use_gpu, search.sq_bits
+        source,
+        search.shards,
+        kind,
+        executor,
+        search.ivf_nprobe,
+        search.use_gpu,
+        search.sq_bits,
+        search.ivf_lists,
     )

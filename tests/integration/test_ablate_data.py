@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from curation.random_pool import RANDOM_MODE, random_pool_rows
+from curation.random_pool import RANDOM_MODE, random_pool_rows, uncurated_pool
 from flows.curate_and_train import ABLATE_DATA, CURATE_AND_TRAIN
 from flows.dag import run_pipeline
 from pipelines.manifest import ROW_KEY_COLUMNS, read_manifest
@@ -69,9 +69,9 @@ def test_random_pool_is_a_seeded_sample_of_uncurated_rows_of_the_curated_size(ab
     assert len(set(keys)) == len(keys) and set(keys) <= uncurated  # without replacement, pool rows only
     assert set(sample.column("curation_mode").to_pylist()) == {RANDOM_MODE}
     assert sample.column("query_image_id").null_count == sample.num_rows
-    again = random_pool_rows(images, sample.num_rows, cfg.ablate_data.seed)
+    again = random_pool_rows(uncurated_pool(images), sample.num_rows, cfg.ablate_data.seed)
     assert row_keys(again) == keys
-    other = random_pool_rows(images, sample.num_rows, cfg.ablate_data.seed + 1)
+    other = random_pool_rows(uncurated_pool(images), sample.num_rows, cfg.ablate_data.seed + 1)
     assert set(row_keys(other)) != set(keys)
 
 
@@ -149,7 +149,9 @@ def test_replicates_retrain_every_arm_with_the_next_seeds(ablation):
         # The random arm's replicate r trains on the pool sample of seed + r, the curated arm on the
         # curated rows; both with train.seed + r (their checkpoints record it).
         sample = read_manifest(stage_dir / REPLICATES_DIR / f"random-{replicate}" / SAMPLE_DIR)
-        expected = random_pool_rows(images, curated.num_rows, cfg.ablate_data.seed + replicate)
+        expected = random_pool_rows(
+            uncurated_pool(images), curated.num_rows, cfg.ablate_data.seed + replicate
+        )
         assert row_keys(sample) == row_keys(expected)
         drawn = runs["random_pool"].outputs["replicates"].read()
         drawn = drawn.filter(pc.equal(drawn.column("replicate"), replicate))

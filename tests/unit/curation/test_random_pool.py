@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from curation.random_pool import RANDOM_MODE, PoolTooSmallError, random_pool_rows
+from curation.random_pool import RANDOM_MODE, PoolTooSmallError, random_pool_rows, uncurated_pool
 from pipelines.manifest import CURATED, IMAGES
 from tests.helpers import images_row
 
@@ -28,7 +28,7 @@ POOL_IDS = {f"id-w{row}" for row in range(POOL_SIZE)}
 
 
 def test_a_full_sample_is_the_whole_pool_with_random_provenance():
-    rows = random_pool_rows(IMAGES_TABLE, POOL_SIZE, seed=0)
+    rows = random_pool_rows(uncurated_pool(IMAGES_TABLE), POOL_SIZE, seed=0)
     assert rows.schema.equals(CURATED.arrow, check_metadata=False)
     assert set(rows.column("image_id").to_pylist()) == POOL_IDS and rows.num_rows == POOL_SIZE
     assert set(rows.column("curation_mode").to_pylist()) == {RANDOM_MODE}
@@ -38,20 +38,24 @@ def test_a_full_sample_is_the_whole_pool_with_random_provenance():
 
 def test_a_pool_smaller_than_the_sample_is_an_error():
     with pytest.raises(PoolTooSmallError, match=f"{POOL_SIZE} rows"):
-        random_pool_rows(IMAGES_TABLE, POOL_SIZE + 1, seed=0)
+        random_pool_rows(uncurated_pool(IMAGES_TABLE), POOL_SIZE + 1, seed=0)
 
 
 def test_same_seed_same_rows_whatever_the_input_order():
     reversed_table = IMAGES_TABLE.take(np.arange(IMAGES_TABLE.num_rows)[::-1])
-    first = random_pool_rows(IMAGES_TABLE, SAMPLE_SIZE, seed=3).column("image_id").to_pylist()
-    again = random_pool_rows(reversed_table, SAMPLE_SIZE, seed=3).column("image_id").to_pylist()
+    first = random_pool_rows(uncurated_pool(IMAGES_TABLE), SAMPLE_SIZE, seed=3).column("image_id").to_pylist()
+    again = (
+        random_pool_rows(uncurated_pool(reversed_table), SAMPLE_SIZE, seed=3).column("image_id").to_pylist()
+    )
     assert first == again and len(set(first)) == SAMPLE_SIZE
 
 
 def test_every_pool_row_is_drawn_with_probability_sample_over_pool():
     counts = dict.fromkeys(POOL_IDS, 0)
     for seed in range(DRAWS):
-        for image_id in random_pool_rows(IMAGES_TABLE, SAMPLE_SIZE, seed).column("image_id").to_pylist():
+        for image_id in (
+            random_pool_rows(uncurated_pool(IMAGES_TABLE), SAMPLE_SIZE, seed).column("image_id").to_pylist()
+        ):
             counts[image_id] += 1
     shares = np.array(list(counts.values())) / DRAWS
     np.testing.assert_allclose(shares, SAMPLE_SIZE / POOL_SIZE, atol=SHARE_TOLERANCE)

@@ -38,6 +38,7 @@ def test_a_built_ivf_index_probes_the_default_share():
     index = build_index(vectors, "ivf")
     assert (index.nlist, index.nprobe) == (800, IVF_MIN_PROBES)  # 4 * 200 lists; 1% of them is 8
     assert build_index(vectors, "ivf", nprobe=3).nprobe == 3
+    assert build_index(vectors, "ivf", lists=50).nlist == 50  # the config's `ivf_lists` wins
 
 
 @pytest.mark.parametrize(("bits", "code_bytes", "worst_error"), [(8, 64, 0.01), (4, 32, 0.1)])
