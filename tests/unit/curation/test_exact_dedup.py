@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -16,13 +17,16 @@ from curation.dedup.components import (
     KeepRuleConfig,
     component_stats,
     connected_components,
+    duplicate_rejections,
     resolve_groups,
 )
+from curation.dedup.exact import byte_groups
 from curation.ingest import IngestConfig, SourceConfig
-from pipelines.manifest import IMAGES, read_manifest
-from pipelines.stage import get_stage, run_stage
+from pipelines.manifest import IMAGES, read_manifest, sort_rows
+from pipelines.partitions import key_ranges
+from pipelines.stage import Manifest, get_stage, run_stage
 from pipelines.store import Store
-from tests.helpers import png_bytes
+from tests.helpers import images_row, png_bytes
 
 
 def _reference_components(num_rows: int, edges: list[tuple[int, int]]) -> np.ndarray:
@@ -160,3 +164,62 @@ def test_exact_dedup_keeps_one_per_byte_group_and_names_it(tmp_path):
     assert run.record["artifacts"] == ["duplicate_groups.png"]
     again = run_stage(dedup_spec, dedup_spec.config_type(), inputs, store=store, show_progress=False)
     assert again.reused and again.outputs["images"].digest == run.outputs["images"].digest
+
+
+SHUFFLE_ROWS = 600
+SHUFFLE_IDS = 250
+SHUFFLE_ROWS_PER_PART = 64
+
+
+def test_the_bucketed_stage_gives_the_whole_table_rule_in_key_ranged_parts(tmp_path):
+    """Byte groups spread over shuffled parts, several buckets: the kept rows and rejects are the rule's
+    on the whole table, and the outputs are key ranges the next stage can walk."""
+    rng = np.random.default_rng(8)
+    roles = rng.choice(["uncurated", "curated", "eval"], SHUFFLE_ROWS, p=[0.8, 0.1, 0.1])
+    ids = rng.integers(0, SHUFFLE_IDS, SHUFFLE_ROWS)
+    rows = [
+        {
+            **images_row(f"r{row}", "s", str(roles[row])),
+            "image_id": f"{ids[row]:064x}",
+            "byte_size": int(row % 3),
+        }
+        for row in range(SHUFFLE_ROWS)
+    ]
+    table = IMAGES.table_from_rows(rows)
+    folder = tmp_path / "ingested"
+    folder.mkdir()
+    for index, part in enumerate(np.array_split(rng.permutation(SHUFFLE_ROWS), 4)):
+        pq.write_table(table.take(part), folder / f"part-{index}.parquet")
+    store = Store(tmp_path / "store")
+    spec = get_stage("exact_dedup")
+    cfg = spec.config_type(rows_per_part=SHUFFLE_ROWS_PER_PART)
+    inputs = {"images": Manifest(str(folder), "images", "shuffled", SHUFFLE_ROWS)}
+    run = run_stage(spec, cfg, inputs, store=store, show_progress=False)
+
+    whole = sort_rows(table)
+    labels = byte_groups(whole)
+    resolution = resolve_groups(whole, labels, cfg.keep)
+    dropped = np.flatnonzero(~resolution.keep)
+    expected = duplicate_rejections(
+        whole,
+        dropped,
+        resolution.match[dropped],
+        resolution.representative[dropped],
+        np.ones(len(dropped), np.float32),
+        "exact_duplicate",
+    )
+    ranges = key_ranges(run.outputs["images"].uri)  # raises unless the parts are key ranges
+    assert len(ranges.offsets.parts) > 3
+    assert (
+        read_manifest(run.outputs["images"].uri, IMAGES)
+        .sort_by([("image_id", "ascending"), ("uri", "ascending")])
+        .equals(whole.filter(resolution.keep))
+    )
+    assert sort_rows(read_manifest(run.outputs["rejected"].uri, DUPLICATES_REJECTED)).equals(
+        sort_rows(expected)
+    )
+    stats = run.record["stats"]
+    assert (stats["rejected"], stats["groups"]) == (len(dropped), component_stats(labels)["groups"])
+    assert stats["group_sizes"] == component_stats(labels)["group_sizes"]
+    assert stats["largest_group"] == component_stats(labels)["largest_group"]
+    assert not (store.fs.exists(f"{run.uri}/_buckets"))  # the shuffle's pieces are gone once committed
