@@ -17,6 +17,9 @@ from PIL import Image
 from curation.demo import DemoDataConfig
 from curation.ingest import IngestConfig, SourceConfig
 from flows.curate_and_train import CURATE_AND_TRAIN, CurateAndTrainConfig
+from pipelines.executor import SerialExecutor
+from pipelines.stage import StageContext, StageSpec
+from pipelines.store import Store
 from tests.training_helpers import tiny_training_sections
 
 
@@ -165,3 +168,18 @@ def limit_file_size() -> None:
     """
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+
+
+def bare_stage_context(root: Path, name: str, outputs: dict | None = None) -> StageContext:
+    """A serial, quiet StageContext of a stage registered nowhere, storing under `root`: for a test that
+    drives stage pieces (partitions, buckets, outputs) without a stage function."""
+    spec = StageSpec(
+        name=name,
+        version=1,
+        config_type=dict,
+        fn=lambda *_: None,
+        inputs={},
+        outputs=outputs or {},
+        description="",
+    )
+    return StageContext(spec, "k", Store(root), SerialExecutor(), show_progress=False)

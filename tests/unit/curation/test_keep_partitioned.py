@@ -19,8 +19,7 @@ from curation.dedup.keep import Dropped, resolve_partitioned, write_partitioned
 from pipelines.executor import SerialExecutor
 from pipelines.manifest import IMAGES, read_manifest, sort_rows
 from pipelines.partitions import key_ranges
-from pipelines.stage import StageContext, StageSpec
-from pipelines.store import Store
+from tests.helpers import bare_stage_context
 
 NUM_ROWS = 240
 PART_SIZES = (50, 3, 97, 90)
@@ -99,16 +98,8 @@ def test_partitioned_outputs_hold_the_kept_and_the_rejected_rows(stored, tmp_pat
     dropped = np.flatnonzero(~resolution.keep)
     similarity = np.linspace(0.5, 1.0, len(dropped)).astype(np.float32)
     group = resolution.representative[dropped]
-    spec = StageSpec(
-        name="keep_probe",
-        version=1,
-        config_type=dict,
-        fn=lambda *_: None,
-        inputs={},
-        outputs={"images": IMAGES, "rejected": DUPLICATES_REJECTED},
-        description="",
-    )
-    ctx = StageContext(spec, "k", Store(tmp_path / "store"), SerialExecutor(), show_progress=False)
+    outputs = {"images": IMAGES, "rejected": DUPLICATES_REJECTED}
+    ctx = bare_stage_context(tmp_path / "store", "keep_probe", outputs)
     decided = Dropped(resolution.keep, resolution.match[dropped], group, similarity)
     write_partitioned(ctx, ranges, PARTITION_SIZES[0], decided, REASON)
     parts = ctx.store.list_parts(ctx.store.output_dir("keep_probe", "k", "images"))

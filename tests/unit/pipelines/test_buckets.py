@@ -9,10 +9,9 @@ import pyarrow.parquet as pq
 
 from pipelines import buckets as buckets_module
 from pipelines.buckets import bucket_bounds, remove_buckets, spill_buckets
-from pipelines.executor import SerialExecutor
 from pipelines.manifest import ManifestSchema
-from pipelines.stage import StageContext, StageSpec
-from pipelines.store import Store
+from pipelines.stage import StageContext
+from tests.helpers import bare_stage_context
 
 NUM_ROWS = 3000
 ROWS_PER_BUCKET = 400
@@ -43,16 +42,7 @@ def _shuffled_parts(folder, seed: int = 0) -> pa.Table:
 
 
 def _context(tmp_path) -> StageContext:
-    spec = StageSpec(
-        name="bucket_probe",
-        version=1,
-        config_type=dict,
-        fn=lambda *_: None,
-        inputs={},
-        outputs={},
-        description="",
-    )
-    return StageContext(spec, "k", Store(tmp_path / "store"), SerialExecutor(), show_progress=False)
+    return bare_stage_context(tmp_path / "store", "bucket_probe")
 
 
 def test_buckets_are_image_id_ranges_holding_every_row_once(tmp_path):

@@ -9,12 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.executor import SerialExecutor
 from pipelines.manifest import ManifestError, ManifestSchema
 from pipelines.partitions import NotKeyRanged, key_ranges, stage_key_ranges, subset_positions
 from pipelines.shards import row_shards
-from pipelines.stage import StageContext, StageSpec
-from pipelines.store import Store
+from tests.helpers import bare_stage_context
 
 NUM_ROWS = 23
 PART_SIZES = (5, 1, 9, 8)  # uneven, so partitions cross part boundaries
@@ -109,10 +107,7 @@ def test_a_stage_sorts_an_input_that_is_not_key_ranged_once_and_says_so(tmp_path
     folder = tmp_path / "shuffled"
     folder.mkdir()
     pq.write_table(table, folder / "part-0.parquet")
-    spec = StageSpec(
-        name="probe", version=1, config_type=dict, fn=lambda *_: None, inputs={}, outputs={}, description=""
-    )
-    ctx = StageContext(spec, "k", Store(tmp_path / "store"), SerialExecutor(), show_progress=False)
+    ctx = bare_stage_context(tmp_path / "store", "probe")
     ranges = stage_key_ranges(ctx, "images", str(folder), KEYS, 4)
     assert len(ctx.warnings) == 1 and "not in key-ranged parts" in ctx.warnings[0]
     assert [shard.shard_id for shard in ranges.shards(4)] == [
