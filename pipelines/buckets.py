@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.manifest import ManifestSchema, part_name, shard_id_of
-from pipelines.partitions import manifest_part_paths
+from pipelines.part_rows import manifest_part_paths
 from pipelines.shards import SHARD_ID_LENGTH
 from pipelines.stage import Shard, StageContext
 
@@ -77,11 +77,14 @@ def split_part(bounds: list[str], path_and_fs: tuple[str, fsspec.AbstractFileSys
     return {int(index): table.filter(pa.array(bucket == index)) for index in np.unique(bucket)}
 
 
-def spill_buckets(ctx: StageContext, uri: str, rows_per_bucket: int) -> list[Shard]:
-    """The manifest at `uri` split into key-range buckets under this run's folder; one Shard per bucket."""
+def spill_buckets(
+    ctx: StageContext, uri: str, rows_per_bucket: int, folder: str = BUCKETS_DIR
+) -> list[Shard]:
+    """The manifest at `uri` split into key-range buckets under `folder` of this run's stage folder; one
+    Shard per bucket."""
     fs, parts = manifest_part_paths(uri)
     bounds = bucket_bounds(uri, rows_per_bucket)
-    root = f"{ctx.store.stage_dir(ctx.spec.name, ctx.key)}/{BUCKETS_DIR}"
+    root = f"{ctx.store.stage_dir(ctx.spec.name, ctx.key)}/{folder}"
     marker = functools.partial(_marker, root)
     todo = [path for path in parts if not ctx.store.exists(marker(path))]
     worker = functools.partial(split_part, bounds)
@@ -97,9 +100,9 @@ def spill_buckets(ctx: StageContext, uri: str, rows_per_bucket: int) -> list[Sha
     ]
 
 
-def remove_buckets(ctx: StageContext) -> None:
+def remove_buckets(ctx: StageContext, folder: str = BUCKETS_DIR) -> None:
     """Drops the pieces once the buckets' outputs are written (a rerun would spill again)."""
-    root = f"{ctx.store.stage_dir(ctx.spec.name, ctx.key)}/{BUCKETS_DIR}"
+    root = f"{ctx.store.stage_dir(ctx.spec.name, ctx.key)}/{folder}"
     if ctx.store.fs.isdir(root):
         ctx.store.fs.rm(root, recursive=True)
 

@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.manifest import PART_SUFFIX, resolve_manifest
+
 
 @dataclass(frozen=True, slots=True)
 class PartRows:
@@ -123,3 +125,10 @@ class RowSubset:
 
     def take(self, positions: np.ndarray) -> PartRows:
         return self.offsets.take(self.rows[positions])
+
+
+def manifest_part_paths(uri: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    fs, location = resolve_manifest(uri)
+    if not fs.isdir(location):
+        return fs, [location]
+    return fs, sorted(fs.glob(f"{location.rstrip('/')}/*{PART_SUFFIX}"))

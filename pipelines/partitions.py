@@ -5,16 +5,16 @@ partitioned stages write them)
   --key_ranges: image_id statistics of each part's metadata order the parts; one pass over each part's
     key columns (one part held at a time) checks the order and digests the partitions--> KeyRanges:
     the parts in key order and where each starts (O(parts) memory, nothing per row)
-  --KeyRanges.partitions: runs of `rows_per_partition` rows in key order, cut at the same rows whatever
+  --KeyRanges.shards(size): runs of `size` rows in key order, cut at the same rows whatever
     the part layout, each a Shard whose id is `row_shards`' id for the same rows (the same sha256 of
     its key lines), whose payload lists the part slices it covers
   --Partition.read(columns): a worker's rows, read from the one or few parts holding them
 
 Global row ids are positions in key order: row i of the manifest is row i - starts[p] of part p. A stage
 driver holds per-row arrays indexed by them (labels, a keep mask: a few bytes a row), never keys or URIs.
-A manifest whose parts are not key ranges (written by hand, or by another tool) is sorted once into a
-key-ranged copy beside the stage's outputs (`sorted_copy`), and a warning says so: that copy is the
-one step that holds the rows.
+A manifest whose parts are not key ranges (written by hand, or by another tool) is copied once in key
+order beside the stage's outputs (`sorted_copy`: image_id buckets, `pipelines.buckets`, each sorted in
+memory), and a warning says so.
 """
 
 from __future__ import annotations
@@ -30,20 +30,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.buckets import BUCKETS_DIR, remove_buckets, spill_buckets
 from pipelines.manifest import (
-    PART_SUFFIX,
     ROW_KEY_COLUMNS,
     ManifestError,
     ManifestSchema,
     align_rows,
     part_name,
-    resolve_manifest,
     row_order,
+    sort_rows,
 )
-from pipelines.part_rows import PartOffsets, PartRows
+from pipelines.part_rows import PartOffsets, PartRows, manifest_part_paths
 from pipelines.shards import SHARD_ID_LENGTH, joined_lines, key_lines
 from pipelines.stage import Shard, StageContext
-from pipelines.store import Store
 
 KEY_LINE_END = b"\n"
 # Rows a partitioned step's worker reads at once: its key columns, keep-rule columns or one output part.
@@ -148,13 +147,6 @@ class KeyRanges:
             raise ManifestError(f"{other_name} does not hold the same rows as the images it describes")
 
 
-def manifest_part_paths(uri: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    fs, location = resolve_manifest(uri)
-    if not fs.isdir(location):
-        return fs, [location]
-    return fs, sorted(fs.glob(f"{location.rstrip('/')}/*{PART_SUFFIX}"))
-
-
 def key_ranges(uri: str, *partition_sizes: int) -> KeyRanges:
     """The parts of the manifest at `uri` in key order, cut into partitions of each of `partition_sizes`
     rows (one pass over the keys serves them all).
@@ -253,39 +245,38 @@ class _PartitionWalker:
         return tuple(self._shards)
 
 
-def sorted_copy(uri: str, schema: ManifestSchema, store: Store, folder: str, rows_per_part: int) -> str:
-    """The manifest at `uri` sorted by key into parts of `rows_per_part` rows under `folder` (reused when
-    complete); its location. This holds the whole table: the fallback for manifests lvd did not write."""
-    from pipelines.manifest import read_manifest, sort_rows  # the in-memory path, only here
-
-    done = f"{folder}/_COMPLETE"
-    if not store.exists(done):
-        table = sort_rows(read_manifest(uri, schema))
-        for start in range(0, table.num_rows, rows_per_part):
-            store.write_table_atomic(
-                f"{folder}/{part_name(f'{start:012d}')}", table.slice(start, rows_per_part)
-            )
-        store.write_bytes_atomic(done, b"")
-    return store.uri_of(folder)
-
-
 SORTED_COPIES_DIR = "_sorted_inputs"
+COMPLETE_MARKER = "_COMPLETE"
 
 
 def stage_key_ranges(
     ctx: StageContext, name: str, uri: str, schema: ManifestSchema, *partition_sizes: int
 ) -> KeyRanges:
-    """`key_ranges` of a stage's input `name`; an input whose parts are not key ranges is sorted once into
-    the stage's folder first (the only step that holds its rows), with a warning that says so."""
+    """`key_ranges` of a stage's input `name`; an input whose parts are not key ranges is first copied
+    into the stage's folder in key order (a bucket shuffle: one bucket in memory at a time), with a
+    warning that says so."""
     try:
         return key_ranges(uri, *partition_sizes)
     except NotKeyRanged as err:
-        ctx.warn(f"input {name} is not in key-ranged parts ({err}); sorting a copy in memory")
+        ctx.warn(f"input {name} is not in key-ranged parts ({err}); sorting a copy")
+    rows_per_part = max(partition_sizes, default=DEFAULT_ROWS_PER_PARTITION)
+    return key_ranges(sorted_copy(ctx, name, uri, schema, rows_per_part), *partition_sizes)
+
+
+def sorted_copy(ctx: StageContext, name: str, uri: str, schema: ManifestSchema, rows_per_part: int) -> str:
+    """The manifest at `uri` in key-ranged parts of about `rows_per_part` rows under the stage's folder
+    (reused when complete): image_id buckets (`pipelines.buckets`), each sorted; its location."""
     folder = f"{ctx.store.stage_dir(ctx.spec.name, ctx.key)}/{SORTED_COPIES_DIR}/{name}"
-    copy = sorted_copy(
-        uri, schema, ctx.store, folder, max(partition_sizes, default=DEFAULT_ROWS_PER_PARTITION)
-    )
-    return key_ranges(copy, *partition_sizes)
+    done = f"{folder}/{COMPLETE_MARKER}"
+    if not ctx.store.exists(done):
+        spill = f"{SORTED_COPIES_DIR}/{name}/{BUCKETS_DIR}"
+        for shard in spill_buckets(ctx, uri, rows_per_part, spill):
+            ctx.store.write_table_atomic(
+                f"{folder}/{part_name(shard.shard_id)}", sort_rows(shard.payload.read(schema))
+            )
+        remove_buckets(ctx, spill)
+        ctx.store.write_bytes_atomic(done, b"")
+    return ctx.store.uri_of(folder)
 
 
 def subset_positions(subset: KeyRanges, superset: KeyRanges, subset_name: str) -> np.ndarray:
