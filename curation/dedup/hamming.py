@@ -38,6 +38,9 @@ HASH_CLASSES: dict[str, str] = {"phash": "PHash", "dhash": "DHash", "whash": "WH
 PROBE_COST_IN_PAIRS = 150.0
 # Queries per range search: bounds the memory of one result set (all neighbours of the batch).
 QUERY_BATCH = 1 << 16
+# Rows per index block of the pair search: bounds the index (a multi-hash table costs ~60 bytes a row,
+# so 4M rows hold ~0.7 GB over 3 tables) while every row is searched against each block.
+INDEX_BLOCK_ROWS = 4_000_000
 # At least two tables: chunk keys of at most 32 bits, the widest shape the tests cover.
 MIN_TABLES = 2
 IMAGEDEDUP_LOGGER = "imagededup"
@@ -159,28 +162,41 @@ class HashPairs:
         return len(self.sources)
 
 
-def near_duplicate_pairs(hashes: np.ndarray, max_distance: int, plan: SearchPlan | None = None) -> HashPairs:
+def near_duplicate_pairs(
+    hashes: np.ndarray,
+    max_distance: int,
+    plan: SearchPlan | None = None,
+    index_rows: int = INDEX_BLOCK_ROWS,
+) -> HashPairs:
     """Every pair of rows whose hashes differ in at most `max_distance` bits (exact, both ends included).
+
+    The index holds `index_rows` rows at a time and every row is searched against each block, so a pair
+    (i < j) is found once, from i, in the block holding j: memory is one block's index (a multi-hash
+    table costs about 60 bytes a row), the search about as long as one index over all rows.
 
     Args:
         hashes: uint64 hashes, one per row.
         max_distance: the Hamming radius, inclusive.
         plan: the index to use; by default `plan_search` picks one.
+        index_rows: rows per index block.
     """
     hashes = np.asarray(hashes, dtype=np.uint64)
     plan = plan or plan_search(len(hashes), max_distance)
     codes = binary_codes(hashes)
-    index = plan.build()
-    index.add(codes)
     sources, targets = [], []
-    for start in range(0, len(codes), QUERY_BATCH):
-        # Why + 1: Faiss binary range searches keep distances strictly below the radius.
-        limits, _, found = index.range_search(codes[start : start + QUERY_BATCH], max_distance + 1)
-        counts = np.diff(limits).astype(np.int64)
-        queries = start + np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-        upper = found > queries  # each pair once, and no row paired with itself
-        sources.append(queries[upper])
-        targets.append(found[upper].astype(np.int64))
+    for first in range(0, len(codes), index_rows):
+        index = plan.build()
+        index.add(codes[first : first + index_rows])
+        for start in range(0, len(codes), QUERY_BATCH):
+            # Why + 1: Faiss binary range searches keep distances strictly below the radius.
+            limits, _, found = index.range_search(codes[start : start + QUERY_BATCH], max_distance + 1)
+            counts = np.diff(limits).astype(np.int64)
+            queries = start + np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+            found = found.astype(np.int64) + first
+            upper = found > queries  # each pair once, and no row paired with itself
+            sources.append(queries[upper])
+            targets.append(found[upper])
+        del index  # Why here: the next block's index is built while this one would still be held
     sources_all = np.concatenate(sources) if sources else np.zeros(0, dtype=np.int64)
     targets_all = np.concatenate(targets) if targets else np.zeros(0, dtype=np.int64)
     order = np.lexsort((targets_all, sources_all))  # Why: Faiss threads return neighbours in any order

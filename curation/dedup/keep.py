@@ -96,12 +96,16 @@ def resolve_partitioned(
         )
         found.append(candidates)
     representative = np.arange(num_rows, dtype=np.int64)
+    members = np.flatnonzero(grouped)
     if found:
         best_rows, best_labels = _best_candidates(found, rule)
         by_label = np.arange(num_rows, dtype=np.int64)
         by_label[best_labels] = best_rows
-        representative[grouped] = by_label[labels[grouped]]
-    keep = protected | (representative == np.arange(num_rows))
+        representative[members] = by_label[labels[members]]
+        del by_label
+    # A row alone in its group represents itself: only group members are compared (no second arange).
+    keep = protected | ~grouped
+    keep[members] |= representative[members] == members
     return GroupResolution(
         keep=keep, match=np.where(keep, NO_MATCH, representative), representative=representative
     )

@@ -78,6 +78,15 @@ def plans_for(num_hashes: int, max_distance: int) -> set[SearchPlan]:
 
 
 @pytest.mark.parametrize("max_distance", RADII)
+def test_a_search_in_index_blocks_finds_every_pair_once(max_distance):
+    hashes = clustered_hashes(seed=max_distance + 7)
+    expected = brute_force_pairs(hashes, max_distance)
+    for plan in plans_for(len(hashes), max_distance):
+        found = near_duplicate_pairs(hashes, max_distance, plan, index_rows=len(hashes) // 7)
+        assert pair_set(found) == expected and len(found) == len(expected), plan.describe()
+
+
+@pytest.mark.parametrize("max_distance", RADII)
 def test_search_equals_brute_force_for_every_index(max_distance):
     hashes = clustered_hashes(seed=max_distance)
     expected = brute_force_pairs(hashes, max_distance)
