@@ -82,7 +82,9 @@ class GraphIndex:
     """
 
     def __init__(self, descriptors: StoredVectors, graph_rows: np.ndarray, search: SearchConfig):
-        self.ordered = np.sort(np.asarray(graph_rows, dtype=np.int64))
+        graph_rows = np.asarray(graph_rows, dtype=np.int64)
+        # Why no sort when sorted already (a stage's flatnonzero): a copy is 8 bytes a row of the pool.
+        self.ordered = graph_rows if np.all(graph_rows[1:] > graph_rows[:-1]) else np.sort(graph_rows)
         everything = len(self.ordered) == len(descriptors)  # sorted distinct rows: then all of them
         self.rows = descriptors if everything else descriptors.take(self.ordered)
         self.num_images = len(descriptors)
@@ -176,7 +178,7 @@ def streamed_components(
             components.add_edges(row_ids[batch.sources], row_ids[batch.targets])
             tally.add(batch.sources, batch.targets)
         edges = tally.count()
-    return components.labels(), edges
+    return components.labels(copy=False), edges
 
 
 class EdgeTally:

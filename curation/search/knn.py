@@ -50,6 +50,8 @@ SCALAR_QUANTIZERS = {
     6: faiss.ScalarQuantizer.QT_6bit,
     8: faiss.ScalarQuantizer.QT_8bit,
 }
+# Result slots (queries x k) per graph search call: about 12 MB a copy of the batch's results.
+GRAPH_BATCH_SLOTS = 1 << 20
 # Queries per search call: bounds the [batch, k] result arrays, whatever N is.
 SEARCH_BATCH_ROWS = 65_536
 TRAIN_SAMPLE_SEED = 0
@@ -250,8 +252,8 @@ def edge_batches(
     threshold: float,
     bias: np.ndarray | None = None,
 ) -> Iterator[Edges]:
-    """The graph's edges, one batch of `SEARCH_BATCH_ROWS` query rows at a time (`searcher` holds exactly
-    the rows of `queries`, in order).
+    """The graph's edges, one batch of query rows at a time (`searcher` holds exactly the rows of
+    `queries`, in order).
 
     Each batch's edges are distinct and sorted, scored as the index scored them (cosine > threshold). With
     `bias` (one value per row), a pair's score is its cosine minus the mean of its two rows' biases (SSCD's
@@ -262,8 +264,10 @@ def edge_batches(
     if num_rows < 2:
         return
     k = min(num_neighbours + 1, num_rows)  # +1: each row finds itself first
-    for start in range(0, num_rows, SEARCH_BATCH_ROWS):
-        stop = min(num_rows, start + SEARCH_BATCH_ROWS)
+    # Why fewer queries for a wide k: a batch's results and their sort are a few copies of [batch, k].
+    batch_rows = max(1, min(SEARCH_BATCH_ROWS, GRAPH_BATCH_SLOTS // k))
+    for start in range(0, num_rows, batch_rows):
+        stop = min(num_rows, start + batch_rows)
         scores, neighbours = ranked_search(searcher, queries.read(start, stop), k)
         rows = np.arange(start, stop, dtype=np.int64)[:, None].repeat(k, axis=1)
         scored = scores if bias is None else scores - (bias[rows] + bias[np.maximum(neighbours, 0)]) / 2
