@@ -26,7 +26,17 @@ from tests.integration.demo_dag import small_demo_dag
 
 STAGES = [item.stage for item in CURATE_AND_TRAIN.all_nodes]
 # The stages that fan out over content-keyed shards and resume shard by shard; the others are fan-in.
-SHARDED = {"ingest", "phash_dedup", "copy_dedup", "decontaminate", "embed", "cluster", "retrieve", "balance"}
+SHARDED = {
+    "ingest",
+    "exact_dedup",
+    "phash_dedup",
+    "copy_dedup",
+    "decontaminate",
+    "embed",
+    "cluster",
+    "retrieve",
+    "balance",
+}
 LVD_PACKAGES = {"curation", "training", "distillation"}
 
 
