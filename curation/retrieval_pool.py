@@ -32,7 +32,7 @@ class Pool:
     embeddings: PartOffsets
     assignments: PartOffsets
     embedding_rows: np.ndarray  # int64 per pool row
-    assignment_rows: np.ndarray  # int64 per pool row
+    assignment_rows: np.ndarray | None  # int64 per pool row; None: pool row i is assignments row i
 
     def __len__(self) -> int:
         return len(self.embedding_rows)
@@ -42,7 +42,7 @@ class Pool:
 
     def describe(self, rows: np.ndarray) -> pa.Table:
         """image_id, uri, source, cluster, centroid_similarity of pool `rows` (any order, repeats allowed)."""
-        assigned = self.assignments.read_rows(self.assignment_rows[rows], ASSIGNED_COLUMNS)
+        assigned = self.assignments.read_rows(self._assignment_rows(rows), ASSIGNED_COLUMNS)
         sources = self.embeddings.read_rows(self.embedding_rows[rows], ["source"])
         return pa.table(
             {
@@ -63,11 +63,19 @@ class Pool:
             table = pq.read_table(path, columns=["cluster", "similarity"], filesystem=offsets.fs)
             cluster[start:stop] = np.asarray(table.column("cluster"))
             similarity[start:stop] = np.asarray(table.column("similarity"))
+        if self.assignment_rows is None:
+            return cluster, similarity
         return cluster[self.assignment_rows], similarity[self.assignment_rows]
+
+    def _assignment_rows(self, rows: np.ndarray) -> np.ndarray:
+        return rows if self.assignment_rows is None else self.assignment_rows[rows]
 
 
 def assigned_pool(embeddings: KeyRanges, assignments: KeyRanges, roles: Sequence[str]) -> Pool:
     """The rows of `roles` that the cluster stage assigned: only they are the pool (what was clustered)."""
     positions = subset_positions(assignments, embeddings, "the assignments")
-    mine = np.flatnonzero(embeddings.column_is_in("role", roles)[positions])
+    of_roles = embeddings.column_is_in("role", roles)[positions]
+    if of_roles.all():  # the usual case (cluster assigned the pool's role only): no second id array
+        return Pool(embeddings.offsets, assignments.offsets, positions, None)
+    mine = np.flatnonzero(of_roles)
     return Pool(embeddings.offsets, assignments.offsets, positions[mine], mine)

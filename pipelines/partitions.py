@@ -286,11 +286,12 @@ def subset_positions(subset: KeyRanges, superset: KeyRanges, subset_name: str) -
     Raises:
         ManifestError: a subset row has no match in `superset`.
     """
-    positions = []
-    for path in subset.offsets.parts:
-        wanted = pq.read_table(path, columns=list(ROW_KEY_COLUMNS), filesystem=subset.offsets.fs)
-        positions.append(_positions_in(superset, wanted, f"{subset_name}: rows of {path}"))
-    return np.concatenate(positions) if positions else np.zeros(0, np.int64)
+    positions = np.empty(subset.num_rows, dtype=np.int64)  # filled in place: no second copy at the end
+    offsets = subset.offsets
+    for path, start, stop in zip(offsets.parts, offsets.starts[:-1], offsets.starts[1:], strict=True):
+        wanted = pq.read_table(path, columns=list(ROW_KEY_COLUMNS), filesystem=offsets.fs)
+        positions[start:stop] = _positions_in(superset, wanted, f"{subset_name}: rows of {path}")
+    return positions
 
 
 def key_positions(superset: KeyRanges, keys: pa.Table, name: str) -> np.ndarray:
