@@ -12,7 +12,9 @@ content (file-name order is not key order), as lvd's stages write them.
 
 Each step (benchmarks/scale_stage.py) runs in a process of its own inside a cgroup-v1 memory cgroup of
 `--cap-mib` (a process over it is killed): the current code at `--rows` and at `--baseline-rows`, and the
-code of `--baseline-commit` (a git worktree) at `--baseline-rows`, uncapped. Printed: peak RSS (VmHWM)
+code of `--baseline-commit` (a git worktree) at `--baseline-rows`, uncapped. With `--ray-address` (a Ray
+cluster started outside the cap, e.g. `ray start --head`) and `--index-shards N`, the current code's copy
+graph and retrieve keep their IVF index on N Ray actors (`search.shards`), as a cluster would. Printed: peak RSS (VmHWM)
 and rows per second per step, the ratios, and each driver's marginal bytes per row between the two sizes
 (what docs/scale.md projects to 1.2B rows).
 """
@@ -210,6 +212,8 @@ def measure(
     steps: tuple[str, ...] = STEPS,
     work: Path | None = None,
     baseline_commit: str = BASELINE_COMMIT,
+    ray_address: str | None = None,
+    index_shards: int = 1,
 ) -> dict[str, Any]:
     work = work or REPO / "build" / "scale"
     capped = can_cap()
@@ -228,6 +232,8 @@ def measure(
         for step in steps:
             job = {"stage": step, "api": api, "rows": size, "data": str(data), "store": str(store)}
             job.update(sq_bits=SQ_BITS, ivf_lists=IVF_LISTS, nprobe=NPROBE)
+            if api == "current" and ray_address:  # the index on Ray actors, outside the cap
+                job.update(ray_address=ray_address, index_shards=index_shards)
             runs[f"{api}-{size}-{step}"] = run_step(job, tree, cap if capped else None)
             print(json.dumps(runs[f"{api}-{size}-{step}"]), flush=True)
     result = {
@@ -290,9 +296,26 @@ def main() -> None:
     parser.add_argument("--stages", default=",".join(STEPS))
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--baseline-commit", default=BASELINE_COMMIT)
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="a Ray cluster (started outside the cap) whose actors hold the index",
+    )
+    parser.add_argument(
+        "--index-shards", type=int, default=1, help="search.shards of the copy graph and retrieve"
+    )
     args = parser.parse_args()
     steps = tuple(args.stages.split(","))
-    result = measure(args.rows, args.baseline_rows, args.cap_mib, steps, args.work, args.baseline_commit)
+    result = measure(
+        args.rows,
+        args.baseline_rows,
+        args.cap_mib,
+        steps,
+        args.work,
+        args.baseline_commit,
+        args.ray_address,
+        args.index_shards,
+    )
     print(report(result, steps))
 
 

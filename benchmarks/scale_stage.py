@@ -51,10 +51,21 @@ def peak_rss_mib() -> float:
 
 
 def search_config(job: dict) -> SearchConfig:
-    """The compressed IVF index of the current code, or the IVF-flat one of the baseline (no other)."""
+    """The compressed IVF index of the current code, or the IVF-flat one of the baseline (no other); with
+    `index_shards`, the index split over Ray actors outside this process (`search.shards`)."""
     index = "ivf" if job["api"] == "baseline" else "ivfsq"
     settings = {"sq_bits": job["sq_bits"], "ivf_lists": job["ivf_lists"]} if index == "ivfsq" else {}
-    return SearchConfig(index=index, ivf_nprobe=job["nprobe"], use_gpu=False, **settings)
+    shards = job.get("index_shards", 1)
+    return SearchConfig(index=index, ivf_nprobe=job["nprobe"], use_gpu=False, shards=shards, **settings)
+
+
+def executor(job: dict):
+    """Serial, or Ray workers on the cluster at `ray_address` (its actors hold the index shards)."""
+    if not job.get("ray_address"):
+        return SerialExecutor()
+    from pipelines.executor import RayExecutor
+
+    return RayExecutor(num_workers=job["index_shards"], address=job["ray_address"])
 
 
 def manifest(job: dict, name: str, schema_name: str) -> Manifest:
@@ -146,7 +157,9 @@ def retrieve(job: dict) -> dict[str, Any]:
         "assignments": clustered.outputs["assignments"],
         "centroids": clustered.outputs["centroids"],
     }
-    run = run_stage(RETRIEVE, cfg, inputs, store=Store(job["store"]), show_progress=False)
+    run = run_stage(
+        RETRIEVE, cfg, inputs, store=Store(job["store"]), executor=executor(job), show_progress=False
+    )
     stats = run.record["stats"]
     return {"pool_rows": stats["pool_rows"], "rows": stats["rows"], "rss_before_mib": started_rss}
 
