@@ -14,9 +14,9 @@ Each step (benchmarks/scale_stage.py) runs in a process of its own inside a cgro
 `--cap-mib` (a process over it is killed): the current code at `--rows` and at `--baseline-rows`, and the
 code of `--baseline-commit` (a git worktree) at `--baseline-rows`, uncapped. With `--ray-address` (a Ray
 cluster started outside the cap, e.g. `ray start --head`) and `--index-shards N`, the current code's copy
-graph and retrieve keep their IVF index on N Ray actors (`search.shards`), as a cluster would. Printed: peak RSS (VmHWM)
-and rows per second per step, the ratios, and each driver's marginal bytes per row between the two sizes
-(what docs/scale.md projects to 1.2B rows).
+graph and retrieve keep their IVF index on N Ray actors (`search.shards`), as a cluster would. Printed:
+peak RSS (VmHWM) and rows per second per step, the ratios, and each driver's marginal bytes per row
+between the two sizes (what docs/scale.md projects to 1.2B rows).
 """
 
 from __future__ import annotations
