@@ -73,9 +73,7 @@ def manifest(job: dict, name: str, schema_name: str) -> Manifest:
 
 
 def context(spec, job: dict) -> StageContext:
-    return StageContext(
-        spec, f"scale-{job['rows']}", Store(job["store"]), SerialExecutor(), show_progress=False
-    )
+    return StageContext(spec, f"scale-{job['rows']}", Store(job["store"]), executor(job), show_progress=False)
 
 
 def phash_graph(job: dict) -> dict[str, Any]:

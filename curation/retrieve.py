@@ -234,16 +234,20 @@ def examples_sheet(retrieved: pa.Table) -> bytes:
     return contact_sheet(rows, "seed images (red) and their retrieved neighbours (cosine)")
 
 
-def search_queries(
-    ctx: StageContext, cfg: RetrieveConfig, shards: list[Shard], searcher: Searcher | None, pool: Pool
-) -> dict[str, Any]:
-    """Writes every query shard's `neighbours` part; returns the shards' summed stats."""
+def search_queries(ctx: StageContext, cfg: RetrieveConfig, shards: list[Shard], pool: Pool) -> dict[str, Any]:
+    """Writes every query shard's `neighbours` part; returns the shards' summed stats.
+
+    The pool's index (one for every sample-mode source: an IVF build costs more than its searches) is
+    built only when there are queries, and lives only in here: the rest of the stage runs without it.
+    """
     # Why: a sharded index already spreads each search over the executor's workers, and query shards
     # fanned out to workers of their own could wait forever for the CPUs the index shards hold.
     runner = ctx if cfg.search.shards == SINGLE_INDEX else dataclasses.replace(ctx, executor=SerialExecutor())
-    return runner.map_shards(
-        search_shard, shards, outputs=["neighbours"], state=functools.partial(PoolSearch, searcher, pool)
-    )
+    index = database_index(pool.vectors(), cfg.search, ctx.executor) if shards else nullcontext(None)
+    with index as searcher:
+        return runner.map_shards(
+            search_shard, shards, outputs=["neighbours"], state=functools.partial(PoolSearch, searcher, pool)
+        )
 
 
 def run_retrieve(cfg: RetrieveConfig, inputs: Mapping[str, Manifest], ctx: StageContext) -> dict[str, Any]:
@@ -257,10 +261,7 @@ def run_retrieve(cfg: RetrieveConfig, inputs: Mapping[str, Manifest], ctx: Stage
         if source.mode == SAMPLE_MODE
         for shard in query_shards(source, queries[source.source], cfg.rows_per_shard)
     ]
-    # One index over the pool for every sample-mode source: an IVF build costs more than its searches.
-    index = database_index(pool.vectors(), cfg.search, ctx.executor) if shards else nullcontext(None)
-    with index as searcher:
-        search_stats = search_queries(ctx, cfg, shards, searcher, pool)
+    search_stats = search_queries(ctx, cfg, shards, pool)
     neighbours = ctx.read_output("neighbours")
     centroids_table = inputs["centroids"].read(CENTROIDS).sort_by("cluster")
     centroids = embedding_matrix(centroids_table, "centroid")

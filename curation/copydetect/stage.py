@@ -1,8 +1,8 @@
 """The `copy_descriptor` stage: the copy-detection model that `copy_dedup` and `decontaminate` use.
 
-images (rows of `roles`) --seeded sample, thumbnails--> `train.train_descriptor` (SSCD's recipe on the
-  pool itself) --trace--> descriptor.torchscript.pt --> model (one row: the file, its weights' sha256, the
-  `torchscript` embedder settings that load it)
+images (key ranges) --seeded sample of the rows of `roles` (only they are read), thumbnails-->
+  `train.train_descriptor` (SSCD's recipe on the pool itself) --trace--> descriptor.torchscript.pt
+  --> model (one row: the file, its weights' sha256, the `torchscript` embedder settings that load it)
 
 or, with `pretrained` set (a downloaded SSCD file, or any embedder as a baseline), no training: the row
 names that embedder. Either way the dedup stages build their embedder from the row, so a new descriptor
@@ -34,7 +34,8 @@ from curation.copydetect.train import DescriptorTrainConfig, thumbnail, train_de
 from curation.embedders import EmbedderConfig, weights_fingerprint
 from pipelines.config import build_config
 from pipelines.images import load_row_rgb
-from pipelines.manifest import IMAGES, ManifestSchema, Role, sort_rows
+from pipelines.manifest import IMAGES, ManifestSchema, Role
+from pipelines.partitions import KeyRanges, stage_key_ranges
 from pipelines.stage import Manifest, StageContext, StageSpec, register_stage
 from pipelines.store import location_from_manifest, location_in_manifest
 from pipelines.validation import UserInputError, require
@@ -98,14 +99,14 @@ def descriptor_fingerprint(cfg: CopyDescriptorConfig) -> str:
     return weights_fingerprint(cfg.pretrained) if cfg.pretrained is not None else trunk_fingerprint(cfg.trunk)
 
 
-def training_images(images: pa.Table, cfg: CopyDescriptorConfig, ctx: StageContext) -> list:
-    """A seeded sample of the rows of `roles`, decoded to RGB thumbnails; unreadable rows are counted."""
-    roles = np.asarray(images.column("role").to_pylist(), dtype=object)
-    rows = np.flatnonzero(np.isin(roles, list(cfg.roles)))
+def training_images(images: KeyRanges, cfg: CopyDescriptorConfig, ctx: StageContext) -> list:
+    """A seeded sample of the rows of `roles` (drawn by their place in key order), decoded to RGB
+    thumbnails; unreadable rows are counted. Only the sampled rows are read."""
+    rows = np.flatnonzero(images.column_is_in("role", cfg.roles))
     rng = np.random.default_rng(cfg.train.seed)
     chosen = np.sort(rng.choice(rows, size=min(len(rows), cfg.train.max_images), replace=False))
     decoded, unreadable = [], 0
-    for row in images.take(chosen).to_pylist():
+    for row in images.offsets.read_rows(chosen, IMAGES.names).to_pylist():
         try:
             decoded.append(thumbnail(load_row_rgb(row), cfg.image_size))
         except OSError:
@@ -125,7 +126,7 @@ def run_copy_descriptor(
         return {"source": PRETRAINED, "kind": cfg.pretrained.kind}
 
     # Key order: the model depends on the rows, never on how upstream laid out their parts.
-    images = sort_rows(inputs["images"].read(IMAGES))
+    images = stage_key_ranges(ctx, "images", inputs["images"].uri, IMAGES)
     started = time.perf_counter()
     pool = training_images(images, cfg, ctx)
     loaded_seconds = time.perf_counter() - started

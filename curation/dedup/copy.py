@@ -98,8 +98,13 @@ def dedup_stored_descriptors(
     stored = located_descriptors(images, uri)
     # Rows outside `roles` get no edges: each stays a component of its own and is kept.
     in_scope = images.column_is_in("role", cfg.roles)
-    scope = np.flatnonzero(in_scope)
-    probe, graph = probed_graph(images.offsets, stored, scope, scope, in_scope, cfg, embedder, ctx.executor)
+    compared = int(in_scope.sum())
+    # Why None when every row is in scope (the usual pool): the graph then holds no row ids.
+    scope = None if compared == images.num_rows else np.flatnonzero(in_scope)
+    candidates = images.num_rows if scope is None else scope
+    probe, graph = probed_graph(
+        images.offsets, stored, scope, candidates, in_scope, cfg, embedder, ctx.executor
+    )
     resolution = resolve_partitioned(images, cfg.rows_per_partition, graph.labels, cfg.keep, ctx.executor)
     dropped = np.flatnonzero(~resolution.keep)
     match = resolution.match[dropped]
@@ -117,7 +122,7 @@ def dedup_stored_descriptors(
         "rows_out": images.num_rows - len(dropped),
         "rejected": len(dropped),
         "edges": graph.edges,
-        "rows_compared": len(scope),
+        "rows_compared": compared,
         "index": graph.index,
         "knn_seconds": round(graph.seconds, 3),
         **component_stats(graph.labels),

@@ -114,13 +114,12 @@ def run_decontaminate(
 ) -> dict[str, Any]:
     images = stage_key_ranges(ctx, "images", inputs["images"].uri, IMAGES, cfg.rows_per_partition)
     descriptors = located_descriptors(images, inputs["descriptors"].uri)
-    every_row = np.arange(images.num_rows)
     eval_rows = np.flatnonzero(images.column_is_in("role", [EVAL_ROLE]))
     droppable = images.column_is_in("role", cfg.drop_roles)
     # Why only with rows: an empty pool's copy_descriptor run holds no model, and none is needed.
     embedder = descriptor_embedder(inputs["model"]) if images.num_rows else None
     probe, graph = probed_graph(
-        images.offsets, descriptors, every_row, eval_rows, droppable, cfg, embedder, ctx.executor
+        images.offsets, descriptors, None, eval_rows, droppable, cfg, embedder, ctx.executor
     )
     labels = graph.labels
 

@@ -81,12 +81,16 @@ class GraphIndex:
     how upstream stages laid out their parts.
     """
 
-    def __init__(self, descriptors: StoredVectors, graph_rows: np.ndarray, search: SearchConfig):
-        graph_rows = np.asarray(graph_rows, dtype=np.int64)
-        # Why no sort when sorted already (a stage's flatnonzero): a copy is 8 bytes a row of the pool.
-        self.ordered = graph_rows if np.all(graph_rows[1:] > graph_rows[:-1]) else np.sort(graph_rows)
-        everything = len(self.ordered) == len(descriptors)  # sorted distinct rows: then all of them
-        self.rows = descriptors if everything else descriptors.take(self.ordered)
+    def __init__(self, descriptors: StoredVectors, graph_rows: np.ndarray | None, search: SearchConfig):
+        if graph_rows is None:
+            # Every row, index position i being images row i: no id array (8 bytes a row of the pool).
+            self.ordered = None
+            self.rows = descriptors
+        else:
+            graph_rows = np.asarray(graph_rows, dtype=np.int64)
+            # Why no sort when sorted already (a stage's flatnonzero): a copy is 8 bytes a graph row.
+            self.ordered = graph_rows if np.all(graph_rows[1:] > graph_rows[:-1]) else np.sort(graph_rows)
+            self.rows = descriptors.take(self.ordered)
         self.num_images = len(descriptors)
         self.kind = search.kind_for(len(self.rows))
         self.searcher: Searcher | None = None
@@ -104,7 +108,11 @@ class GraphIndex:
 
     def positions(self, images_rows: np.ndarray) -> np.ndarray:
         """Where each of `images_rows` (rows of the graph) lies in the index."""
-        return np.searchsorted(self.ordered, images_rows)
+        return images_rows if self.ordered is None else np.searchsorted(self.ordered, images_rows)
+
+    def images_rows(self, positions: np.ndarray) -> np.ndarray:
+        """The images row at each index position."""
+        return positions if self.ordered is None else self.ordered[positions]
 
     def neighbours(
         self, queries: np.ndarray, num_neighbours: int, allowed: np.ndarray
@@ -121,7 +129,7 @@ class GraphIndex:
         width = min(num_neighbours + 1, len(self.rows))
         while True:
             scores, found = knn_search(self.searcher, vectors, width)
-            ids = np.where(found >= 0, self.ordered[np.maximum(found, 0)], -1)
+            ids = np.where(found >= 0, self.images_rows(np.maximum(found, 0)), -1)
             keep = (ids >= 0) & (ids != queries[:, None]) & allowed[np.maximum(ids, 0)]
             # Why not widen a query the index returned empty slots to: an IVF index searches the same few
             # lists at any width, so asking it for more rows only grows the result arrays.
@@ -141,9 +149,10 @@ class GraphIndex:
 
 @contextlib.contextmanager
 def graph_index(
-    descriptors: StoredVectors, graph_rows: np.ndarray, search: SearchConfig, executor: Executor
+    descriptors: StoredVectors, graph_rows: np.ndarray | None, search: SearchConfig, executor: Executor
 ) -> Iterator[GraphIndex]:
-    """The index of `graph_rows`' descriptors (one here, or shards on the executor's workers)."""
+    """The index of `graph_rows`' descriptors (None: every row's; one index here, or shards on the
+    executor's workers)."""
     index = GraphIndex(descriptors, graph_rows, search)
     with database_index(index.rows, search, executor) as searcher:
         index.searcher = searcher
@@ -155,7 +164,7 @@ def streamed_components(
     searcher: Searcher,
     num_neighbours: int,
     threshold: float,
-    row_ids: np.ndarray,
+    row_ids: np.ndarray | None,
     num_ids: int,
     bias: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
@@ -164,7 +173,7 @@ def streamed_components(
     Args:
         rows: The graph's vectors; `searcher` holds exactly these rows, in order.
         num_neighbours, threshold: k, and the cosine an edge must exceed.
-        row_ids: Row i of `rows` is node row_ids[i] of the labels (e.g. an images row index).
+        row_ids: Row i of `rows` is node row_ids[i] of the labels (e.g. an images row index); None: node i.
         num_ids: Nodes in the labels; those not in `row_ids` stay components of their own.
         bias: Optional, per row of `rows`: edges compare cosine minus the mean of the two biases.
 
@@ -175,7 +184,10 @@ def streamed_components(
     with tempfile.TemporaryDirectory(prefix="lvd-edges-") as spill:
         tally = EdgeTally(len(rows), Path(spill))
         for batch in edge_batches(rows, searcher, num_neighbours, threshold, bias):
-            components.add_edges(row_ids[batch.sources], row_ids[batch.targets])
+            if row_ids is None:
+                components.add_edges(batch.sources, batch.targets)
+            else:
+                components.add_edges(row_ids[batch.sources], row_ids[batch.targets])
             tally.add(batch.sources, batch.targets)
         edges = tally.count()
     return components.labels(copy=False), edges

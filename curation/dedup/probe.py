@@ -68,10 +68,12 @@ class Probe:
     bias: np.ndarray | None  # per index position: each row's background similarity
 
 
-def sample_rows(rows: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """Up to `count` of `rows`, drawn without replacement from `seed`, sorted."""
+def sample_rows(rows: np.ndarray | int, count: int, seed: int) -> np.ndarray:
+    """Up to `count` of `rows` (or of rows 0..rows-1: the same draw as from their array), drawn without
+    replacement from `seed`, sorted."""
     rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(rows, size=min(count, len(rows)), replace=False))
+    available = rows if isinstance(rows, int | np.integer) else len(rows)
+    return np.sort(rng.choice(rows, size=min(count, available), replace=False))
 
 
 def copy_descriptors(
@@ -87,7 +89,7 @@ def copy_descriptors(
 def probe_graph(
     index: GraphIndex,
     images: RowReader,
-    candidates: np.ndarray,
+    candidates: np.ndarray | int,
     allowed: np.ndarray,
     num_neighbours: int,
     threshold: float | None,
@@ -95,9 +97,9 @@ def probe_graph(
     embedder: EmbedderConfig | None,
     background_rows: int,
 ) -> Probe:
-    """Samples queries among `candidates` (images rows in the graph), finds their nearest `allowed`
-    rows, and, when `threshold` is None, chooses it from synthetic copies of the queries. With
-    `background_rows` > 0, every score is normalised against a background of that many graph rows."""
+    """Samples queries among `candidates` (images rows in the graph; a count n: rows 0..n-1), finds their
+    nearest `allowed` rows, and, when `threshold` is None, chooses it from synthetic copies of the queries.
+    With `background_rows` > 0, every score is normalised against a background of that many graph rows."""
     bias = None
     if background_rows > 0:
         background = Background.sample(index.rows, background_rows, calibration.seed)
@@ -141,14 +143,15 @@ class ProbedGraphSettings(Protocol):
 def probed_graph(
     images: RowReader,
     descriptors: StoredVectors,
-    graph_rows: np.ndarray,
-    candidates: np.ndarray,
+    graph_rows: np.ndarray | None,
+    candidates: np.ndarray | int,
     allowed: np.ndarray,
     cfg: ProbedGraphSettings,
     embedder: EmbedderConfig | None,
     executor: Executor,
 ) -> tuple[Probe, DuplicateGraph]:
-    """The graph over `graph_rows`, its index probed first (`probe_graph`) for the threshold it uses."""
+    """The graph over `graph_rows` (None: every row), its index probed first (`probe_graph`) for the
+    threshold it uses."""
     with graph_index(descriptors, graph_rows, cfg.search, executor) as index:
         background = cfg.background_rows if cfg.score_normalization else 0
         probe = probe_graph(

@@ -205,10 +205,45 @@ def build_index(
 
 
 def fill_index(index: faiss.Index, source: VectorSource) -> faiss.Index:
-    """Adds every row of `source` to a trained `index`, `SEARCH_BATCH_ROWS` rows at a time."""
-    for start in range(0, len(source), SEARCH_BATCH_ROWS):
-        index.add(source.read(start, min(len(source), start + SEARCH_BATCH_ROWS)))
+    """Adds every row of `source` to a trained `index`, `SEARCH_BATCH_ROWS` rows at a time (an IVF index in
+    this process: into lists sized once, `fill_presized`)."""
+    # Not on a GPU copy, whose lists live on the device.
+    if isinstance(index, faiss.IndexIVF) and index.nlist > 1:
+        return fill_presized(index, source)
+    for start, stop in row_blocks(len(source)):
+        index.add(source.read(start, stop))
     return index
+
+
+def fill_presized(index: faiss.IndexIVF, source: VectorSource) -> faiss.IndexIVF:
+    """`index.add` of every row, each list's storage allocated once at its final size.
+
+    Why two passes: a list grown by appends (`index.add`) reallocates geometrically, so its storage ends up
+    to about 1.3x its codes (measured at 2M rows, 4-bit codes), a gigabyte at a few tens of millions of
+    rows. The first pass assigns every row its list (4 bytes a row, the only thing held besides the index);
+    each list is then reserved at its count, and the second pass adds the rows to the lists the first pass
+    chose, the same lists `index.add` chooses: the same index.
+    """
+    lists = np.empty(len(source), dtype=np.int32)
+    for start, stop in row_blocks(len(source)):
+        lists[start:stop] = index.quantizer.assign(source.read(start, stop), 1)[:, 0]
+    storage = faiss.downcast_InvertedLists(index.invlists)
+    for list_no, size in enumerate(np.bincount(lists, minlength=index.nlist).tolist()):
+        # A vector resized down keeps its capacity: the appends below never reallocate.
+        storage.resize(list_no, size)
+        storage.resize(list_no, 0)
+    for start, stop in row_blocks(len(source)):
+        vectors = np.ascontiguousarray(source.read(start, stop), dtype=np.float32)
+        ids = np.arange(start, stop, dtype=np.int64)
+        assigned = lists[start:stop].astype(np.int64)
+        index.add_core(stop - start, faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(assigned))
+    return index
+
+
+def row_blocks(num_rows: int) -> Iterator[tuple[int, int]]:
+    """`(start, stop)` of each `SEARCH_BATCH_ROWS`-row block of `num_rows` rows."""
+    for start in range(0, num_rows, SEARCH_BATCH_ROWS):
+        yield start, min(num_rows, start + SEARCH_BATCH_ROWS)
 
 
 def knn_edges(

@@ -10,7 +10,16 @@ import faiss
 import numpy as np
 import pytest
 
-from curation.search.knn import IVF_MIN_PROBES, build_index, ivf_lists, ivf_probes, on_gpus
+from curation.search.knn import (
+    IVF_MIN_PROBES,
+    SEARCH_BATCH_ROWS,
+    ArrayVectors,
+    build_index,
+    fill_presized,
+    ivf_lists,
+    ivf_probes,
+    on_gpus,
+)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +66,40 @@ def test_an_ivfsq_index_holds_codes_and_scores_near_copies_close_to_their_cosine
     cosines = np.einsum("ij,ij->i", copies, vectors[:500])
     error = np.abs(scores[:, 0] - cosines).max()
     assert 0 < error < worst_error  # approximate, and close
+
+
+def _list_contents(index: faiss.IndexIVF) -> list[tuple[np.ndarray, bytes]]:
+    """Each list's row ids and codes, in list order."""
+    lists = index.invlists
+    contents = []
+    for list_no in range(index.nlist):
+        size = lists.list_size(list_no)
+        ids = faiss.rev_swig_ptr(lists.get_ids(list_no), size).copy()
+        codes = faiss.rev_swig_ptr(lists.get_codes(list_no), size * lists.code_size).tobytes()
+        contents.append((ids, codes))
+    return contents
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfsq"])
+def test_a_presized_fill_holds_the_lists_that_appending_blocks_makes(kind):
+    # Rows over two fill blocks, so a list gets rows from each block as with `index.add`.
+    vectors = np.random.default_rng(2).normal(size=(SEARCH_BATCH_ROWS + 3_000, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    built = build_index(vectors, kind, lists=40, sq_bits=8)  # filled by `fill_presized`
+    appended = faiss.clone_index(built)
+    appended.reset()  # the trained lists and quantiser, no rows
+    for start in range(0, len(vectors), SEARCH_BATCH_ROWS):
+        appended.add(vectors[start : start + SEARCH_BATCH_ROWS])
+    refilled = faiss.clone_index(appended)
+    refilled.reset()
+    fill_presized(refilled, ArrayVectors(vectors))
+    expected = _list_contents(appended)
+    assert sum(len(ids) for ids, _ in expected) == len(vectors)
+    for index in (built, refilled):
+        assert index.ntotal == len(vectors)
+        for (ids, codes), (expected_ids, expected_codes) in zip(_list_contents(index), expected, strict=True):
+            np.testing.assert_array_equal(ids, expected_ids)
+            assert codes == expected_codes
 
 
 def test_an_index_moves_to_gpus_only_when_asked_and_faiss_sees_some():
